@@ -1,0 +1,16 @@
+"""aladin-fast: fused word-region alignment kernels for image-text retrieval.
+
+Public functional API::
+
+    aladin_fast.alignment_scores(text, images, ...)   # [Nt, Ni]
+    aladin_fast.paired_scores(text, images, ...)      # [N]
+    aladin_fast.rerank_scores(text, images, candidates, ...)  # [Nt, K]
+    aladin_fast.reference                              # the plain-PyTorch spec
+    aladin_fast.info()                                 # versions and backends
+"""
+from . import reference
+from ._version import __version__
+from .info import info
+from .ops import alignment_scores, paired_scores, rerank_scores
+
+__all__ = ["alignment_scores", "paired_scores", "rerank_scores", "reference", "info", "__version__"]

@@ -1,0 +1,189 @@
+"""Input validation and layout normalisation shared by every backend.
+
+Every public op accepts token features either padded (``[N, L, D]`` plus
+optional ``lengths``) or packed (``[sum L, D]`` plus ``cu_seqlens [N+1]``).
+This module checks them and turns both into one :class:`TokenBatch`
+(a 2-D token matrix plus per-row offsets and lengths), the form every kernel
+consumes (see docs/kernel_contract.md). Errors name the argument, what was
+seen and what was expected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+AGGREGATIONS = ("MrSw", "MrAVGw", "MwSr", "symm", "sum", "mean")
+AGGREGATION_CODES = {name: code for code, name in enumerate(AGGREGATIONS)}
+PADDINGS = ("neg_inf", "zero")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+@dataclass
+class TokenBatch:
+    """A batch of variable-length token sequences in kernel form.
+
+    tokens:  [T, D] contiguous floating tensor (all tokens, row-major)
+    offsets: [N] int64, row of ``tokens`` where sequence i starts
+    lengths: [N] int32, valid tokens of sequence i
+    pad:     padded length (L of a padded input, max length of a packed one);
+             the width of argmax outputs and the padded size for padding="zero"
+    """
+
+    tokens: torch.Tensor
+    offsets: torch.Tensor
+    lengths: torch.Tensor
+    pad: int
+
+    @property
+    def count(self) -> int:
+        return int(self.offsets.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``([N, pad, D] tensor, [N] int64 lengths)`` (zero-filled padding)."""
+        n, dim = self.count, self.dim
+        if self.tokens.shape[0] == n * self.pad and bool(
+            torch.equal(self.offsets, torch.arange(n, device=self.offsets.device) * self.pad)
+        ):
+            return self.tokens.view(n, self.pad, dim), self.lengths.long()
+        out = self.tokens.new_zeros(n, self.pad, dim)
+        positions = torch.arange(self.pad, device=self.tokens.device)
+        valid = positions[None, :] < self.lengths.long()[:, None]
+        rows = (self.offsets[:, None] + positions[None, :])[valid]
+        out[valid] = self.tokens[rows]
+        return out, self.lengths.long()
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _as_index_tensor(name: str, value, device: torch.device) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be an integer tensor, got {type(value).__name__}") from err
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
+    return value.to(device=device)
+
+
+def _lengths_from(name: str, lengths, count: int, max_len: int, device: torch.device) -> torch.Tensor:
+    """Validate ``lengths`` ([N] ints in [0, max_len], or a prefix bool mask [N, max_len])."""
+    if lengths is None:
+        return torch.full((count,), max_len, dtype=torch.int32, device=device)
+    if isinstance(lengths, torch.Tensor) and lengths.dtype == torch.bool:
+        if tuple(lengths.shape) != (count, max_len):
+            raise ValueError(f"{name} given as a mask must have shape [{count}, {max_len}], got {list(lengths.shape)}")
+        mask = lengths.to(device)
+        counts = mask.sum(dim=1)
+        prefix = torch.arange(max_len, device=device)[None, :] < counts[:, None]
+        if not torch.equal(prefix, mask):
+            raise ValueError(
+                f"{name} mask must be a prefix mask (valid tokens first, then padding); "
+                "reorder the tokens so padding comes last"
+            )
+        return counts.to(torch.int32)
+    lengths = _as_index_tensor(name, lengths, device)
+    if lengths.ndim != 1 or lengths.shape[0] != count:
+        raise ValueError(f"{name} must have shape [{count}], got {list(lengths.shape)}")
+    if count:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > max_len:
+            raise ValueError(f"{name} must lie in [0, {max_len}] (the padded length), got values in [{low}, {high}]")
+    return lengths.to(torch.int32)
+
+
+def token_batch(
+    name: str, tokens, lengths=None, cu_seqlens=None, *, allowed_dtypes=KERNEL_DTYPES
+) -> TokenBatch:
+    """Validate one side's tokens (padded or packed) and return its :class:`TokenBatch`."""
+    lengths_name = f"{name}_lengths"
+    cu_name = f"{name}_cu_seqlens"
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.dtype not in allowed_dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed_dtypes)
+        hint = " (float64 runs with backend='reference')" if tokens.dtype == torch.float64 else ""
+        raise TypeError(f"{name} must have dtype in ({names}), got {tokens.dtype}{hint}")
+    device = tokens.device
+    if cu_seqlens is not None:
+        if lengths is not None:
+            raise ValueError(f"give either {lengths_name} or {cu_name}, not both")
+        if tokens.ndim != 2:
+            raise ValueError(
+                f"{name} with {cu_name} must be packed [total_tokens, D], got shape {list(tokens.shape)}"
+            )
+        cu = _as_index_tensor(cu_name, cu_seqlens, device).long()
+        if cu.ndim != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{cu_name} must be 1-D [N + 1], got shape {list(cu.shape)}")
+        if int(cu[0]) != 0 or int(cu[-1]) != tokens.shape[0]:
+            raise ValueError(
+                f"{cu_name} must start at 0 and end at {name}.shape[0] = {tokens.shape[0]}, "
+                f"got first {int(cu[0])} and last {int(cu[-1])}"
+            )
+        seq_lengths = cu[1:] - cu[:-1]
+        if seq_lengths.numel() and int(seq_lengths.min()) < 0:
+            raise ValueError(f"{cu_name} must be non-decreasing")
+        pad = int(seq_lengths.max()) if seq_lengths.numel() else 0
+        flat = tokens.contiguous()
+        return TokenBatch(flat, cu[:-1].contiguous(), seq_lengths.to(torch.int32), pad)
+    if tokens.ndim != 3:
+        raise ValueError(
+            f"{name} must be padded [N, L, D] (or packed [total_tokens, D] with {cu_name}), "
+            f"got shape {list(tokens.shape)}"
+        )
+    count, pad, dim = tokens.shape
+    lengths32 = _lengths_from(lengths_name, lengths, count, pad, device)
+    flat = tokens.contiguous().view(count * pad, dim)
+    offsets = torch.arange(count, dtype=torch.int64, device=device) * pad
+    return TokenBatch(flat, offsets, lengths32, pad)
+
+
+def check_pair(text: TokenBatch, images: TokenBatch) -> None:
+    """Both sides must agree on D, dtype and device."""
+    if text.dim != images.dim:
+        raise ValueError(f"text and images must have the same feature dim D, got {text.dim} and {images.dim}")
+    if text.dim < 1:
+        raise ValueError("feature dim D must be at least 1, got 0")
+    if text.tokens.device != images.tokens.device:
+        raise ValueError(
+            f"text and images must be on the same device, got {text.tokens.device} and {images.tokens.device}"
+        )
+    if text.tokens.dtype != images.tokens.dtype:
+        raise TypeError(
+            f"text and images must have the same dtype, got {text.tokens.dtype} and {images.tokens.dtype}; "
+            "cast one of them (e.g. images.to(text.dtype))"
+        )
+
+
+def check_candidates(candidates, text_count: int, image_count: int, device: torch.device) -> torch.Tensor:
+    """Candidates: int [Nt, K] ids into the image batch."""
+    candidates = _as_index_tensor("candidates", candidates, device)
+    if candidates.ndim != 2 or candidates.shape[0] != text_count:
+        raise ValueError(f"candidates must have shape [{text_count}, K] (one row per text), got {list(candidates.shape)}")
+    candidates = candidates.long().contiguous()
+    if candidates.numel():
+        low, high = int(candidates.min()), int(candidates.max())
+        if low < 0 or high >= image_count:
+            raise IndexError(
+                f"candidates must be image ids in [0, {image_count - 1}] (images has {image_count} rows), "
+                f"got values in [{low}, {high}]"
+            )
+    return candidates
+
+
+def normalized(batch: TokenBatch) -> TokenBatch:
+    """L2-normalise every token (in fp32 at least, then back to the input dtype)."""
+    tokens = batch.tokens
+    work = tokens if tokens.dtype == torch.float64 else tokens.float()
+    work = torch.nn.functional.normalize(work, p=2.0, dim=-1)
+    return TokenBatch(work.to(tokens.dtype).contiguous(), batch.offsets, batch.lengths, batch.pad)

@@ -1,0 +1,34 @@
+"""Command line: ``python -m aladin_fast {info,demo}``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aladin_fast", description="aladin-fast: fused image-text alignment kernels")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="print versions and which backends can run")
+    demo = commands.add_parser("demo", help="score synthetic data with every available backend and time it")
+    demo.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "info":
+        from .info import info
+
+        info()
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(quick=args.quick, seed=args.seed)
+        return 0
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The fused alignment op: validation, backend dispatch and the public functions.
+
+``alignment_scores`` (all pairs), ``paired_scores`` (row i with row i) and
+``rerank_scores`` (each text against its own candidate ids) share one code
+path: inputs become :class:`~aladin_fast._inputs.TokenBatch` pairs plus an
+optional candidate matrix, and one backend kernel scores them without ever
+materialising the [pairs, W, R] similarity tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import reference
+from .._inputs import (
+    AGGREGATION_CODES,
+    AGGREGATIONS,
+    PADDINGS,
+    REFERENCE_DTYPES,
+    TokenBatch,
+    check_candidates,
+    check_choice,
+    check_pair,
+    normalized,
+    token_batch,
+)
+from .backends import cpu_kernels, resolve_backend, triton_kernels
+
+__all__ = ["alignment_scores", "paired_scores", "rerank_scores"]
+
+_NUMPY_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a contiguous CPU tensor (bf16 as its uint16 bits)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy()
+    return tensor.numpy()
+
+
+def _run_cpu(text: TokenBatch, images: TokenBatch, candidates, aggregation, zero_padding, out, argmax):
+    module = cpu_kernels()
+    module.score(
+        _numpy_view(text.tokens), text.offsets.numpy(), text.lengths.numpy(),
+        _numpy_view(images.tokens), images.offsets.numpy(), images.lengths.numpy(),
+        None if candidates is None else candidates.numpy(),
+        _NUMPY_DTYPE_NAMES[text.tokens.dtype], AGGREGATION_CODES[aggregation], zero_padding,
+        text.pad, images.pad, out.numpy(), None if argmax is None else argmax.numpy(),
+        "auto", torch.get_num_threads(),
+    )
+
+
+def _run_triton(text: TokenBatch, images: TokenBatch, candidates, aggregation, zero_padding, out, argmax):
+    triton_kernels().launch_alignment(
+        text.tokens, text.offsets, text.lengths, images.tokens, images.offsets, images.lengths,
+        candidates, AGGREGATION_CODES[aggregation], zero_padding, text.pad, images.pad, out, argmax,
+    )
+
+
+def _score(
+    text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, candidates, paired,
+    aggregation, padding, normalize, backend, return_argmax,
+):
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("padding", padding, PADDINGS)
+    text_batch = token_batch("text", text, text_lengths, text_cu_seqlens, allowed_dtypes=REFERENCE_DTYPES)
+    image_batch = token_batch("images", images, image_lengths, image_cu_seqlens, allowed_dtypes=REFERENCE_DTYPES)
+    check_pair(text_batch, image_batch)
+    device = text_batch.tokens.device
+    chosen = resolve_backend(backend, device, text_batch.tokens.dtype)
+    if paired:
+        if text_batch.count != image_batch.count:
+            raise ValueError(
+                f"paired_scores needs as many texts as images, got {text_batch.count} texts and {image_batch.count} images"
+            )
+        candidates = torch.arange(text_batch.count, device=device)[:, None]
+    elif candidates is not None:
+        candidates = check_candidates(candidates, text_batch.count, image_batch.count, device)
+    if normalize:
+        text_batch, image_batch = normalized(text_batch), normalized(image_batch)
+    zero_padding = padding == "zero"
+
+    if chosen == "reference":
+        return reference.score_token_batches(text_batch, image_batch, candidates, aggregation, zero_padding, return_argmax)
+
+    k = image_batch.count if candidates is None else candidates.shape[1]
+    out = torch.zeros(text_batch.count, k, dtype=torch.float32, device=device)
+    argmax = (
+        torch.full((text_batch.count, k, text_batch.pad), -1, dtype=torch.int32, device=device)
+        if return_argmax else None
+    )
+    if out.numel() == 0:
+        return out, argmax
+    runner = _run_cpu if chosen == "cpu" else _run_triton
+    runner(text_batch, image_batch, candidates, aggregation, zero_padding, out, argmax)
+    return out, argmax
+
+
+def alignment_scores(
+    text: torch.Tensor,
+    images: torch.Tensor,
+    text_lengths: Optional[torch.Tensor] = None,
+    image_lengths: Optional[torch.Tensor] = None,
+    aggregation: str = "MrSw",
+    padding: str = "neg_inf",
+    normalize: bool = False,
+    backend: str = "auto",
+    return_argmax: bool = False,
+    *,
+    text_cu_seqlens: Optional[torch.Tensor] = None,
+    image_cu_seqlens: Optional[torch.Tensor] = None,
+):
+    """Fine-grained alignment score of every caption with every image.
+
+    Args:
+        text: word features ``[Nt, W, D]`` (padded) or ``[sum W, D]`` with
+            ``text_cu_seqlens [Nt + 1]`` (packed); float32, float16 or bfloat16
+            (float64 with ``backend="reference"``).
+        images: region features ``[Ni, R, D]`` or packed with ``image_cu_seqlens``.
+        text_lengths / image_lengths: valid tokens per row ``[N]`` (int), or a
+            prefix bool mask ``[N, L]``; None means all valid.
+        aggregation: ``"MrSw"`` (sum over words of the max over regions, the
+            TERAN/ALADIN teacher score), ``"MrAVGw"`` (its mean over valid words),
+            ``"MwSr"`` (sum over regions of the max over words), ``"symm"``
+            (MrSw + MwSr), ``"sum"`` or ``"mean"`` of all valid similarities.
+        padding: ``"neg_inf"`` (padded tokens never take part) or ``"zero"``
+            (TERAN-compatible: padded tokens are zero vectors; see
+            :mod:`aladin_fast.reference` for the exact rule).
+        normalize: L2-normalise every token first.
+        backend: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+        return_argmax: also return the winning region per word.
+
+    Returns:
+        scores ``[Nt, Ni]`` float32 (accumulated in float32), and with
+        ``return_argmax`` also ``argmax [Nt, Ni, W]`` int32 (first index wins
+        ties; -1 for padded words and empty images).
+    """
+    scores, argmax = _score(
+        text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, None, False,
+        aggregation, padding, normalize, backend, return_argmax,
+    )
+    return (scores, argmax) if return_argmax else scores
+
+
+def paired_scores(
+    text: torch.Tensor,
+    images: torch.Tensor,
+    text_lengths: Optional[torch.Tensor] = None,
+    image_lengths: Optional[torch.Tensor] = None,
+    aggregation: str = "MrSw",
+    padding: str = "neg_inf",
+    normalize: bool = False,
+    backend: str = "auto",
+    return_argmax: bool = False,
+    *,
+    text_cu_seqlens: Optional[torch.Tensor] = None,
+    image_cu_seqlens: Optional[torch.Tensor] = None,
+):
+    """Score caption i with image i: returns ``[N]`` float32 (and ``argmax [N, W]``).
+
+    Arguments as in :func:`alignment_scores`; both sides must have N rows.
+    """
+    scores, argmax = _score(
+        text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, None, True,
+        aggregation, padding, normalize, backend, return_argmax,
+    )
+    scores = scores[:, 0]
+    return (scores, argmax[:, 0]) if return_argmax else scores
+
+
+def rerank_scores(
+    text: torch.Tensor,
+    images: torch.Tensor,
+    candidates: torch.Tensor,
+    text_lengths: Optional[torch.Tensor] = None,
+    image_lengths: Optional[torch.Tensor] = None,
+    aggregation: str = "MrSw",
+    padding: str = "neg_inf",
+    normalize: bool = False,
+    backend: str = "auto",
+    return_argmax: bool = False,
+    *,
+    text_cu_seqlens: Optional[torch.Tensor] = None,
+    image_cu_seqlens: Optional[torch.Tensor] = None,
+):
+    """Score each caption against its own candidate images (serving-time rerank).
+
+    Args:
+        candidates: int ``[Nt, K]`` ids into the first dim of ``images``
+            (repeats allowed). Other arguments as in :func:`alignment_scores`.
+
+    Returns:
+        scores ``[Nt, K]`` float32 (and ``argmax [Nt, K, W]`` int32).
+    """
+    if candidates is None:
+        raise ValueError("candidates must be an int tensor [Nt, K] of image ids, got None (use alignment_scores for all pairs)")
+    scores, argmax = _score(
+        text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, candidates, False,
+        aggregation, padding, normalize, backend, return_argmax,
+    )
+    return (scores, argmax) if return_argmax else scores

@@ -1,0 +1,95 @@
+// aladin-fast CPU kernel: shared declarations.
+//
+// The kernel contract is docs/kernel_contract.md.  This header is included by
+// the pybind11 bindings, the (ISA-independent) OpenMP driver and the per-ISA
+// translation units (kernel_scalar.cpp, kernel_avx2.cpp, kernel_avx512.cpp).
+// It must stay free of anything that is compiled with ISA-specific target
+// options: only plain declarations and POD structs live here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace aladin_fast {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+enum Aggregation : int { MRSW = 0, MRAVGW = 1, MWSR = 2, SYMM = 3, SUM = 4, MEAN = 5 };
+
+// Tunables shared by all ISAs (set once per call by the driver).
+struct Tuning {
+    int64_t dc_f32 = 0;   // D chunk for fp32 input (0 = whole D)
+    int64_t dc_lowp = 0;  // D chunk for fp16 / bf16 input (rows converted per chunk)
+    int64_t prefetch = 0; // software prefetch distance in floats for fp32 region rows
+    int word_chunk = 0;   // max word vectors per micro-kernel pass (0 = ISA default)
+};
+
+// Everything one `score` call needs, already validated by the bindings.
+struct Job {
+    const void* text = nullptr;  // [T_text, D] (fp32 / fp16 bits / bf16 bits)
+    const int64_t* text_offsets = nullptr;
+    const int32_t* text_lengths = nullptr;
+    int64_t nt = 0;  // number of captions
+
+    const void* images = nullptr;  // [T_img, D]
+    const int64_t* image_offsets = nullptr;
+    const int32_t* image_lengths = nullptr;
+    int64_t ni = 0;  // number of images
+
+    const int64_t* candidates = nullptr;  // [nt, k] or nullptr (all pairs)
+    int64_t k = 0;
+
+    int64_t dim = 0;
+    DType dtype = DType::F32;
+    int aggregation = 0;
+    bool zero_padding = false;
+    int64_t text_pad = 0;
+    int64_t image_pad = 0;
+
+    float* out = nullptr;        // [nt, k]
+    int32_t* argmax = nullptr;   // [nt, k, text_pad] or nullptr
+
+    // derived
+    int64_t max_text_len = 0;
+    int64_t max_image_len = 0;
+    Tuning tuning;
+};
+
+// Per-thread scratch memory handed to the ISA kernels (allocated by the driver).
+struct Workspace {
+    float* query = nullptr;    // [dim][wp_max]  transposed query caption
+    float* tile = nullptr;     // [rt_max][wp_max] score tile s[r][w]
+    float* scratch = nullptr;  // [max_image_len][dc] converted region rows (fp16/bf16)
+    float* rowmax = nullptr;   // [wp_max]
+    int32_t* rowarg = nullptr; // [wp_max]
+    float* colmax = nullptr;   // [rt_max]
+    const float** rowptr = nullptr;  // [max_image_len] region row pointers for the current D chunk
+    int64_t scratch_dc = 0;    // row stride of `scratch` (floats)
+    int64_t wp = 0;            // padded word count (lanes) of the current query
+    int64_t nw = 0;            // valid words of the current query
+};
+
+// Function table exported by each ISA translation unit.
+struct IsaKernels {
+    const char* name;
+    int lanes;            // fp32 SIMD lanes (words per vector); 1 for scalar
+    // Transpose caption `i` into ws.query ([dim][wp], zero-filled lanes) and set ws.wp / ws.nw.
+    void (*prepare_query)(const Job& job, int64_t i, Workspace& ws);
+    // Score pair (caption i, image j) and write out[p] (+ argmax row p) where p = i * k + kk.
+    void (*score_pair)(const Job& job, int64_t i, int64_t j, int64_t p, Workspace& ws);
+};
+
+constexpr int64_t kTileRowMultiple = 24;  // every micro-kernel region block divides this
+
+const IsaKernels* scalar_kernels();
+#if defined(__x86_64__) || defined(__i386__)
+const IsaKernels* avx2_kernels();
+const IsaKernels* avx512_kernels();
+#endif
+
+// Driver (kernel_driver.cpp): runs `job` with `isa` on `num_threads` threads (0 = OpenMP default).
+// Returns 0 on success, otherwise a negative error code:
+//   -1 candidate id out of range.
+int run_job(const Job& job, const IsaKernels* isa, int num_threads);
+
+}  // namespace aladin_fast

@@ -1,0 +1,69 @@
+// Portable scalar code path: the correctness backstop (same kernel_impl.inc,
+// "vectors" of one lane).  Compiled with the default target of the build.
+#include "aladin_kernel.h"
+
+#include <cstdint>
+
+namespace aladin_fast {
+namespace isa_scalar {
+namespace {
+
+struct V {
+    static constexpr int W = 1;
+    static constexpr int kDefaultWordChunk = 4;
+    using f = float;
+    using m = bool;
+    using i = int32_t;
+    using dacc = double;
+
+    template <int NV>
+    static constexpr int block_regions() {
+        return NV == 1 ? 4 : NV == 2 ? 4 : NV == 3 ? 4 : 3;
+    }
+
+    static inline f zero() { return 0.0f; }
+    static inline f set1(float x) { return x; }
+    static inline f load(const float* p) { return *p; }
+    static inline void store(float* p, f x) { *p = x; }
+    static inline f bcast(const float* p) { return *p; }
+    // fp32 multiply-add (the compiler may contract it into an FMA where the target has one)
+    static inline f fma(f a, f b, f c) { return c + a * b; }
+    static inline f max(f a, f b) { return a > b ? a : b; }
+    static inline void prefetch(const float*) {}
+
+    static inline m gt(f a, f b) { return a > b; }
+    static inline m unord(f a) { return a != a; }
+    static inline m mor(m a, m b) { return a || b; }
+    static inline m mand(m a, m b) { return a && b; }
+    static inline bool any(m a) { return a; }
+    static inline m first_n(int n) { return n >= 1; }
+    static inline f sel(m k, f a, f b) { return k ? b : a; }
+    static inline i seli(m k, i a, i b) { return k ? b : a; }
+    static inline i seti(int32_t x) { return x; }
+    static inline void storei(int32_t* p, i x) { *p = x; }
+    static inline float hmax(f x) { return x; }
+    static inline dacc dzero() { return 0.0; }
+    static inline void dadd(dacc& a, f x) { a += static_cast<double>(x); }
+    static inline double dsum(const dacc& a) { return a; }
+
+    static inline void cvt_f16(const uint16_t* src, float* dst, int64_t n);
+    static inline void cvt_bf16(const uint16_t* src, float* dst, int64_t n);
+};
+
+#include "kernel_impl.inc"
+
+inline void V::cvt_f16(const uint16_t* src, float* dst, int64_t n) {
+    for (int64_t d = 0; d < n; ++d) dst[d] = half_bits_to_float(src[d]);
+}
+inline void V::cvt_bf16(const uint16_t* src, float* dst, int64_t n) {
+    for (int64_t d = 0; d < n; ++d) dst[d] = bf16_bits_to_float(src[d]);
+}
+
+const IsaKernels kKernels = {"scalar", V::W, &prepare_query, &score_pair};
+
+}  // namespace
+}  // namespace isa_scalar
+
+const IsaKernels* scalar_kernels() { return &isa_scalar::kKernels; }
+
+}  // namespace aladin_fast

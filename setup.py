@@ -1,0 +1,66 @@
+"""Build script for aladin-fast.
+
+Does not import torch and does not inspect the build machine's CPU: the C++
+extension carries AVX-512, AVX2 and scalar code paths (per-function target
+attributes) and picks one at run time.
+"""
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    from pybind11.setup_helpers import Pybind11Extension, build_ext
+except ImportError:  # pragma: no cover - pyproject.toml lists pybind11 as a build requirement
+    sys.exit("pybind11 is required to build aladin-fast (pip install pybind11)")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _read_version():
+    about = {}
+    with open(os.path.join(HERE, "aladin_fast", "_version.py")) as handle:
+        exec(handle.read(), about)
+    return about["__version__"]
+
+
+def _cpu_extension():
+    sources = sorted(
+        os.path.join("csrc", name) for name in os.listdir(os.path.join(HERE, "csrc")) if name.endswith(".cpp")
+    )
+    compile_args = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    link_args = ["-fopenmp"]
+    if os.environ.get("ALADIN_FAST_SANITIZE"):
+        # opt-in ASan/UBSan build (see Makefile target `sanitize`)
+        compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
+        link_args += ["-fsanitize=address,undefined"]
+    return Pybind11Extension(
+        "aladin_fast._C",
+        sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        cxx_std=17,
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    )
+
+
+setup(
+    name="aladin-fast",
+    version=_read_version(),
+    description="Fused word-region alignment kernels (Triton + C++) for ALADIN/TERAN-style image-text retrieval",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["aladin_fast", "aladin_fast.ops", "aladin_fast.kernels"],
+    package_dir={"aladin_fast.kernels": "kernels"},
+    ext_modules=[_cpu_extension()],
+    cmdclass={"build_ext": build_ext},
+    install_requires=["torch>=2.4,<2.16", "triton>=3.0", "numpy>=1.24"],
+    extras_require={
+        "cpu": ["faiss-cpu>=1.8"],
+        "gpu": ["faiss-gpu>=1.7"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["aladin-fast=aladin_fast.cli:main"]},
+    zip_safe=False,
+)
