@@ -20,7 +20,8 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-only -p no:cacheprovider
+	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-only -p no:cacheprovider --benchmark-json=benchmarks/results/raw.json
+	$(PY) benchmarks/report.py benchmarks/results/raw.json
 
 info: $(VENV)/.installed
 	$(PY) -m aladin_fast info

@@ -105,9 +105,14 @@ def _lengths_from(name: str, lengths, count: int, max_len: int, device: torch.de
 def token_batch(
     name: str, tokens, lengths=None, cu_seqlens=None, *, allowed_dtypes=KERNEL_DTYPES
 ) -> TokenBatch:
-    """Validate one side's tokens (padded or packed) and return its :class:`TokenBatch`."""
-    lengths_name = f"{name}_lengths"
-    cu_name = f"{name}_cu_seqlens"
+    """Validate one side's tokens (padded or packed) and return its :class:`TokenBatch`.
+
+    ``name`` is the argument name ("text" or "images"); the companion arguments
+    are ``text_lengths`` / ``image_lengths`` and ``*_cu_seqlens``.
+    """
+    prefix = "image" if name == "images" else name
+    lengths_name = f"{prefix}_lengths"
+    cu_name = f"{prefix}_cu_seqlens"
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dtype not in allowed_dtypes:

@@ -42,7 +42,7 @@ def _torch_matmul_reshape(text, images, image_lengths, candidates):
 def run_demo(quick: bool = False, seed: int = 0) -> None:
     info()
     generator = torch.Generator().manual_seed(seed)
-    num_texts, num_images = (64, 256) if quick else (256, 1000)
+    num_texts, num_images = (32, 128) if quick else (128, 500)
     words, regions, dim = 32, 36, 1024 if not quick else 256
     text, text_lengths = _synthetic(generator, num_texts, words, dim, torch.float32)
     images, image_lengths = _synthetic(generator, num_images, regions, dim, torch.float32)
