@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
 from .. import reference
@@ -26,38 +25,10 @@ from .._inputs import (
     normalized,
     token_batch,
 )
-from .backends import cpu_kernels, resolve_backend, triton_kernels
+from .alignment_op import score_tokens
+from .backends import resolve_backend
 
 __all__ = ["alignment_scores", "paired_scores", "rerank_scores"]
-
-_NUMPY_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
-    """Zero-copy numpy view of a contiguous CPU tensor (bf16 as its uint16 bits)."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.uint16).numpy()
-    return tensor.numpy()
-
-
-def _run_cpu(text: TokenBatch, images: TokenBatch, candidates, aggregation, zero_padding, out, argmax):
-    module = cpu_kernels()
-    module.score(
-        _numpy_view(text.tokens), text.offsets.numpy(), text.lengths.numpy(),
-        _numpy_view(images.tokens), images.offsets.numpy(), images.lengths.numpy(),
-        None if candidates is None else candidates.numpy(),
-        _NUMPY_DTYPE_NAMES[text.tokens.dtype], AGGREGATION_CODES[aggregation], zero_padding,
-        text.pad, images.pad, out.numpy(), None if argmax is None else argmax.numpy(),
-        "auto", torch.get_num_threads(),
-    )
-
-
-def _run_triton(text: TokenBatch, images: TokenBatch, candidates, aggregation, zero_padding, out, argmax):
-    triton_kernels().launch_alignment(
-        text.tokens, text.offsets, text.lengths, images.tokens, images.offsets, images.lengths,
-        candidates, AGGREGATION_CODES[aggregation], zero_padding, text.pad, images.pad, out, argmax,
-    )
-
 
 def _score(
     text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, candidates, paired,
@@ -85,17 +56,15 @@ def _score(
     if chosen == "reference":
         return reference.score_token_batches(text_batch, image_batch, candidates, aggregation, zero_padding, return_argmax)
 
-    k = image_batch.count if candidates is None else candidates.shape[1]
-    out = torch.zeros(text_batch.count, k, dtype=torch.float32, device=device)
-    argmax = (
-        torch.full((text_batch.count, k, text_batch.pad), -1, dtype=torch.int32, device=device)
-        if return_argmax else None
+    needs_grad = torch.is_grad_enabled() and (text_batch.tokens.requires_grad or image_batch.tokens.requires_grad)
+    want_argmax = return_argmax or (needs_grad and aggregation in ("MrSw", "MrAVGw", "symm"))
+    scores, argmax = score_tokens(
+        text_batch.tokens, text_batch.offsets, text_batch.lengths,
+        image_batch.tokens, image_batch.offsets, image_batch.lengths,
+        candidates, AGGREGATION_CODES[aggregation], zero_padding, text_batch.pad, image_batch.pad,
+        chosen, want_argmax,
     )
-    if out.numel() == 0:
-        return out, argmax
-    runner = _run_cpu if chosen == "cpu" else _run_triton
-    runner(text_batch, image_batch, candidates, aggregation, zero_padding, out, argmax)
-    return out, argmax
+    return scores, (argmax if return_argmax else None)
 
 
 def alignment_scores(
