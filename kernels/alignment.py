@@ -16,8 +16,16 @@ through ``tl.dot`` (tensor cores for fp16/bf16; exact fp32 FMA for fp32 via
 block, the kernel loops over word blocks (row maxes, argmax, sums) and, for MwSr
 and symm, over region blocks (column maxes) in a second pass.
 
-Every pair is reduced by exactly one program in an order fixed by the launch
-configuration, which depends only on the shapes: scores are deterministic.
+Every pair is reduced by exactly one program in an order fixed by BLOCK_W /
+BLOCK_R / BLOCK_D, which depend only on the shapes and dtype: scores are
+deterministic (BLOCK_K and the grid, which follow the SM count, only decide which
+program reduces a pair, not how).
+
+Known gaps (performance only): regions of several images are not yet packed
+side by side along N (R = 36 pads to 64, 44% of the MMA work wasted in all-pairs
+mode), nor captions along M; with BLOCK_W = 32 Hopper runs mma.sync rather than
+wgmma (which needs 64 rows per warpgroup); fp32 inputs use exact FMA dots, not
+tensor cores.
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ _NO_INDEX = tl.constexpr(1 << 30)  # "no valid region has won yet" marker for th
 @triton.jit
 def _similarity_tile(text_ptr, text_row0, n_w, w0, image_ptr, image_row0, n_r, r0, D, query_tile,
                      QUERY_RESIDENT: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     """s[w, r] = <t_{w0+w}, v_{r0+r}> in fp32 for one [BLOCK_W, BLOCK_R] tile (zero outside the lengths)."""
     offs_w = w0 + tl.arange(0, BLOCK_W)
     offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -51,6 +59,8 @@ def _similarity_tile(text_ptr, text_row0, n_w, w0, image_ptr, image_row0, n_r, r
     if QUERY_RESIDENT:
         # the whole caption fits one tile and D one chunk: the caller loaded it once
         b = tl.load(b_ptrs, mask=(offs_d < D)[:, None] & r_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            b = b.to(tl.float32)
         acc = tl.dot(query_tile, b, input_precision="ieee", out_dtype=tl.float32)
     else:
         a_ptrs = text_ptr + (text_row0 + offs_w)[:, None] * D + offs_d[None, :]
@@ -59,6 +69,9 @@ def _similarity_tile(text_ptr, text_row0, n_w, w0, image_ptr, image_row0, n_r, r
             d_ok = offs_d < D - d0
             a = tl.load(a_ptrs, mask=w_ok[:, None] & d_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+            if DOT_IN_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
             # "ieee": fp32 inputs stay exact (no TF32); fp16/bf16 products are exact in fp32 anyway
             acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
             a_ptrs += BLOCK_D
@@ -108,7 +121,7 @@ def _finish_cols(col_max, r_ok, n_w, text_pad, ZERO_PADDING: tl.constexpr):
 
 @triton.jit
 def _count_nan(acc, valid):
-    return tl.sum(tl.sum(((acc != acc) & valid).to(tl.int32), axis=1), axis=0)
+    return tl.sum(((acc != acc) & valid).to(tl.int32))
 
 
 # text_pad / image_pad must stay runtime i32 (a value of 1 would otherwise become a constexpr)
@@ -127,6 +140,7 @@ def _alignment_kernel(
     BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,          # candidates scored by one program
     GROUP_SIZE: tl.constexpr,       # captions sweeping the same candidate blocks together (L2 reuse)
+    DOT_IN_FP32: tl.constexpr = False,  # interpreter only: its dot multiplies bf16 bit patterns
 ):
     # ---- program -> (caption, candidate block), grouped ordering
     pid = tl.program_id(0)
@@ -153,6 +167,8 @@ def _alignment_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         q_ptrs = text_ptr + (text_row0 + offs_w0)[:, None] * D + offs_d[None, :]
         query_tile = tl.load(q_ptrs, mask=(offs_w0 < n_w)[:, None] & (offs_d < D)[None, :], other=0.0)
+        if DOT_IN_FP32:
+            query_tile = query_tile.to(tl.float32)
     else:
         query_tile = 0.0  # unused
 
@@ -174,7 +190,7 @@ def _alignment_kernel(
             if SINGLE_TILE:
                 # common case (e.g. W=32, R=36): one tile answers every aggregation
                 acc = _similarity_tile(text_ptr, text_row0, n_w, 0, images_ptr, image_row0, n_r, 0, D,
-                                       query_tile, QUERY_RESIDENT, BLOCK_W, BLOCK_R, BLOCK_D)
+                                       query_tile, QUERY_RESIDENT, BLOCK_W, BLOCK_R, BLOCK_D, DOT_IN_FP32)
                 w_ok = offs_w0 < n_w
                 r_ok = offs_r0 < n_r
                 valid = w_ok[:, None] & r_ok[None, :]
@@ -190,7 +206,7 @@ def _alignment_kernel(
                     col_max = tl.max(tl.where(valid, acc, float("-inf")), axis=0)
                     col_sum = _finish_cols(col_max, r_ok, n_w, text_pad, ZERO_PADDING)
                 if NEED_SUM:
-                    total = tl.sum(tl.sum(tl.where(valid, acc, 0.0), axis=1), axis=0)
+                    total = tl.sum(tl.where(valid, acc, 0.0))
             else:
                 if ROW_PASS:
                     # word blocks outer (up to text_pad so padded words get argmax -1), region blocks inner
@@ -202,14 +218,14 @@ def _alignment_kernel(
                         r_end = tl.where(w0 < n_w, n_r, 0)  # blocks of padded words: nothing to compute
                         for r0 in range(0, r_end, BLOCK_R):
                             acc = _similarity_tile(text_ptr, text_row0, n_w, w0, images_ptr, image_row0, n_r, r0,
-                                                   D, query_tile, False, BLOCK_W, BLOCK_R, BLOCK_D)
+                                                   D, query_tile, False, BLOCK_W, BLOCK_R, BLOCK_D, DOT_IN_FP32)
                             offs_r = r0 + offs_r0
                             valid = w_ok[:, None] & (offs_r < n_r)[None, :]
                             nan_count += _count_nan(acc, valid)
                             if NEED_ROWMAX:
                                 run_max, run_arg = _update_row_max(acc, valid, offs_r, run_max, run_arg)
                             if NEED_SUM:
-                                total += tl.sum(tl.sum(tl.where(valid, acc, 0.0), axis=1), axis=0)
+                                total += tl.sum(tl.where(valid, acc, 0.0))
                         if NEED_ROWMAX:
                             block_sum, arg = _finish_rows(run_max, run_arg, w_ok, n_r, image_pad, ZERO_PADDING)
                             row_sum += block_sum
@@ -223,7 +239,7 @@ def _alignment_kernel(
                         col_max = tl.full((BLOCK_R, ), float("-inf"), tl.float32)
                         for w0 in range(0, n_w, BLOCK_W):
                             acc = _similarity_tile(text_ptr, text_row0, n_w, w0, images_ptr, image_row0, n_r, r0,
-                                                   D, query_tile, False, BLOCK_W, BLOCK_R, BLOCK_D)
+                                                   D, query_tile, False, BLOCK_W, BLOCK_R, BLOCK_D, DOT_IN_FP32)
                             valid = ((w0 + offs_w0) < n_w)[:, None] & r_ok[None, :]
                             if not ROW_PASS:
                                 nan_count += _count_nan(acc, valid)
@@ -284,14 +300,17 @@ def alignment_launch_config(*, num_texts: int, num_candidates: int, dim: int, te
     # tl.dot wants power-of-two blocks >= 16; longer captions / images loop over blocks
     block_w = override.pop("BLOCK_W", _pow2_block(text_pad, 64))
     block_r = override.pop("BLOCK_R", _pow2_block(image_pad, 64 if element_size >= 4 else 128))
+    num_stages = override.pop("num_stages", 2 if element_size >= 4 else 3)
     if element_size >= 4:
         # exact fp32 dots run on FMA units with operands in registers: keep the D chunk small
         default_d = _pow2_block(dim, 32)
     else:
         default_d = _pow2_block(dim, 128)
-        single = text_pad <= block_w and image_pad <= block_r
-        if single and dim <= 256:
+        if text_pad <= block_w and image_pad <= block_r and dim <= 256:
             default_d = _pow2_block(dim, 256)  # whole caption stays in registers across candidates
+        # pipelined operand buffers must fit shared memory on every target (A100: 163 KiB)
+        while default_d > 32 and num_stages * (block_w + block_r) * default_d * element_size > 128 * 1024:
+            default_d //= 2
     block_d = override.pop("BLOCK_D", default_d)
     single_tile = text_pad <= block_w and image_pad <= block_r
     query_resident = single_tile and dim <= block_d
@@ -307,13 +326,22 @@ def alignment_launch_config(*, num_texts: int, num_candidates: int, dim: int, te
     group_size = override.pop("GROUP_SIZE", 8 if all_pairs else 1)
 
     tile = block_w * block_r
-    num_warps = override.pop("num_warps", 4 if tile <= 4096 else 8)
-    num_stages = override.pop("num_stages", 2 if element_size >= 4 else 3)
+    # fp32 "ieee" dots hold both operands in registers: more warps share a large tile
+    num_warps = override.pop("num_warps", 4 if tile < (4096 if element_size >= 4 else 8192) else 8)
     if override:
         raise KeyError(f"unknown launch override(s): {sorted(override)}")
     grid = (num_texts * triton.cdiv(num_candidates, block_k), )
     return LaunchConfig(block_w, block_r, block_d, block_k, group_size, num_warps, num_stages, single_tile,
                         query_resident, grid)
+
+
+# Explicit (triton 3.9 warns when unset, 3.10 flips the default).  Nothing here depends on it:
+# the exact fp32 dot emits fma itself and the epilogue has no multiply-add to contract.
+_FP_FUSION = True
+
+# The CPU interpreter (TRITON_INTERPRET=1 when this module was imported) stores bf16 as uint16 and
+# its tl.dot multiplies those bit patterns: bf16 operands are widened to fp32 (exact) there.
+_INTERPRETED = not isinstance(_alignment_kernel, triton.runtime.jit.JITFunction)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -355,7 +383,8 @@ def launch_alignment(text, text_offsets, text_lengths, images, image_offsets, im
         AGGREGATION=int(aggregation), ZERO_PADDING=bool(zero_padding), HAS_CANDIDATES=candidates is not None,
         WRITE_ARGMAX=argmax is not None, SINGLE_TILE=cfg.single_tile, QUERY_RESIDENT=cfg.query_resident,
         BLOCK_W=cfg.BLOCK_W, BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K,
-        GROUP_SIZE=cfg.GROUP_SIZE, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GROUP_SIZE=cfg.GROUP_SIZE, DOT_IN_FP32=_INTERPRETED and text.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=_FP_FUSION,
     )
 
 
@@ -398,7 +427,7 @@ def _alignment_aot_spec(name, dtype, *, num_texts, num_candidates, dim, text_pad
     constexprs = dict(
         AGGREGATION=aggregation, ZERO_PADDING=zero_padding, HAS_CANDIDATES=not all_pairs, WRITE_ARGMAX=write_argmax,
         SINGLE_TILE=cfg.single_tile, QUERY_RESIDENT=cfg.query_resident, BLOCK_W=cfg.BLOCK_W, BLOCK_R=cfg.BLOCK_R,
-        BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K, GROUP_SIZE=cfg.GROUP_SIZE,
+        BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K, GROUP_SIZE=cfg.GROUP_SIZE, DOT_IN_FP32=False,
     )
     signature.update({key: "constexpr" for key in constexprs})
     arg_names = _alignment_kernel.arg_names
@@ -406,7 +435,7 @@ def _alignment_aot_spec(name, dtype, *, num_texts, num_candidates, dim, text_pad
     if dim % 16 == 0:
         aligned.append("D")
     attrs = {(arg_names.index(key), ): [["tt.divisibility", 16]] for key in aligned}
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": _FP_FUSION}
     return AotSpec(name, _alignment_kernel, signature, constexprs, options, attrs)
 
 
@@ -432,6 +461,9 @@ def aot_specs() -> list:
                                      aggregation=MEAN, zero_padding=False, write_argmax=False))
     specs.append(_alignment_aot_spec("rerank_bf16_D128_resident", torch.bfloat16, dim=128, text_pad=32, image_pad=36,
                                      **rerank, aggregation=MRSW, zero_padding=False, write_argmax=False))
+    # largest single tile (64 x 128): the heuristic's shared-memory budget shrinks BLOCK_D
+    specs.append(_alignment_aot_spec("rerank_fp16_W64_R128_D256_symm_argmax", torch.float16, dim=256, text_pad=64,
+                                     image_pad=128, **rerank, aggregation=SYMM, zero_padding=False, write_argmax=True))
     # long captions / many regions: multi-block row and column passes
     specs.append(_alignment_aot_spec("rerank_bf16_W300_R200_symm_argmax", torch.bfloat16, dim=1024, text_pad=300,
                                      image_pad=200, **rerank, aggregation=SYMM, zero_padding=True, write_argmax=True))
