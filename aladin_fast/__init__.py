@@ -8,9 +8,9 @@ Public functional API::
     aladin_fast.reference                              # the plain-PyTorch spec
     aladin_fast.info()                                 # versions and backends
 """
-from . import reference
+from . import nn, reference
 from ._version import __version__
 from .info import info
 from .ops import alignment_scores, paired_scores, rerank_scores
 
-__all__ = ["alignment_scores", "paired_scores", "rerank_scores", "reference", "info", "__version__"]
+__all__ = ["alignment_scores", "paired_scores", "rerank_scores", "reference", "nn", "info", "__version__"]

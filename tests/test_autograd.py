@@ -136,3 +136,15 @@ def test_forward_backward_peak_memory_far_below_pairs_words_regions(aggregation)
     gradients = (128 * 32 + 128 * 36) * 1024 * 4  # the returned .grad tensors themselves: 35.7 MB
     # beyond the gradients: argmax (2 MB), sparse index chunks, one [T, D] product at a time
     assert extra - gradients < full_similarity, f"forward+backward took {extra / 2**20:.1f} MiB extra"
+
+
+def test_alignment_score_module_trains(generator):
+    module = aladin_fast.nn.AlignmentScore(aggregation="MrAVGw", normalize=True)
+    text = torch.randn(3, 4, 8, generator=generator, requires_grad=True)
+    images = torch.randn(3, 5, 8, generator=generator, requires_grad=True)
+    scores = module(text, images)
+    expected = aladin_fast.reference.alignment_scores(text.double(), images.double(), aggregation="MrAVGw", normalize=True)
+    torch.testing.assert_close(scores.double(), expected, atol=1e-5, rtol=0)
+    module(text, images, paired=True).sum().backward()
+    assert text.grad is not None and torch.isfinite(text.grad).all() and images.grad.abs().sum() > 0
+    assert "MrAVGw" in repr(module)

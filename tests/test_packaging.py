@@ -57,3 +57,19 @@ def test_demo_quick_runs_and_backends_agree():
     assert "results agree: True" in result.stdout
     error_line = [line for line in result.stdout.splitlines() if "float64 reference" in line][0]
     assert float(error_line.rsplit(":", 1)[1]) < 1e-3
+
+
+def test_public_api_on_triton_interpreter():
+    """The public ops with backend='triton' (CPU tensors, TRITON_INTERPRET=1) vs the float64 reference.
+
+    Runs a subset of test_alignment.py in a child process: Triton picks interpreter or compiler
+    mode once per process, so the interpreter cannot share this process with the AOT tests.
+    """
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    selection = "triton and (rerank_and_paired or ties or empty or nan)"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_alignment.py", "-k", selection],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
