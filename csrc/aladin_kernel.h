@@ -22,6 +22,7 @@ struct Tuning {
     int64_t dc_lowp = 0;  // D chunk for fp16 / bf16 input (rows converted per chunk)
     int64_t prefetch = 0; // software prefetch distance in floats for fp32 region rows
     int word_chunk = 0;   // max word vectors per micro-kernel pass (0 = ISA default)
+    int64_t prefetch_next = 4;  // cache lines prefetched at the start of every row of the next pair's image
 };
 
 // Everything one `score` call needs, already validated by the bindings.
@@ -77,6 +78,8 @@ struct IsaKernels {
     void (*prepare_query)(const Job& job, int64_t i, Workspace& ws);
     // Score pair (caption i, image j) and write out[p] (+ argmax row p) where p = i * k + kk.
     void (*score_pair)(const Job& job, int64_t i, int64_t j, int64_t p, Workspace& ws);
+    // Raw FMA throughput probe: 12 independent FMA chains x `iters`; returns a value to defeat DCE.
+    float (*fma_loop)(int64_t iters);
 };
 
 constexpr int64_t kTileRowMultiple = 24;  // every micro-kernel region block divides this
@@ -91,5 +94,9 @@ const IsaKernels* avx512_kernels();
 // Returns 0 on success, otherwise a negative error code:
 //   -1 candidate id out of range.
 int run_job(const Job& job, const IsaKernels* isa, int num_threads);
+
+// Raw FMA peak of `isa` on `num_threads` threads (0 = OpenMP default), in GFLOP/s
+// (fp32, 2 FLOP per lane per FMA), measured over roughly `seconds`.
+double measure_fma_peak(const IsaKernels* isa, int num_threads, double seconds);
 
 }  // namespace aladin_fast

@@ -6,9 +6,16 @@
 
 #include <cstdint>
 
+#include <immintrin.h>
+
+// Everything below (up to the matching pop) is compiled for avx2,fma,f16c, whatever the
+// build machine or the global -m flags are.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
-#include <immintrin.h>
+#endif
 
 namespace aladin_fast {
 namespace isa_avx2 {
@@ -16,7 +23,7 @@ namespace {
 
 struct V {
     static constexpr int W = 8;
-    static constexpr int kDefaultWordChunk = 2;
+    static constexpr int kDefaultWordChunk = 3;
     using f = __m256;
     using m = __m256;
     using i = __m256i;
@@ -73,6 +80,8 @@ struct V {
         return (t[0] + t[1]) + (t[2] + t[3]);
     }
 
+#include "transpose8x8_avx.inc"
+
     static inline void cvt_f16(const uint16_t* src, float* dst, int64_t n);
     static inline void cvt_bf16(const uint16_t* src, float* dst, int64_t n);
 };
@@ -95,13 +104,17 @@ inline void V::cvt_bf16(const uint16_t* src, float* dst, int64_t n) {
     for (; d < n; ++d) dst[d] = bf16_bits_to_float(src[d]);
 }
 
-const IsaKernels kKernels = {"avx2", V::W, &prepare_query, &score_pair};
+const IsaKernels kKernels = {"avx2", V::W, &prepare_query, &score_pair, &fma_loop};
 
 }  // namespace
 }  // namespace isa_avx2
 }  // namespace aladin_fast
 
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 namespace aladin_fast {
 const IsaKernels* avx2_kernels() { return &isa_avx2::kKernels; }

@@ -9,9 +9,20 @@
 
 #include <cstdint>
 
+#include <immintrin.h>
+
+// Everything below (up to the matching pop) is compiled for avx512f,avx2,fma,f16c, whatever the
+// build machine or the global -m flags are.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma,f16c"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma,f16c")
-#include <immintrin.h>
+#endif
+// GCC 12 reports false positives inside avx512fintrin.h (_mm512_undefined_*)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace aladin_fast {
 namespace isa_avx512 {
@@ -70,6 +81,8 @@ struct V {
         return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
     }
 
+#include "transpose8x8_avx.inc"
+
     static inline void cvt_f16(const uint16_t* src, float* dst, int64_t n);
     static inline void cvt_bf16(const uint16_t* src, float* dst, int64_t n);
 };
@@ -92,13 +105,18 @@ inline void V::cvt_bf16(const uint16_t* src, float* dst, int64_t n) {
     for (; d < n; ++d) dst[d] = bf16_bits_to_float(src[d]);
 }
 
-const IsaKernels kKernels = {"avx512", V::W, &prepare_query, &score_pair};
+const IsaKernels kKernels = {"avx512", V::W, &prepare_query, &score_pair, &fma_loop};
 
 }  // namespace
 }  // namespace isa_avx512
 }  // namespace aladin_fast
 
+#pragma GCC diagnostic pop
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 namespace aladin_fast {
 const IsaKernels* avx512_kernels() { return &isa_avx512::kKernels; }

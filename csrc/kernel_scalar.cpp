@@ -46,6 +46,10 @@ struct V {
     static inline void dadd(dacc& a, f x) { a += static_cast<double>(x); }
     static inline double dsum(const dacc& a) { return a; }
 
+    // dst[k * ds + w] = fp32(src[w * ss + k]) for w, k < 8 (KIND: 0 fp32, 1 fp16, 2 bf16)
+    template <int KIND, class T>
+    static inline void transpose8x8(const T* src, int64_t ss, float* dst, int64_t ds);
+
     static inline void cvt_f16(const uint16_t* src, float* dst, int64_t n);
     static inline void cvt_bf16(const uint16_t* src, float* dst, int64_t n);
 };
@@ -59,7 +63,22 @@ inline void V::cvt_bf16(const uint16_t* src, float* dst, int64_t n) {
     for (int64_t d = 0; d < n; ++d) dst[d] = bf16_bits_to_float(src[d]);
 }
 
-const IsaKernels kKernels = {"scalar", V::W, &prepare_query, &score_pair};
+template <int KIND, class T>
+inline void V::transpose8x8(const T* src, int64_t ss, float* dst, int64_t ds) {
+    for (int w = 0; w < 8; ++w)
+        for (int k = 0; k < 8; ++k) {
+            float x;
+            if constexpr (KIND == 0)
+                x = static_cast<float>(src[w * ss + k]);
+            else if constexpr (KIND == 1)
+                x = half_bits_to_float(static_cast<uint16_t>(src[w * ss + k]));
+            else
+                x = bf16_bits_to_float(static_cast<uint16_t>(src[w * ss + k]));
+            dst[k * ds + w] = x;
+        }
+}
+
+const IsaKernels kKernels = {"scalar", V::W, &prepare_query, &score_pair, &fma_loop};
 
 }  // namespace
 }  // namespace isa_scalar

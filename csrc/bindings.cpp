@@ -1,0 +1,390 @@
+// pybind11 bindings of the aladin-fast CPU kernel: module `aladin_fast._C`.
+//
+//   score(text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+//         candidates, dtype, aggregation, zero_padding, text_pad, image_pad,
+//         out, argmax, isa="auto", num_threads=0) -> None
+//   available_isas() -> list[str]   (best first)
+//   best_isa() -> str
+//   build_info() -> dict
+//
+// Arrays are used in place (no copies); see docs/kernel_contract.md.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cctype>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#define ALADIN_X86 1
+#else
+#define ALADIN_X86 0
+#endif
+
+#include "aladin_kernel.h"
+
+namespace py = pybind11;
+using namespace aladin_fast;
+
+namespace {
+
+// ------------------------------------------------------------------ CPU features
+struct CpuFeatures {
+    bool avx = false, avx2 = false, fma = false, f16c = false;
+    bool avx512f = false, avx512bf16 = false;
+    bool os_avx = false, os_avx512 = false;
+};
+
+#if ALADIN_X86
+uint64_t read_xcr0() {
+    uint32_t eax = 0, edx = 0;
+    __asm__ volatile(".byte 0x0f, 0x01, 0xd0" : "=a"(eax), "=d"(edx) : "c"(0));  // xgetbv
+    return (static_cast<uint64_t>(edx) << 32) | eax;
+}
+#endif
+
+CpuFeatures detect_cpu() {
+    CpuFeatures f;
+#if ALADIN_X86
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+    const bool osxsave = (c >> 27) & 1u;
+    f.avx = (c >> 28) & 1u;
+    f.fma = (c >> 12) & 1u;
+    f.f16c = (c >> 29) & 1u;
+    if (osxsave) {
+        const uint64_t xcr0 = read_xcr0();
+        f.os_avx = (xcr0 & 0x6u) == 0x6u;               // XMM | YMM state
+        f.os_avx512 = (xcr0 & 0xe6u) == 0xe6u;          // + opmask | ZMM_Hi256 | Hi16_ZMM
+    }
+    unsigned max_leaf = __get_cpuid_max(0, nullptr);
+    if (max_leaf >= 7) {
+        __cpuid_count(7, 0, a, b, c, d);
+        f.avx2 = (b >> 5) & 1u;
+        f.avx512f = (b >> 16) & 1u;
+        const unsigned sub_max = a;
+        if (sub_max >= 1) {
+            __cpuid_count(7, 1, a, b, c, d);
+            f.avx512bf16 = (a >> 5) & 1u;
+        }
+    }
+    __builtin_cpu_init();
+    f.avx2 = f.avx2 && __builtin_cpu_supports("avx2");
+    f.fma = f.fma && __builtin_cpu_supports("fma");
+    f.avx512f = f.avx512f && __builtin_cpu_supports("avx512f");
+#endif
+    return f;
+}
+
+const CpuFeatures& cpu() {
+    static const CpuFeatures f = detect_cpu();
+    return f;
+}
+
+bool isa_supported(const std::string& isa) {
+    if (isa == "scalar") return true;
+#if ALADIN_X86
+    const CpuFeatures& f = cpu();
+    const bool avx2_ok = f.avx && f.avx2 && f.fma && f.f16c && f.os_avx;
+    if (isa == "avx2") return avx2_ok;
+    if (isa == "avx512") return avx2_ok && f.avx512f && f.os_avx512;
+#endif
+    return false;
+}
+
+std::vector<std::string> available_isas() {
+    std::vector<std::string> out;
+    for (const char* name : {"avx512", "avx2", "scalar"})
+        if (isa_supported(name)) out.emplace_back(name);
+    return out;
+}
+
+std::string best_isa() { return available_isas().front(); }
+
+const IsaKernels* kernels_for(const std::string& isa) {
+#if ALADIN_X86
+    if (isa == "avx512") return avx512_kernels();
+    if (isa == "avx2") return avx2_kernels();
+#endif
+    return scalar_kernels();
+}
+
+std::string lower(std::string s) {
+    for (char& ch : s) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    return s;
+}
+
+std::string resolve_isa(const std::string& requested) {
+    std::string isa = lower(requested);
+    if (isa.empty()) isa = "auto";
+    if (isa == "auto") {
+        const char* env = std::getenv("ALADIN_FAST_ISA");
+        if (env && *env) isa = lower(env);
+    }
+    if (isa == "auto") return best_isa();
+    if (isa != "avx512" && isa != "avx2" && isa != "scalar")
+        throw py::value_error("isa must be 'auto', 'avx512', 'avx2' or 'scalar', got '" + isa + "'");
+    if (!isa_supported(isa)) throw std::runtime_error("isa '" + isa + "' is not supported by this CPU");
+    return isa;
+}
+
+int64_t env_int(const char* name, int64_t dflt) {
+    const char* v = std::getenv(name);
+    if (!v || !*v) return dflt;
+    char* end = nullptr;
+    long long x = std::strtoll(v, &end, 10);
+    return (end && *end == '\0') ? static_cast<int64_t>(x) : dflt;
+}
+
+// ------------------------------------------------------------------ array checks
+py::array as_array(const py::object& obj, const char* name) {
+    if (!py::isinstance<py::array>(obj))
+        throw py::value_error(std::string(name) + " must be a numpy array, got " +
+                              std::string(py::str(py::type::of(obj))));
+    return py::reinterpret_borrow<py::array>(obj);
+}
+
+void check_array(const py::array& a, const char* name, py::ssize_t ndim, bool writable) {
+    if (a.ndim() != ndim)
+        throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D, got " +
+                              std::to_string(a.ndim()) + "-D");
+    if (!(a.flags() & py::array::c_style))
+        throw py::value_error(std::string(name) + " must be C-contiguous");
+    if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
+}
+
+void check_dtype(const py::array& a, const char* name, char kind, py::ssize_t itemsize, const char* expect) {
+    const py::dtype dt = a.dtype();
+    if (dt.kind() != kind || dt.itemsize() != itemsize)
+        throw py::value_error(std::string(name) + " must have dtype " + expect + ", got " +
+                              std::string(py::str(dt)));
+}
+
+void check_feature_dtype(const py::array& a, const char* name, DType dtype) {
+    const py::dtype dt = a.dtype();
+    const char k = dt.kind();
+    const py::ssize_t s = dt.itemsize();
+    bool ok = false;
+    switch (dtype) {
+        case DType::F32: ok = (k == 'f' && s == 4); break;
+        case DType::F16: ok = (s == 2 && (k == 'f' || k == 'u' || k == 'i')); break;
+        case DType::BF16: ok = (s == 2 && (k == 'u' || k == 'i' || k == 'V')); break;
+    }
+    if (!ok) {
+        const char* expect = dtype == DType::F32   ? "float32"
+                             : dtype == DType::F16 ? "float16 (or uint16 holding fp16 bits)"
+                                                   : "uint16 holding bfloat16 bits";
+        throw py::value_error(std::string(name) + " must have dtype " + expect + " for dtype='" +
+                              (dtype == DType::F32 ? "float32" : dtype == DType::F16 ? "float16" : "bfloat16") +
+                              "', got " + std::string(py::str(dt)));
+    }
+}
+
+// ------------------------------------------------------------------ score
+void score(const py::object& text_o, const py::object& text_offsets_o, const py::object& text_lengths_o,
+           const py::object& images_o, const py::object& image_offsets_o, const py::object& image_lengths_o,
+           const py::object& candidates_o, const std::string& dtype, int aggregation, bool zero_padding,
+           int64_t text_pad, int64_t image_pad, const py::object& out_o, const py::object& argmax_o,
+           const std::string& isa, int num_threads) {
+    Job job;
+    if (dtype == "float32")
+        job.dtype = DType::F32;
+    else if (dtype == "float16")
+        job.dtype = DType::F16;
+    else if (dtype == "bfloat16")
+        job.dtype = DType::BF16;
+    else
+        throw py::value_error("dtype must be 'float32', 'float16' or 'bfloat16', got '" + dtype + "'");
+    if (aggregation < 0 || aggregation > 5)
+        throw py::value_error("aggregation must be in [0, 5], got " + std::to_string(aggregation));
+    if (text_pad < 0 || image_pad < 0) throw py::value_error("text_pad and image_pad must be >= 0");
+    if (num_threads < 0) throw py::value_error("num_threads must be >= 0");
+
+    py::array text = as_array(text_o, "text");
+    py::array images = as_array(images_o, "images");
+    py::array toff = as_array(text_offsets_o, "text_offsets");
+    py::array tlen = as_array(text_lengths_o, "text_lengths");
+    py::array ioff = as_array(image_offsets_o, "image_offsets");
+    py::array ilen = as_array(image_lengths_o, "image_lengths");
+    py::array out = as_array(out_o, "out");
+
+    check_array(text, "text", 2, false);
+    check_array(images, "images", 2, false);
+    check_feature_dtype(text, "text", job.dtype);
+    check_feature_dtype(images, "images", job.dtype);
+    if (text.shape(1) != images.shape(1))
+        throw py::value_error("text and images must have the same feature dimension D, got " +
+                              std::to_string(text.shape(1)) + " and " + std::to_string(images.shape(1)));
+    check_array(toff, "text_offsets", 1, false);
+    check_array(tlen, "text_lengths", 1, false);
+    check_array(ioff, "image_offsets", 1, false);
+    check_array(ilen, "image_lengths", 1, false);
+    check_dtype(toff, "text_offsets", 'i', 8, "int64");
+    check_dtype(ioff, "image_offsets", 'i', 8, "int64");
+    check_dtype(tlen, "text_lengths", 'i', 4, "int32");
+    check_dtype(ilen, "image_lengths", 'i', 4, "int32");
+    const int64_t nt = toff.shape(0), ni = ioff.shape(0);
+    if (tlen.shape(0) != nt) throw py::value_error("text_lengths must have the same length as text_offsets");
+    if (ilen.shape(0) != ni) throw py::value_error("image_lengths must have the same length as image_offsets");
+
+    int64_t k = ni;
+    const int64_t* cand = nullptr;
+    py::array candidates;
+    if (!candidates_o.is_none()) {
+        candidates = as_array(candidates_o, "candidates");
+        check_array(candidates, "candidates", 2, false);
+        check_dtype(candidates, "candidates", 'i', 8, "int64");
+        if (candidates.shape(0) != nt)
+            throw py::value_error("candidates must have shape [Nt, K] with Nt = " + std::to_string(nt));
+        k = candidates.shape(1);
+        cand = static_cast<const int64_t*>(candidates.data());
+    }
+    check_array(out, "out", 2, true);
+    check_dtype(out, "out", 'f', 4, "float32");
+    if (out.shape(0) != nt || out.shape(1) != k)
+        throw py::value_error("out must have shape [" + std::to_string(nt) + ", " + std::to_string(k) + "]");
+    int32_t* am = nullptr;
+    py::array argmax;
+    if (!argmax_o.is_none()) {
+        argmax = as_array(argmax_o, "argmax");
+        check_array(argmax, "argmax", 3, true);
+        check_dtype(argmax, "argmax", 'i', 4, "int32");
+        if (argmax.shape(0) != nt || argmax.shape(1) != k || argmax.shape(2) != text_pad)
+            throw py::value_error("argmax must have shape [" + std::to_string(nt) + ", " + std::to_string(k) +
+                                  ", " + std::to_string(text_pad) + "]");
+        am = static_cast<int32_t*>(argmax.mutable_data());
+    }
+
+    // metadata sanity (O(Nt + Ni), never the feature data)
+    const int64_t* to = static_cast<const int64_t*>(toff.data());
+    const int32_t* tl = static_cast<const int32_t*>(tlen.data());
+    const int64_t* io = static_cast<const int64_t*>(ioff.data());
+    const int32_t* il = static_cast<const int32_t*>(ilen.data());
+    const int64_t t_rows = text.shape(0), i_rows = images.shape(0);
+    int64_t max_tl = 0, max_il = 0;
+    for (int64_t i = 0; i < nt; ++i) {
+        if (tl[i] < 0 || tl[i] > text_pad)
+            throw py::value_error("text_lengths[" + std::to_string(i) + "] = " + std::to_string(tl[i]) +
+                                  " out of range [0, text_pad=" + std::to_string(text_pad) + "]");
+        if (tl[i] > 0 && (to[i] < 0 || to[i] + tl[i] > t_rows))
+            throw py::value_error("text_offsets[" + std::to_string(i) + "] + length exceeds the text rows");
+        if (tl[i] > max_tl) max_tl = tl[i];
+    }
+    for (int64_t j = 0; j < ni; ++j) {
+        if (il[j] < 0 || il[j] > image_pad)
+            throw py::value_error("image_lengths[" + std::to_string(j) + "] = " + std::to_string(il[j]) +
+                                  " out of range [0, image_pad=" + std::to_string(image_pad) + "]");
+        if (il[j] > 0 && (io[j] < 0 || io[j] + il[j] > i_rows))
+            throw py::value_error("image_offsets[" + std::to_string(j) + "] + length exceeds the image rows");
+        if (il[j] > max_il) max_il = il[j];
+    }
+    const IsaKernels* kern = kernels_for(resolve_isa(isa));
+    if (nt * k == 0) return;
+
+    job.text = text.data();
+    job.text_offsets = to;
+    job.text_lengths = tl;
+    job.nt = nt;
+    job.images = images.data();
+    job.image_offsets = io;
+    job.image_lengths = il;
+    job.ni = ni;
+    job.candidates = cand;
+    job.k = k;
+    job.dim = text.shape(1);
+    job.aggregation = aggregation;
+    job.zero_padding = zero_padding;
+    job.text_pad = text_pad;
+    job.image_pad = image_pad;
+    job.out = static_cast<float*>(out.mutable_data());
+    job.argmax = am;
+    job.max_text_len = max_tl;
+    job.max_image_len = max_il;
+    // D chunking: measured best with whole rows (fp32 rows are streamed in place; fp16/bf16 rows are
+    // converted once per pair into an fp32 scratch, chunked only when that scratch would outgrow ~256 KB)
+    job.tuning.dc_f32 = env_int("ALADIN_FAST_DC_F32", 0);
+    job.tuning.dc_lowp = env_int("ALADIN_FAST_DC_LOWP", 0);
+    job.tuning.prefetch = env_int("ALADIN_FAST_PREFETCH", 64);
+    job.tuning.word_chunk = static_cast<int>(env_int("ALADIN_FAST_WORD_CHUNK", 0));
+    job.tuning.prefetch_next = env_int("ALADIN_FAST_PREFETCH_NEXT", 4);
+
+    int err = 0;
+    {
+        py::gil_scoped_release release;
+        err = run_job(job, kern, num_threads);
+    }
+    if (err == -1) throw py::value_error("candidates contain an image id out of range [0, Ni)");
+    if (err == -2) throw std::bad_alloc();
+}
+
+py::dict build_info() {
+    py::dict d;
+#ifdef __VERSION__
+    d["compiler"] = std::string("GCC-compatible ") + __VERSION__;
+#else
+    d["compiler"] = "unknown";
+#endif
+#ifdef _OPENMP
+    d["openmp"] = true;
+    d["openmp_version"] = static_cast<int>(_OPENMP);
+    d["omp_max_threads"] = omp_get_max_threads();
+#else
+    d["openmp"] = false;
+    d["openmp_version"] = 0;
+    d["omp_max_threads"] = 1;
+#endif
+    std::vector<std::string> compiled = {"scalar"};
+#if ALADIN_X86
+    compiled.insert(compiled.begin(), {"avx512", "avx2"});
+#endif
+    d["compiled_isas"] = compiled;
+    d["avx512_compiled"] = static_cast<bool>(ALADIN_X86);
+    d["avx512bf16_compiled"] = false;  // bf16 is widened exactly to fp32 (vdpbf16ps flushes denormals)
+    const CpuFeatures& f = cpu();
+    py::dict c;
+    c["avx"] = f.avx;
+    c["avx2"] = f.avx2;
+    c["fma"] = f.fma;
+    c["f16c"] = f.f16c;
+    c["avx512f"] = f.avx512f;
+    c["avx512bf16"] = f.avx512bf16;
+    c["os_avx"] = f.os_avx;
+    c["os_avx512"] = f.os_avx512;
+    d["cpu_features"] = c;
+    d["available_isas"] = available_isas();
+    d["best_isa"] = best_isa();
+    return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "aladin-fast CPU kernels (fused word-region alignment scores)";
+    m.def("score", &score, py::arg("text"), py::arg("text_offsets"), py::arg("text_lengths"), py::arg("images"),
+          py::arg("image_offsets"), py::arg("image_lengths"), py::arg("candidates"), py::arg("dtype"),
+          py::arg("aggregation"), py::arg("zero_padding"), py::arg("text_pad"), py::arg("image_pad"),
+          py::arg("out"), py::arg("argmax"), py::arg("isa") = "auto", py::arg("num_threads") = 0,
+          "Fused alignment scores (see docs/kernel_contract.md); writes `out` (and `argmax`) in place.");
+    m.def(
+        "fma_peak",
+        [](const std::string& isa, int num_threads, double seconds) {
+            const IsaKernels* k = kernels_for(resolve_isa(isa));
+            py::gil_scoped_release release;
+            return measure_fma_peak(k, num_threads, seconds);
+        },
+        py::arg("isa") = "auto", py::arg("num_threads") = 0, py::arg("seconds") = 0.2,
+        "Measured raw fp32 FMA throughput (GFLOP/s) of a code path: the roofline for benchmarks.");
+    m.def("available_isas", &available_isas, "Code paths usable on this CPU, best first.");
+    m.def("best_isa", &best_isa, "The code path isa='auto' picks (ignoring ALADIN_FAST_ISA).");
+    m.def("build_info", &build_info, "Compiler, OpenMP and ISA information of this build.");
+}

@@ -1,0 +1,158 @@
+// ISA-independent OpenMP driver: splits the flattened (caption, candidate) pair
+// range statically over the threads (each pair is computed by exactly one
+// thread, in a fixed order, so results do not depend on the thread count) and
+// calls the selected ISA's kernels.  A thread re-transposes its query caption
+// only when the caption changes inside its contiguous range.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "aladin_kernel.h"
+
+namespace aladin_fast {
+namespace {
+
+inline int64_t round_up(int64_t x, int64_t m) { return ((x + m - 1) / m) * m; }
+
+void* alloc_aligned(int64_t count, int64_t elem) {
+    size_t bytes = static_cast<size_t>(round_up(count * elem + 64, 64));
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, bytes) != 0) return nullptr;
+    std::memset(p, 0, bytes);
+    return p;
+}
+
+// Candidate images arrive in arbitrary order, so the hardware prefetchers cannot
+// anticipate them: touch the first lines of every region row of the next pair's
+// image while the current pair is computed.
+inline void prefetch_image(const Job& job, int64_t p) {
+    const int64_t kk = p % job.k;
+    const int64_t j = job.candidates ? job.candidates[p] : kk;
+    if (j < 0 || j >= job.ni) return;
+    const int64_t nr = job.image_lengths[j];
+    const int64_t elem = job.dtype == DType::F32 ? 4 : 2;
+    const int64_t row_bytes = job.dim * elem;
+    const int64_t lines = (row_bytes + 63) / 64 < job.tuning.prefetch_next ? (row_bytes + 63) / 64 : job.tuning.prefetch_next;
+    const char* base = static_cast<const char*>(job.images) + job.image_offsets[j] * row_bytes;
+    for (int64_t r = 0; r < nr; ++r)
+        for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(base + r * row_bytes + l * 64, 0, 3);
+}
+
+}  // namespace
+
+int run_job(const Job& job, const IsaKernels* isa, int num_threads) {
+    const int64_t pairs = job.nt * job.k;
+    if (pairs <= 0) return 0;
+    int threads = num_threads;
+#ifdef _OPENMP
+    if (threads <= 0) threads = omp_get_max_threads();
+#else
+    threads = 1;
+#endif
+    if (threads < 1) threads = 1;
+    if (static_cast<int64_t>(threads) > pairs) threads = static_cast<int>(pairs);
+
+    const int64_t D = job.dim;
+    const int64_t wp_max = round_up(job.max_text_len > 0 ? job.max_text_len : 1, 16);
+    const int64_t rt_max = round_up(job.max_image_len > 0 ? job.max_image_len : 1, kTileRowMultiple);
+    const int64_t rmax = job.max_image_len > 0 ? job.max_image_len : 1;
+    const bool lowp = job.dtype != DType::F32;
+    int64_t dc_lowp = job.tuning.dc_lowp;
+    if (dc_lowp <= 0) {  // auto: whole rows unless the converted rows of one image exceed ~256 KB
+        const int64_t budget = (int64_t(256) << 10) / (4 * rmax);
+        dc_lowp = D <= budget ? D : (budget < 256 ? 256 : (budget / 64) * 64);
+    }
+    if (dc_lowp > D) dc_lowp = D;
+    if (dc_lowp <= 0) dc_lowp = 1;
+    dc_lowp = round_up(dc_lowp, 16);  // keep converted rows 64-byte aligned
+
+    int error = 0;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int64_t tid = omp_get_thread_num();
+        const int64_t nth = omp_get_num_threads();
+#else
+        const int64_t tid = 0, nth = 1;
+#endif
+        const int64_t p0 = pairs * tid / nth;
+        const int64_t p1 = pairs * (tid + 1) / nth;
+
+        Workspace ws;
+        ws.query = static_cast<float*>(alloc_aligned((D > 0 ? D : 1) * wp_max, sizeof(float)));
+        ws.tile = static_cast<float*>(alloc_aligned(rt_max * wp_max, sizeof(float)));
+        ws.scratch = lowp ? static_cast<float*>(alloc_aligned(rmax * dc_lowp, sizeof(float))) : nullptr;
+        ws.scratch_dc = dc_lowp;
+        ws.rowmax = static_cast<float*>(alloc_aligned(wp_max, sizeof(float)));
+        ws.rowarg = static_cast<int32_t*>(alloc_aligned(wp_max, sizeof(int32_t)));
+        ws.colmax = static_cast<float*>(alloc_aligned(rt_max, sizeof(float)));
+        ws.rowptr = static_cast<const float**>(alloc_aligned(rmax, sizeof(const float*)));
+        const bool ok = ws.query && ws.tile && (!lowp || ws.scratch) && ws.rowmax && ws.rowarg && ws.colmax && ws.rowptr;
+        if (!ok) {
+#pragma omp atomic write
+            error = -2;
+        } else {
+            int64_t current = -1;
+            for (int64_t p = p0; p < p1; ++p) {
+                const int64_t i = p / job.k;
+                const int64_t kk = p - i * job.k;
+                const int64_t j = job.candidates ? job.candidates[p] : kk;
+                if (j < 0 || j >= job.ni) {
+#pragma omp atomic write
+                    error = -1;
+                    continue;
+                }
+                if (i != current) {
+                    isa->prepare_query(job, i, ws);
+                    current = i;
+                }
+                if (job.tuning.prefetch_next > 0 && p + 1 < p1) prefetch_image(job, p + 1);
+                isa->score_pair(job, i, j, p, ws);
+            }
+        }
+        std::free(ws.query);
+        std::free(ws.tile);
+        std::free(ws.scratch);
+        std::free(ws.rowmax);
+        std::free(ws.rowarg);
+        std::free(ws.colmax);
+        std::free(const_cast<float**>(ws.rowptr));
+    }
+    return error;
+}
+
+double measure_fma_peak(const IsaKernels* isa, int num_threads, double seconds) {
+    int threads = num_threads;
+#ifdef _OPENMP
+    if (threads <= 0) threads = omp_get_max_threads();
+    // calibrate on one thread, then run all threads for ~seconds
+    int64_t iters = 1 << 16;
+    double dt = 0.0;
+    for (;;) {
+        const double t0 = omp_get_wtime();
+        volatile float sink = isa->fma_loop(iters);
+        (void)sink;
+        dt = omp_get_wtime() - t0;
+        if (dt > 0.02 || iters > (int64_t(1) << 40)) break;
+        iters *= 4;
+    }
+    iters = static_cast<int64_t>(static_cast<double>(iters) * (seconds > 0 ? seconds : 0.2) / dt) + 1;
+    float total = 0.0f;
+    const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    { total += isa->fma_loop(iters); }
+    const double elapsed = omp_get_wtime() - t0;
+    volatile float sink = total;
+    (void)sink;
+    return 2.0 * 12.0 * isa->lanes * static_cast<double>(iters) * threads / elapsed / 1e9;
+#else
+    (void)threads;
+    return 0.0;
+#endif
+}
+
+}  // namespace aladin_fast
