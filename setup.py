@@ -7,7 +7,7 @@ attributes) and picks one at run time.
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     from pybind11.setup_helpers import Pybind11Extension, build_ext
@@ -51,14 +51,15 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["aladin_fast", "aladin_fast.ops", "aladin_fast.kernels"],
+    packages=find_packages(include=["aladin_fast", "aladin_fast.*"]) + ["aladin_fast.kernels"],
     package_dir={"aladin_fast.kernels": "kernels"},
     ext_modules=[_cpu_extension()],
     cmdclass={"build_ext": build_ext},
-    install_requires=["torch>=2.4,<2.16", "triton>=3.0", "numpy>=1.24"],
+    install_requires=["torch>=2.4,<2.16", "triton>=3.0", "numpy>=1.24", "tqdm>=4.60"],
     extras_require={
         "cpu": ["faiss-cpu>=1.8"],
         "gpu": ["faiss-gpu>=1.7"],
+        "milvus": ["pymilvus>=2.4", "milvus-lite>=2.4"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["aladin-fast=aladin_fast.cli:main"]},

@@ -11,7 +11,7 @@ import torch
 import aladin_fast
 from aladin_fast import reference
 from aladin_fast.ops.backends import triton_interpreter_enabled
-from conftest import AGGREGATIONS, LOW_PRECISION, PADDINGS, fp32_tolerance, make_tokens
+from cases import AGGREGATIONS, LOW_PRECISION, PADDINGS, fp32_tolerance, make_tokens
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (Nt, Ni, W, R, D): lengths 1, 7, 36, 37, 50; D 1, 3, 64, 100, 768, 1024; Nt != Ni; batch of 1

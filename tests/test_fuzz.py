@@ -14,7 +14,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 import aladin_fast
 from aladin_fast import reference
-from conftest import AGGREGATIONS, PADDINGS, fp32_tolerance
+from cases import AGGREGATIONS, PADDINGS, fp32_tolerance
 
 DATABASE = DirectoryBasedExampleDatabase(os.path.join(os.path.dirname(__file__), ".hypothesis-db"))
 COMMON = dict(deadline=None, database=DATABASE, suppress_health_check=[HealthCheck.too_slow])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from aladin_fast import reference
-from conftest import AGGREGATIONS, PADDINGS, make_tokens
+from cases import AGGREGATIONS, PADDINGS, make_tokens
 
 
 def brute_force(text, text_lengths, images, image_lengths, aggregation, padding):
