@@ -10,7 +10,7 @@ TORCH_PIN := torch==2.13.0
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -e ".[dev,cpu,milvus]"
+	$(PY) -m pip install --quiet -e ".[dev,cpu,milvus,serve]"
 	touch $@
 
 demo: $(VENV)/.installed

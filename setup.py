@@ -60,6 +60,7 @@ setup(
         "cpu": ["faiss-cpu>=1.8"],
         "gpu": ["faiss-gpu>=1.7"],
         "milvus": ["pymilvus>=2.4", "milvus-lite>=2.4"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "uvloop>=0.19; sys_platform != 'win32'"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["aladin-fast=aladin_fast.cli:main"]},

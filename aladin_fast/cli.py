@@ -1,4 +1,4 @@
-"""Command line: ``python -m aladin_fast {info,demo}``."""
+"""Command line: ``python -m aladin_fast {info,demo,train,serve}``."""
 from __future__ import annotations
 
 import argparse
@@ -12,10 +12,20 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="score synthetic data with every available backend and time it")
     demo.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
     demo.add_argument("--seed", type=int, default=0)
+    commands.add_parser("train", help="train a teacher and distil a student (see `train --help`)", add_help=False)
+    serve = commands.add_parser("serve", help="HTTP search/rerank service over a saved retriever")
+    from .serving.cli import add_arguments
+
+    add_arguments(serve)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the training command owns its (many) flags
+        from .training.command import main as train_main
+
+        return train_main(argv)
     args = _build_parser().parse_args(argv)
     if args.command == "info":
         from .info import info
@@ -27,6 +37,10 @@ def main(argv=None) -> int:
 
         run_demo(quick=args.quick, seed=args.seed)
         return 0
+    if args.command == "serve":
+        from .serving.cli import run
+
+        return run(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

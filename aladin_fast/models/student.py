@@ -1,0 +1,231 @@
+"""ALADIN-style student: one global embedding per image and per caption, for kNN search.
+
+A small transformer head per modality reads a sequence of tokens with a
+learned first token prepended (a CLS slot); the head's output at that first
+position, projected to ``embed_dim`` (D_s, default 768) and L2-normalised, is
+the embedding. The score of caption t and image i is the dot product
+``<e_t, e_i>`` (cosine), so retrieval is a faiss ``IndexFlatIP`` search.
+
+Where the tokens come from (``backbone``):
+
+* ``"shared"`` (ALADIN): the teacher's region / word tokens. The student owns
+  only the heads; pass the teacher to the encoding methods. With the teacher
+  frozen this distils a matching head on top of a fixed alignment model; with
+  both trainable it is ALADIN's joint training of two heads on one backbone.
+* ``"separate"``: the student owns its own region and caption encoders (a
+  global-embedding model on its own; also the baseline of the acceptance test
+  when trained with the hinge loss only).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoders import (
+    CaptionEncoder,
+    RegionEncoder,
+    TokenTransformer,
+    check_regions,
+    check_token_ids,
+    check_tokens,
+)
+from .teacher import Teacher
+
+__all__ = ["Student", "PoolingHead"]
+
+BACKBONES = ("shared", "separate")
+
+
+class PoolingHead(nn.Module):
+    """Tokens ``[B, L, token_dim]`` -> embedding ``[B, embed_dim]`` (unit norm) via a first-token transformer.
+
+    A learned token is prepended, the sequence runs through ``layers``
+    pre-norm transformer layers (padding masked), and the first position is
+    projected to ``embed_dim`` and L2-normalised. An empty sequence still has
+    the learned token, so every row gets a finite embedding.
+    """
+
+    def __init__(self, token_dim: int, embed_dim: int, layers: int, heads: int, ff_dim: Optional[int] = None,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.first_token = nn.Parameter(torch.randn(token_dim) * token_dim ** -0.5)
+        self.input_norm = nn.LayerNorm(token_dim)
+        self.transformer = TokenTransformer(token_dim, layers, heads, ff_dim, dropout)
+        self.output = nn.Linear(token_dim, embed_dim)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        first = self.first_token.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+        sequence = self.input_norm(torch.cat([first, tokens], dim=1))
+        hidden = self.transformer(sequence, lengths + 1)
+        return F.normalize(self.output(hidden[:, 0]), dim=-1)
+
+
+class Student(nn.Module):
+    """Global-embedding matching model.
+
+    Args:
+        embed_dim: output embedding size D_s (default 768).
+        token_dim: width of the tokens the heads read: the teacher's
+            ``embed_dim`` for ``backbone="shared"``, the student's own encoder
+            width for ``"separate"``.
+        layers: transformer layers of each pooling head.
+        heads: attention heads (must divide ``token_dim``).
+        ff_dim / dropout: of the heads (and own encoders).
+        backbone: ``"shared"`` (read a teacher's tokens) or ``"separate"``.
+        vocab_size / feature_dim / backbone_layers / pad_id: the own encoders
+            of ``backbone="separate"`` (``vocab_size`` is required there).
+
+    ``hparams`` holds these arguments (``Student(**student.hparams)`` rebuilds it).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 768,
+        token_dim: int = 1024,
+        layers: int = 1,
+        heads: int = 8,
+        ff_dim: Optional[int] = None,
+        dropout: float = 0.1,
+        backbone: str = "shared",
+        vocab_size: Optional[int] = None,
+        feature_dim: int = 2048,
+        backbone_layers: int = 1,
+        pad_id: int = 0,
+    ):
+        super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        for name, value in (("embed_dim", embed_dim), ("token_dim", token_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.hparams: Dict[str, object] = dict(
+            embed_dim=embed_dim, token_dim=token_dim, layers=layers, heads=heads, ff_dim=ff_dim, dropout=dropout,
+            backbone=backbone, vocab_size=vocab_size, feature_dim=feature_dim, backbone_layers=backbone_layers,
+            pad_id=pad_id,
+        )
+        self.embed_dim, self.token_dim, self.backbone = embed_dim, token_dim, backbone
+        self.image_head = PoolingHead(token_dim, embed_dim, layers, heads, ff_dim, dropout)
+        self.caption_head = PoolingHead(token_dim, embed_dim, layers, heads, ff_dim, dropout)
+        self.image_encoder: Optional[RegionEncoder] = None
+        self.caption_encoder: Optional[CaptionEncoder] = None
+        if backbone == "separate":
+            if vocab_size is None:
+                raise ValueError("vocab_size is required for backbone='separate' (the student's own word embedding)")
+            self.vocab_size, self.feature_dim = vocab_size, feature_dim
+            self.image_encoder = RegionEncoder(feature_dim, token_dim, backbone_layers, heads, ff_dim, dropout)
+            self.caption_encoder = CaptionEncoder(vocab_size, token_dim, backbone_layers, heads, ff_dim, dropout, pad_id)
+
+    @classmethod
+    def for_teacher(cls, teacher: Teacher, embed_dim: int = 768, **kwargs) -> "Student":
+        """A shared-backbone student whose heads read ``teacher``'s tokens (``token_dim = teacher.embed_dim``)."""
+        return cls(embed_dim=embed_dim, token_dim=teacher.embed_dim, backbone="shared", **kwargs)
+
+    # ---------------------------------------------------------------- backbone
+    def _check_teacher(self, teacher: Optional[Teacher]) -> Teacher:
+        if teacher is None:
+            raise ValueError("teacher is required: this student has backbone='shared' and reads the teacher's tokens")
+        if not isinstance(teacher, Teacher) or teacher.embed_dim != self.token_dim:
+            raise ValueError(
+                f"teacher must be a Teacher with embed_dim == token_dim={self.token_dim}, "
+                f"got {type(teacher).__name__} with embed_dim={getattr(teacher, 'embed_dim', None)}"
+            )
+        return teacher
+
+    def image_tokens(self, regions: torch.Tensor, image_lengths: Optional[torch.Tensor] = None,
+                     teacher: Optional[Teacher] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Backbone tokens ``([B, R, token_dim] unit rows, lengths [B] int64)`` of region features ``[B, R, F]``."""
+        if self.backbone == "shared":
+            return self._check_teacher(teacher).encode_images(regions, image_lengths)
+        regions, lengths = check_regions(regions, image_lengths, self.feature_dim)
+        return F.normalize(self.image_encoder(regions, lengths), dim=-1), lengths
+
+    def caption_tokens(self, captions: torch.Tensor, caption_lengths: Optional[torch.Tensor] = None,
+                       teacher: Optional[Teacher] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Backbone tokens ``([B, L, token_dim], lengths [B])`` of token ids ``[B, L]``."""
+        if self.backbone == "shared":
+            return self._check_teacher(teacher).encode_captions(captions, caption_lengths)
+        captions, lengths = check_token_ids(captions, caption_lengths, self.vocab_size)
+        return F.normalize(self.caption_encoder(captions, lengths), dim=-1), lengths
+
+    # ------------------------------------------------------------------ heads
+    def embed_image_tokens(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Image embeddings ``[B, embed_dim]`` (unit norm) from backbone tokens ``[B, R, token_dim]``."""
+        tokens, lengths = check_tokens("image_tokens", tokens, lengths, self.token_dim)
+        return self.image_head(tokens, lengths)
+
+    def embed_caption_tokens(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Caption embeddings ``[B, embed_dim]`` (unit norm) from backbone tokens ``[B, L, token_dim]``."""
+        tokens, lengths = check_tokens("caption_tokens", tokens, lengths, self.token_dim)
+        return self.caption_head(tokens, lengths)
+
+    def encode_images(self, regions: torch.Tensor, image_lengths: Optional[torch.Tensor] = None,
+                      teacher: Optional[Teacher] = None) -> torch.Tensor:
+        """Image embeddings ``[B, embed_dim]`` float32 (unit norm) from region features ``[B, R, F]``."""
+        return self.embed_image_tokens(*self.image_tokens(regions, image_lengths, teacher))
+
+    def encode_captions(self, captions: torch.Tensor, caption_lengths: Optional[torch.Tensor] = None,
+                        teacher: Optional[Teacher] = None) -> torch.Tensor:
+        """Caption embeddings ``[B, embed_dim]`` (unit norm) from token ids ``[B, L]``."""
+        return self.embed_caption_tokens(*self.caption_tokens(captions, caption_lengths, teacher))
+
+    def forward(self, regions: torch.Tensor, image_lengths: Optional[torch.Tensor], captions: torch.Tensor,
+                caption_lengths: Optional[torch.Tensor], teacher: Optional[Teacher] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(image_embeddings [B_i, embed_dim], caption_embeddings [B_c, embed_dim])``; see :meth:`scores`."""
+        return (self.encode_images(regions, image_lengths, teacher),
+                self.encode_captions(captions, caption_lengths, teacher))
+
+    @staticmethod
+    def scores(caption_embeddings: torch.Tensor, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosine scores ``[N_captions, N_images]`` (the op's orientation) of unit embeddings."""
+        if caption_embeddings.ndim != 2 or image_embeddings.ndim != 2 or \
+                caption_embeddings.shape[1] != image_embeddings.shape[1]:
+            raise ValueError(
+                f"caption_embeddings [Nc, D] and image_embeddings [Ni, D] must share D, got "
+                f"{list(caption_embeddings.shape)} and {list(image_embeddings.shape)}"
+            )
+        return caption_embeddings.float() @ image_embeddings.float().T
+
+    @torch.no_grad()
+    def full_scores(
+        self,
+        regions: torch.Tensor,
+        image_lengths: Optional[torch.Tensor],
+        captions: torch.Tensor,
+        caption_lengths: Optional[torch.Tensor],
+        teacher: Optional[Teacher] = None,
+        *,
+        block: int = 512,
+    ) -> torch.Tensor:
+        """Exhaustive scores for evaluation: ``[N_images, N_captions]`` float32 on CPU (eval orientation).
+
+        Embeds ``block`` rows at a time on the model's device, in eval mode
+        (the teacher too, for a shared backbone; both modes are restored).
+        """
+        if not isinstance(block, int) or block < 1:
+            raise ValueError(f"block must be a positive int, got {block!r}")
+        device = next(self.parameters()).device
+        modules = [self] + ([self._check_teacher(teacher)] if self.backbone == "shared" else [])
+        modes = [module.training for module in modules]
+        for module in modules:
+            module.eval()
+        try:
+            image_lengths = torch.full((regions.shape[0],), regions.shape[1]) if image_lengths is None else image_lengths
+            caption_lengths = torch.full((captions.shape[0],), captions.shape[1]) if caption_lengths is None \
+                else caption_lengths
+            images = [self.encode_images(regions[s:s + block].to(device), image_lengths[s:s + block].to(device), teacher)
+                      for s in range(0, regions.shape[0], block)]
+            texts = [self.encode_captions(captions[s:s + block].to(device), caption_lengths[s:s + block].to(device), teacher)
+                     for s in range(0, captions.shape[0], block)]
+            image_embeddings = torch.cat(images) if images else torch.zeros(0, self.embed_dim, device=device)
+            caption_embeddings = torch.cat(texts) if texts else torch.zeros(0, self.embed_dim, device=device)
+            return self.scores(caption_embeddings, image_embeddings).T.cpu().contiguous()
+        finally:
+            for module, mode in zip(modules, modes):
+                module.train(mode)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, token_dim={self.token_dim}, backbone={self.backbone!r}"

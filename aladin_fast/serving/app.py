@@ -1,0 +1,277 @@
+"""The HTTP service: a FastAPI app over a :class:`~aladin_fast.serving.engine.Gallery`.
+
+Endpoints (JSON unless noted; request bodies in :mod:`aladin_fast.serving.schema`):
+
+- ``POST /search``  -> ``{"ids", "scores", ["explanations"], "direction", "generation"}``
+- ``POST /rerank``  -> ``{"scores", "direction", "generation"}``, scores in candidate order
+- ``GET /health``   -> ``{"status": "ok" | "draining", "generation"}``
+- ``GET /info``     -> versions, backends (``aladin_fast.info()``), device, gallery, config
+- ``GET /metrics``  -> Prometheus text (:mod:`aladin_fast.serving.metrics`)
+- ``POST /admin/reload`` ``{"path": DIR}`` or ``{"paths": [DIR, ...]}`` (default: the current
+  paths) -> the new gallery; loads and warms the new retrievers off the event loop, then swaps
+  one reference. Requests already validated finish on the old snapshot, later ones use the new
+  one; a failed reload leaves the old snapshot serving and answers 422 naming ``path``.
+
+Errors are ``{"error": {"type", "field", "message"}}``: 400 (body is not a JSON object), 401
+(admin token), 404 (unknown route or candidate id), 405, 413 (body larger than
+``max_body_bytes``), 422 (a field is invalid; ``field`` names it), 503 (queue full or shutting
+down), 500 (internal error; logged, the server keeps serving).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from .config import ServingConfig
+from .engine import Gallery, load_gallery, rerank_batch_key, run_rerank_batch, run_search_batch, search_batch_key
+from .metrics import CONTENT_TYPE, MetricsRegistry
+from .schema import RequestError, parse_json_body, parse_rerank, parse_search
+
+__all__ = ["create_app", "ServingState"]
+
+logger = logging.getLogger("aladin_fast.serving")
+ENDPOINTS = ("/search", "/rerank", "/health", "/info", "/metrics", "/admin/reload")
+PARSE_OFF_LOOP_BYTES = 1 << 20  # bigger bodies are decoded in a thread so the event loop keeps batching
+
+
+def _error(status: int, field: Optional[str], message: str, kind: str = "invalid_request") -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "field": field, "message": message}}, status_code=status)
+
+
+class ServingState:
+    """What the app holds: config, metrics, the current gallery snapshot, the batchers."""
+
+    def __init__(self, config: ServingConfig, gallery: Optional[Gallery], metrics: MetricsRegistry):
+        self.config = config
+        self.metrics = metrics
+        self.gallery = gallery
+        self.executor: Optional[ThreadPoolExecutor] = None
+        self.search: Optional[DynamicBatcher] = None
+        self.rerank: Optional[DynamicBatcher] = None
+        self.reload_lock = asyncio.Lock()
+        self.draining = False
+        self.started_at = time.time()
+        self.library_info: dict = {}
+
+    def publish_gallery(self, gallery: Gallery) -> None:
+        """Swap in ``gallery`` (one reference assignment: atomic for every reader) and report it."""
+        self.gallery = gallery
+        self.metrics.generation.set(gallery.generation)
+        for direction, retriever in gallery.retrievers.items():
+            self.metrics.gallery_items.set(retriever.count, direction=direction)
+
+    async def start(self) -> None:
+        config = self.config
+        if self.gallery is None:
+            self.publish_gallery(await asyncio.to_thread(
+                load_gallery, config.retriever_paths, generation=1, device=config.resolved_device(),
+                verify=config.verify, warmup=config.warmup))
+        else:
+            self.publish_gallery(self.gallery)
+        from ..info import info
+
+        import fastapi
+        import uvicorn
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.library_info = info(file=io.StringIO())
+        self.library_info.update(fastapi=fastapi.__version__, uvicorn=uvicorn.__version__)
+        self.executor = ThreadPoolExecutor(max_workers=2 * config.workers, thread_name_prefix="aladin-serve")
+        common = dict(max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms, workers=config.workers,
+                      max_queue=config.max_queue, executor=self.executor, metrics=self.metrics)
+        self.search = DynamicBatcher("search", run_search_batch, key=search_batch_key, **common)
+        self.rerank = DynamicBatcher("rerank", run_rerank_batch, key=rerank_batch_key, **common)
+        self.search.start()
+        self.rerank.start()
+
+    async def stop(self) -> None:
+        """Finish queued and running batches, then release the worker threads."""
+        self.draining = True
+        timeout = self.config.graceful_timeout_s
+        await asyncio.gather(self.search.close(timeout), self.rerank.close(timeout))
+        self.executor.shutdown(wait=True)
+
+
+class _ObserveAndLimit:
+    """ASGI middleware: request count / latency / in-flight metrics, and the body size limit (413)."""
+
+    def __init__(self, app, state: ServingState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        metrics, limit = self.state.metrics, self.state.config.max_body_bytes
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        status = {"code": 500}
+        started = time.perf_counter()
+        metrics.inflight.inc()
+
+        async def send_and_observe(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            declared = dict(scope.get("headers") or []).get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                return await _error(413, "body", f"request body of {int(declared)} bytes exceeds "
+                                                 f"max_body_bytes={limit}")(scope, receive, send_and_observe)
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                chunks, size = [], 0
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        return await _error(413, "body", f"request body exceeds max_body_bytes={limit}")(
+                            scope, receive, send_and_observe)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+                body = b"".join(chunks)
+                replayed = {"done": False}
+
+                async def receive_body():
+                    if replayed["done"]:
+                        return await receive()
+                    replayed["done"] = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+
+                return await self.app(scope, receive_body, send_and_observe)
+            return await self.app(scope, receive, send_and_observe)
+        finally:
+            metrics.inflight.dec()
+            metrics.requests.inc(endpoint=endpoint, status=str(status["code"]))
+            metrics.request_latency.observe(time.perf_counter() - started, endpoint=endpoint)
+
+
+def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
+               metrics: Optional[MetricsRegistry] = None) -> FastAPI:
+    """The service over ``gallery`` (or, when None, the retrievers in ``config.retriever_paths``,
+    loaded at start-up). The state is ``app.state.serving`` (:class:`ServingState`)."""
+    state = ServingState(config, gallery, metrics or MetricsRegistry())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = FastAPI(title="aladin-fast serving", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.serving = state
+    app.add_middleware(_ObserveAndLimit, state=state)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, None, str(exc.detail), kind="http_error")
+
+    async def handle(request: Request, parse, batcher_name: str):
+        try:
+            raw = await request.body()
+            gallery = state.gallery  # the snapshot this request is validated against and served by
+            if len(raw) > PARSE_OFF_LOOP_BYTES:
+                query = await asyncio.to_thread(lambda: parse(parse_json_body(raw), gallery, config))
+            else:
+                query = parse(parse_json_body(raw), gallery, config)
+            result = await getattr(state, batcher_name).submit(query)
+            return JSONResponse({**result, "direction": query.direction, "generation": gallery.generation})
+        except RequestError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        except QueueFullError as err:
+            return JSONResponse({"error": {"type": "overloaded", "field": None, "message": str(err)}},
+                                status_code=503, headers={"Retry-After": "1"})
+        except BatcherClosedError as err:
+            return _error(503, None, str(err), kind="shutting_down")
+        except Exception as err:  # noqa: BLE001 - a 500 for this request, the server keeps serving
+            logger.exception("internal error on %s", request.url.path)
+            return _error(500, None, f"{type(err).__name__}: {err}", kind="internal_error")
+
+    @app.post("/search")
+    async def search(request: Request):
+        """Two-stage search of one query; see :mod:`aladin_fast.serving.schema` for the body."""
+        return await handle(request, parse_search, "search")
+
+    @app.post("/rerank")
+    async def rerank(request: Request):
+        """Fused teacher scores of one query against its candidates (gallery ids or given tokens)."""
+        return await handle(request, parse_rerank, "rerank")
+
+    @app.get("/health")
+    async def health():
+        gallery = state.gallery
+        return {"status": "draining" if state.draining else "ok",
+                "generation": gallery.generation if gallery else None}
+
+    @app.get("/info")
+    async def info():
+        gallery = state.gallery
+        return {
+            "versions": {key: state.library_info.get(key) for key in
+                         ("aladin_fast", "python", "torch", "numpy", "triton_version", "fastapi", "uvicorn",
+                          "platform")},
+            "backends": {key: value for key, value in state.library_info.items()
+                         if key.startswith("backend.") or key in ("faiss", "cuda", "torch_threads")},
+            "device": gallery.device,
+            "gallery": gallery.describe(),
+            "index_size": {direction: retriever.count for direction, retriever in gallery.retrievers.items()},
+            "batching": {"enabled": config.batching, "max_batch_size": config.max_batch_size,
+                         "max_wait_ms": config.max_wait_ms, "workers": config.workers,
+                         "queue_depth": {"search": state.search.depth, "rerank": state.rerank.depth}},
+            "config": config.public(),
+            "uptime_s": time.time() - state.started_at,
+        }
+
+    @app.get("/metrics")
+    async def metrics_page():
+        return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/admin/reload")
+    async def reload(request: Request):
+        """Load the given retriever directories (default: the current ones) and swap atomically."""
+        if config.admin_token and request.headers.get("authorization") != f"Bearer {config.admin_token}":
+            return _error(401, "authorization", "admin endpoints need 'Authorization: Bearer <admin token>'",
+                          kind="unauthorized")
+        try:
+            raw = await request.body()
+            body = parse_json_body(raw) if raw.strip() else {}
+            unknown = sorted(set(body) - {"path", "paths"})
+            if unknown:
+                raise RequestError(unknown[0], "unknown field (allowed: ['path', 'paths'])")
+            if "path" in body and "paths" in body:
+                raise RequestError("paths", "give path or paths, not both")
+            paths = body.get("paths", [body["path"]] if "path" in body else list(state.gallery.paths.values()))
+            if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+                raise RequestError("path" if "path" in body else "paths", "must name saved Retriever directories")
+        except RequestError as err:
+            return JSONResponse(err.body(), status_code=err.status)
+        async with state.reload_lock:
+            old = state.gallery
+            try:
+                new = await asyncio.to_thread(load_gallery, paths, generation=old.generation + 1, device=old.device,
+                                              verify=config.verify, warmup=config.warmup)
+            except Exception as err:  # noqa: BLE001 - a bad directory must not take the service down
+                state.metrics.reloads.inc(status="error")
+                logger.warning("reload of %s failed: %s", paths, err)
+                return _error(422, "path" if "path" in body else "paths", f"cannot load {paths}: "
+                                                                          f"{type(err).__name__}: {err}")
+            state.publish_gallery(new)
+            state.metrics.reloads.inc(status="ok")
+        return {"reloaded": True, "previous_generation": old.generation, **new.describe()}
+
+    return app

@@ -1,0 +1,129 @@
+"""Serving configuration: batching knobs and input limits, in one validated dataclass.
+
+:class:`ServingConfig` is built by the command line (:mod:`aladin_fast.serving.cli`)
+or directly by code embedding the server (tests, the load test)::
+
+    config = ServingConfig(retriever_paths=["gallery/"], max_batch_size=64, max_wait_ms=2.0)
+    app = create_app(config)
+
+Dynamic batching is disabled with ``max_batch_size=1`` (every request is its
+own fused call; with ``workers=1`` requests are then served one at a time).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
+
+__all__ = ["ServingConfig", "add_config_arguments", "config_from_arguments"]
+
+MIB = 1 << 20
+
+
+@dataclass
+class ServingConfig:
+    """Everything the service can be told at start-up.
+
+    Args:
+        retriever_paths: saved :class:`~aladin_fast.retrieval.Retriever`
+            directories, at most one per direction (``text_to_image``,
+            ``image_to_text``); the first one's direction is the default.
+        device: where queries are scored: ``"auto"`` (CUDA when available),
+            ``"cpu"`` or ``"cuda"``; also the student index device.
+        verify: check SHA-256 checksums when (re)loading a retriever.
+        max_batch_size: requests merged into one fused call (1 = no batching).
+        max_wait_ms: how long the oldest waiting request may wait for others.
+        workers: fused calls running at once per queue (worker threads).
+        max_queue: waiting requests per queue before new ones get 503.
+        max_query_tokens: tokens (words or regions) per query, the ``L`` of ``query_tokens``.
+        max_candidates: candidates per ``/rerank`` request.
+        max_candidate_tokens: tokens per candidate in ``candidate_tokens``.
+        max_k / max_rerank_k: upper bounds of ``k`` and ``rerank_k`` in ``/search``.
+        max_body_bytes: request bodies larger than this get 413.
+        admin_token: when set, ``/admin/*`` needs ``Authorization: Bearer <token>``.
+        warmup: run one query on a (re)loaded retriever before it serves traffic.
+        graceful_timeout_s: on shutdown, how long in-flight requests may take to finish.
+    """
+
+    retriever_paths: List[str] = field(default_factory=list)
+    device: str = "auto"
+    verify: bool = True
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+    workers: int = 1
+    max_queue: int = 1024
+    max_query_tokens: int = 256
+    max_candidates: int = 1000
+    max_candidate_tokens: int = 256
+    max_k: int = 1000
+    max_rerank_k: int = 1000
+    max_body_bytes: int = 32 * MIB
+    admin_token: Optional[str] = None
+    warmup: bool = True
+    graceful_timeout_s: float = 30.0
+
+    def __post_init__(self):
+        if isinstance(self.retriever_paths, str):
+            self.retriever_paths = [self.retriever_paths]
+        self.retriever_paths = [str(path) for path in self.retriever_paths]
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        for name in ("max_batch_size", "workers", "max_queue", "max_query_tokens", "max_candidates",
+                     "max_candidate_tokens", "max_k", "max_rerank_k", "max_body_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("max_wait_ms", "graceful_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 1
+
+    def resolved_device(self) -> str:
+        """``"cuda"`` or ``"cpu"`` (``"auto"`` resolved at run time)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def public(self) -> dict:
+        """The settings shown by ``GET /info`` (the admin token is never shown)."""
+        out = {item.name: getattr(self, item.name) for item in fields(self)}
+        out["admin_token"] = "set" if self.admin_token else None
+        return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--option`` per :class:`ServingConfig` field to ``parser``."""
+    defaults = ServingConfig()
+    parser.add_argument("--retriever", dest="retriever_paths", action="append", required=True, metavar="DIR",
+                        help="saved Retriever directory (repeat for a second direction)")
+    parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip SHA-256 checks when (re)loading retrievers")
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                        help="requests per fused call; 1 disables dynamic batching")
+    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                        help="longest wait of the oldest request for a batch to fill")
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="fused calls at once per queue")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests before 503")
+    parser.add_argument("--max-query-tokens", type=int, default=defaults.max_query_tokens)
+    parser.add_argument("--max-candidates", type=int, default=defaults.max_candidates)
+    parser.add_argument("--max-candidate-tokens", type=int, default=defaults.max_candidate_tokens)
+    parser.add_argument("--max-k", type=int, default=defaults.max_k)
+    parser.add_argument("--max-rerank-k", type=int, default=defaults.max_rerank_k)
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    parser.add_argument("--admin-token", default=None, help="require 'Authorization: Bearer TOKEN' on /admin/*")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false")
+    parser.add_argument("--graceful-timeout", dest="graceful_timeout_s", type=float,
+                        default=defaults.graceful_timeout_s, help="seconds in-flight requests get on shutdown")
+
+
+def config_from_arguments(args: argparse.Namespace) -> ServingConfig:
+    """:class:`ServingConfig` from parsed :func:`add_config_arguments` options (ValueError names the field)."""
+    names = {item.name for item in fields(ServingConfig)}
+    return ServingConfig(**{name: value for name, value in vars(args).items() if name in names})

@@ -1,0 +1,148 @@
+"""Checkpoints: one versioned file with models, vocabulary, config, optimiser and progress.
+
+A checkpoint is a ``torch.save`` dict (loaded back with ``weights_only=True``:
+only tensors and plain Python containers inside, no pickled classes)::
+
+    format      "aladin_fast.training.checkpoint"
+    version     FORMAT_VERSION (an older or newer file raises on load)
+    config      TrainConfig.to_dict()
+    vocabulary  list of words (ids 4, 5, ...) of the Vocabulary, or None
+    teacher     {"hparams": ..., "state_dict": ...}
+    student     {"hparams": ..., "state_dict": ...} or None
+    extras      {name: state_dict} (e.g. SelfAlign prototypes)
+    progress    {"stage", "epoch", "global_step", "completed_stages"}
+    optimizer / scheduler   state of the stage in progress (or None)
+    rng         torch / CUDA / Python / NumPy generator states
+    history     the training curve (list of dicts)
+
+Writes are atomic: the file is written to a temporary name in the same
+folder, flushed and fsynced, then ``os.replace``d over the target, so a crash
+leaves either the old checkpoint or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..data.vocab import Vocabulary
+from ..models import Student, Teacher
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_models",
+    "rng_state",
+    "set_rng_state",
+]
+
+FORMAT_NAME = "aladin_fast.training.checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
+    """Write ``payload`` (without ``format`` / ``version``; they are added) atomically to ``path``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **payload}
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Read and check a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a checkpoint of this format, or another format version.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated or foreign files
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not an {FORMAT_NAME} file (missing or wrong 'format')")
+    if payload.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has checkpoint format version {payload.get('version')!r}; this aladin_fast reads "
+            f"version {FORMAT_VERSION}"
+        )
+    return payload
+
+
+def model_state(model: Optional[torch.nn.Module]) -> Optional[Dict[str, Any]]:
+    """``{"hparams", "state_dict"}`` of a Teacher / Student (None passes through)."""
+    if model is None:
+        return None
+    return {"hparams": dict(model.hparams), "state_dict": model.state_dict()}
+
+
+def build_model(kind: str, state: Optional[Dict[str, Any]]):
+    """Rebuild a ``"teacher"`` or ``"student"`` from :func:`model_state` output (None passes through)."""
+    if state is None:
+        return None
+    model = (Teacher if kind == "teacher" else Student)(**state["hparams"])
+    model.load_state_dict(state["state_dict"])
+    return model
+
+
+def load_models(path: str, map_location: Any = "cpu") -> Tuple[Teacher, Optional[Student], Optional[Vocabulary]]:
+    """``(teacher, student or None, vocabulary or None)`` from a checkpoint, in eval mode.
+
+    For inference and building a retriever: ``student.encode_images(regions,
+    lengths, teacher=teacher)`` for a shared backbone.
+    """
+    payload = load_checkpoint(path, map_location)
+    teacher = build_model("teacher", payload["teacher"])
+    student = build_model("student", payload.get("student"))
+    words = payload.get("vocabulary")
+    vocabulary = Vocabulary(words) if words is not None else None
+    for model in (teacher, student):
+        if model is not None:
+            model.eval()
+    return teacher, student, vocabulary
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every random generator's state in checkpoint-safe types (tensors, ints, lists)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore the generators saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"].cpu())
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,258 @@
+"""Training configuration: one flat dataclass, loadable from TOML / JSON / YAML files and flags.
+
+Every field has a default that trains the paper-sized models (D = 1024 teacher,
+D_s = 768 student); tests and the CPU demo shrink them. Fields are grouped by
+prefix: data, ``teacher_*``, ``student_*``, optimisation, losses, run control.
+:meth:`TrainConfig.validate` checks every field and names the bad one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+__all__ = ["TrainConfig", "load_config_file", "add_config_arguments", "config_from_arguments"]
+
+STAGES = ("teacher", "student")
+SCHEDULES = ("cosine", "constant")
+AMP_MODES = ("auto", "bf16", "off")
+DATA_KINDS = ("synthetic", "precomp")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs (see the module docstring for the groups).
+
+    Data: ``data`` is ``"synthetic"`` (:class:`~aladin_fast.data.SyntheticScenes`
+    with ``synthetic_*`` sizes) or ``"precomp"`` (:class:`~aladin_fast.data.PrecompDataset`
+    under ``data_root``); the :class:`~aladin_fast.training.Trainer` also accepts
+    dataset objects directly, and then these fields are ignored.
+    """
+
+    # data (used by build_datasets / the command line)
+    data: str = "synthetic"
+    data_root: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "dev"
+    synthetic_train_images: int = 10000
+    synthetic_val_images: int = 1000
+    synthetic_feature_dim: int = 2048
+    synthetic_seed: int = 0
+    vocabulary_min_count: int = 1
+
+    # teacher (TERAN-style)
+    teacher_dim: int = 1024
+    teacher_layers: int = 2
+    teacher_text_layers: Optional[int] = None
+    teacher_heads: int = 8
+    teacher_ff_dim: Optional[int] = None
+    aggregation: str = "MrSw"
+    padding: str = "neg_inf"
+    backend: str = "auto"
+
+    # student (ALADIN-style)
+    student_dim: int = 768
+    student_layers: int = 1
+    student_heads: int = 8
+    student_backbone: str = "shared"
+    student_backbone_layers: int = 1
+    freeze_teacher: bool = True
+
+    # stages and optimisation
+    stages: Tuple[str, ...] = STAGES
+    teacher_epochs: int = 10
+    student_epochs: int = 10
+    batch_size: int = 128
+    one_caption_per_image: bool = False  # an epoch visits each image once with a random caption (5x shorter)
+    lr: float = 2e-4
+    student_lr: Optional[float] = None
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 2.0
+    dropout: float = 0.1
+
+    # losses
+    margin: float = 0.2
+    hardest_negative: bool = True
+    hinge_warmup_epochs: int = 1  # first epochs of each stage sum over all negatives (hardest-only collapses from scratch)
+    hinge_reduction: str = "sum"
+    student_hinge_weight: float = 1.0
+    distill_weight: float = 1.0
+    distill_temperature: float = 6.0
+    teacher_hinge_weight: float = 1.0  # student stage with freeze_teacher=False (joint training)
+    concept_weight: float = 0.0
+    teacher_concept_weight: float = 0.0
+    context_weight: float = 0.0
+    num_prototypes: int = 1024
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    concept_temperature: float = 0.1
+    context_top_k: int = 512
+    context_temperature: float = 0.7
+    gather_negatives: bool = False
+
+    # run control
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    num_workers: int = 0
+    output_dir: Optional[str] = None
+    checkpoint_every: int = 1
+    eval_every: int = 1
+    eval_max_images: Optional[int] = None
+    log_every: int = 10
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise ``ValueError`` naming the first bad one. Returns ``self``."""
+        self.stages = tuple(self.stages)
+        choices = {"data": DATA_KINDS, "schedule": SCHEDULES, "amp": AMP_MODES,
+                   "student_backbone": ("shared", "separate"), "hinge_reduction": ("sum", "mean"),
+                   "aggregation": ("MrSw", "MrAVGw", "MwSr", "symm", "sum", "mean"),
+                   "padding": ("neg_inf", "zero"), "backend": ("auto", "cpu", "triton", "reference")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.stages or any(stage not in STAGES for stage in self.stages) or len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages must be a non-empty subset of {STAGES} without repeats, got {self.stages!r}")
+        positive_ints = ("teacher_dim", "teacher_heads", "student_dim", "student_heads", "batch_size",
+                         "num_prototypes", "sinkhorn_iterations", "context_top_k", "checkpoint_every",
+                         "eval_every", "log_every", "synthetic_train_images", "synthetic_val_images",
+                         "synthetic_feature_dim", "vocabulary_min_count")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("teacher_layers", "student_layers", "student_backbone_layers", "teacher_epochs", "hinge_warmup_epochs",
+                     "student_epochs", "warmup_steps", "num_workers", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        for name in ("teacher_text_layers", "teacher_ff_dim", "eval_max_images"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < (0 if name == "teacher_text_layers" else 1)):
+                raise ValueError(f"{name} must be None or a {'non-negative' if name == 'teacher_text_layers' else 'positive'} int, got {value!r}")
+        for name in ("lr", "distill_temperature", "sinkhorn_epsilon", "concept_temperature", "context_temperature"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.student_lr is not None and not self.student_lr > 0:
+            raise ValueError(f"student_lr must be None or a positive number, got {self.student_lr!r}")
+        for name in ("weight_decay", "grad_clip", "margin", "student_hinge_weight", "distill_weight",
+                     "teacher_hinge_weight", "concept_weight", "teacher_concept_weight", "context_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.teacher_dim % self.teacher_heads:
+            raise ValueError(f"teacher_heads must divide teacher_dim={self.teacher_dim}, got {self.teacher_heads}")
+        token_dim = self.teacher_dim  # the student heads read tokens of the teacher's width
+        if token_dim % self.student_heads:
+            raise ValueError(f"student_heads must divide the token width {token_dim}, got {self.student_heads}")
+        if self.concept_weight > 0 and self.student_backbone == "shared" and self.freeze_teacher:
+            raise ValueError(
+                "concept_weight > 0 needs trainable tokens in the student stage: use student_backbone='separate' "
+                "or freeze_teacher=False (with a frozen shared backbone only the prototypes would learn)"
+            )
+        if self.data == "precomp" and not self.data_root:
+            raise ValueError("data_root is required when data='precomp'")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-serialisable dict (tuples become lists)."""
+        out = asdict(self)
+        out["stages"] = list(self.stages)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """Build from a mapping; unknown keys raise ``ValueError`` naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
+        values = dict(values)
+        if "stages" in values:
+            values["stages"] = tuple(values["stages"])
+        return cls(**values).validate()
+
+    @classmethod
+    def from_file(cls, path: str, overrides: Optional[Mapping[str, Any]] = None) -> "TrainConfig":
+        """Load a ``.toml``, ``.json`` or ``.yaml`` file (a ``[train]`` table is accepted too), then apply ``overrides``."""
+        values = load_config_file(path)
+        values.update(overrides or {})
+        return cls.from_dict(values)
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A validated copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes).validate()
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a config file into a dict; the format follows the extension (.toml, .json, .yaml / .yml)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".toml":
+        import tomllib
+
+        with open(path, "rb") as handle:
+            values = tomllib.load(handle)
+    elif extension == ".json":
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    elif extension in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ImportError(f"reading {path} needs PyYAML (pip install pyyaml), or use a .toml / .json config") from None
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    else:
+        raise ValueError(f"config file must end in .toml, .json, .yaml or .yml, got {path!r}")
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a table/mapping at the top level")
+    if set(values) == {"train"} and isinstance(values["train"], dict):
+        values = values["train"]
+    return values
+
+
+def _flag_type(field_type: Any, default: Any):
+    text = str(field_type)
+    if "bool" in text:
+        return lambda value: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
+    if "Tuple" in text:
+        return lambda value: tuple(part for part in value.split(",") if part)
+    if "int" in text:
+        return lambda value: None if value.lower() == "none" else int(value)
+    if "float" in text:
+        return lambda value: None if value.lower() == "none" else float(value)
+    return lambda value: None if value.lower() == "none" and default is None else value
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--field-name VALUE`` flag per :class:`TrainConfig` field (default: not given)."""
+    group = parser.add_argument_group("training configuration (override the config file)")
+    for item in fields(TrainConfig):
+        default = item.default if item.default is not dataclasses.MISSING else None
+        group.add_argument(
+            f"--{item.name.replace('_', '-')}", dest=item.name, default=None, metavar="VALUE",
+            type=_flag_type(item.type, default), help=f"(default: {default!r})",
+        )
+
+
+def config_from_arguments(args: argparse.Namespace, config_path: Optional[str] = None) -> TrainConfig:
+    """Config file (if any) overridden by the flags that were given."""
+    overrides = {item.name: getattr(args, item.name) for item in fields(TrainConfig)
+                 if getattr(args, item.name, None) is not None}
+    if config_path:
+        return TrainConfig.from_file(config_path, overrides)
+    return TrainConfig.from_dict(overrides)

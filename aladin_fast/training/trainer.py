@@ -1,0 +1,508 @@
+"""The trainer: TERAN-style teacher on the fused MrSw op, then ALADIN-style student distillation.
+
+Stages (``config.stages``):
+
+1. ``"teacher"`` — encode regions and words, score every caption of the batch
+   against every image with :func:`aladin_fast.alignment_scores` (forward and
+   backward through the fused op), VSE++ hinge with hardest negatives
+   (+ optional SelfAlign concept loss on the teacher's tokens).
+2. ``"student"`` — the teacher (frozen by default) scores the batch; the
+   student's embeddings are trained with hinge + ListNet distillation towards
+   the teacher's in-batch score distribution (+ optional SelfAlign concept and
+   context losses).
+
+Everything else a run needs is here too: deterministic seeding, AdamW with
+warm-up and cosine decay, gradient clipping, bf16 autocast on CUDA, DDP
+(``torchrun``; see :mod:`.distributed`), atomic checkpoints with resume
+(:mod:`.checkpoint`), tqdm progress when installed (plain log lines
+otherwise), periodic R@K evaluation, and a training curve kept in
+``trainer.history`` (list of dicts) and appended to ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data import Tokenizer, Vocabulary
+from ..eval import retrieval_metrics
+from ..losses import ConceptAlignmentLoss, context_alignment_loss, hinge_loss, listnet_loss
+from ..models import Student, Teacher
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import CaptionIndexDataset, PairCollator, TrainBatch, as_source, build_vocabulary, encode_captions
+from .distributed import all_gather_no_grad, all_gather_with_grad, barrier, current_context, reduce_mean
+
+try:  # optional: progress bars
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover - exercised only without tqdm
+    tqdm = None
+
+__all__ = ["Trainer", "seed_everything"]
+
+logger = logging.getLogger("aladin_fast.training")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+class _TeacherStage(nn.Module):
+    """Trainable part of the teacher stage (what DDP wraps): tokens of both modalities."""
+
+    def __init__(self, teacher: Teacher, concept: Optional[ConceptAlignmentLoss]):
+        super().__init__()
+        self.teacher, self.concept = teacher, concept
+
+    def forward(self, regions, image_lengths, captions, caption_lengths):
+        image_tokens, image_lengths = self.teacher.encode_images(regions, image_lengths)
+        caption_tokens, caption_lengths = self.teacher.encode_captions(captions, caption_lengths)
+        return image_tokens, image_lengths, caption_tokens, caption_lengths
+
+
+class _StudentStage(nn.Module):
+    """Student stage: teacher tokens (frozen or trainable) and the student's tokens and embeddings."""
+
+    def __init__(self, student: Student, teacher: Teacher, freeze_teacher: bool, needs_teacher: bool,
+                 concept: Optional[ConceptAlignmentLoss]):
+        super().__init__()
+        self.student, self.teacher, self.concept = student, teacher, concept
+        self.freeze_teacher, self.needs_teacher = freeze_teacher, needs_teacher
+        self.teacher.requires_grad_(not freeze_teacher)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_teacher:
+            self.teacher.eval()  # a frozen teacher gives its deterministic scores
+        return self
+
+    def forward(self, regions, image_lengths, captions, caption_lengths):
+        teacher_tokens = (None, image_lengths, None, caption_lengths)
+        if self.needs_teacher:
+            with torch.no_grad() if self.freeze_teacher else contextlib.nullcontext():
+                teacher_tokens = (*self.teacher.encode_images(regions, image_lengths),
+                                  *self.teacher.encode_captions(captions, caption_lengths))
+        if self.student.backbone == "shared":
+            image_tokens, caption_tokens = teacher_tokens[0], teacher_tokens[2]
+        else:
+            image_tokens, _ = self.student.image_tokens(regions, image_lengths)
+            caption_tokens, _ = self.student.caption_tokens(captions, caption_lengths)
+        image_embeddings = self.student.embed_image_tokens(image_tokens, teacher_tokens[1])
+        caption_embeddings = self.student.embed_caption_tokens(caption_tokens, teacher_tokens[3])
+        return (*teacher_tokens, image_tokens, caption_tokens, image_embeddings, caption_embeddings)
+
+
+class Trainer:
+    """Train a :class:`~aladin_fast.models.Teacher` and distil a :class:`~aladin_fast.models.Student`.
+
+    Args:
+        config: a :class:`TrainConfig` (validated here).
+        train_data: ``SyntheticScenes``, ``PrecompDataset`` (with caption text)
+            or :class:`~aladin_fast.training.data.PairSource`.
+        val_data: same kinds, for periodic evaluation (optional).
+        tokenizer: caption tokenizer; default: a :class:`~aladin_fast.data.Vocabulary`
+            built from the training captions (saved in checkpoints).
+
+    Usage::
+
+        trainer = Trainer(TrainConfig(teacher_dim=128, ...), SyntheticScenes(600), SyntheticScenes(100, seed=1))
+        trainer.fit()                      # both stages
+        trainer.evaluate(model="student")  # {"i2t_r1": ..., "rsum": ...}
+
+    Under ``torchrun`` (process group initialised, e.g. by
+    :func:`~aladin_fast.training.init_distributed`) the stage models are
+    wrapped in DDP, ``batch_size`` is per process, and only rank 0 logs,
+    evaluates and writes checkpoints.
+    """
+
+    def __init__(self, config: TrainConfig, train_data, val_data=None, tokenizer: Optional[Tokenizer] = None):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.config = config.validate()
+        self.context = current_context(config.device)
+        self.device = self.context.device
+        self.train_source = as_source(train_data)
+        self.val_source = as_source(val_data) if val_data is not None else None
+        self.tokenizer = tokenizer if tokenizer is not None else build_vocabulary(self.train_source, config.vocabulary_min_count)
+        if not isinstance(self.tokenizer, Tokenizer):
+            raise TypeError(f"tokenizer must implement encode/decode/pad_id/__len__, got {type(self.tokenizer).__name__}")
+        seed_everything(config.seed)
+        self.teacher = Teacher(
+            len(self.tokenizer), self.train_source.feature_dim, config.teacher_dim, config.teacher_layers,
+            config.teacher_heads, config.teacher_ff_dim, config.dropout, config.teacher_text_layers,
+            config.aggregation, config.padding, config.backend, self.tokenizer.pad_id,
+        ).to(self.device)
+        self.student = Student(
+            config.student_dim, config.teacher_dim, config.student_layers, config.student_heads, None, config.dropout,
+            config.student_backbone, len(self.tokenizer), self.train_source.feature_dim,
+            config.student_backbone_layers, self.tokenizer.pad_id,
+        ).to(self.device)
+        self.concept: Dict[str, ConceptAlignmentLoss] = {}
+        for stage, weight in (("teacher", config.teacher_concept_weight), ("student", config.concept_weight)):
+            if weight > 0:
+                self.concept[stage] = ConceptAlignmentLoss(
+                    config.teacher_dim, config.num_prototypes, config.sinkhorn_epsilon, config.sinkhorn_iterations,
+                    config.concept_temperature,
+                ).to(self.device)
+        # different dropout masks per rank; same model init everywhere (seeded above, DDP broadcasts anyway)
+        torch.manual_seed(config.seed + 1_000_003 * (self.context.rank + 1))
+        self.history: List[Dict[str, Any]] = []
+        self.progress = {"stage": None, "epoch": 0, "global_step": 0, "completed_stages": []}
+        self.stage: Optional[str] = None
+        self._stage_module: Optional[nn.Module] = None  # the stage module, DDP-wrapped when distributed
+        self._module: Optional[nn.Module] = None  # the unwrapped stage module
+        self._optimizer = self._scheduler = None
+        self._pending_state: Optional[Dict[str, Any]] = None
+        self._loader = self._sampler = self._dataset = None
+        self._epoch = 0  # epoch within the current stage (selects the hinge warm-up)
+
+    # ------------------------------------------------------------- plumbing
+    def _autocast(self):
+        if self.config.amp == "off" or (self.config.amp == "auto" and self.device.type != "cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _make_loader(self):
+        dataset = CaptionIndexDataset(self.train_source.num_images, self.train_source.captions_per_image,
+                                      self.config.one_caption_per_image, self.config.seed)
+        self._dataset = dataset
+        self._sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=self.context.world_size, rank=self.context.rank, shuffle=True,
+            seed=self.config.seed, drop_last=False,
+        )
+        self._loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.config.batch_size, sampler=self._sampler,
+            collate_fn=PairCollator(self.train_source, self.tokenizer), num_workers=self.config.num_workers,
+        )
+        return self._loader
+
+    def collate(self, caption_indices) -> TrainBatch:
+        """A :class:`TrainBatch` of the given training caption indices (for custom loops and tests)."""
+        return PairCollator(self.train_source, self.tokenizer)(caption_indices)
+
+    def begin_stage(self, stage: str) -> None:
+        """Build the stage's trainable module (DDP-wrapped when distributed), optimiser and schedule."""
+        if stage not in ("teacher", "student"):
+            raise ValueError(f"stage must be 'teacher' or 'student', got {stage!r}")
+        config = self.config
+        if stage == "teacher":
+            self.teacher.requires_grad_(True)
+            module = _TeacherStage(self.teacher, self.concept.get("teacher"))
+            lr, epochs = config.lr, config.teacher_epochs
+        else:
+            needs_teacher = config.distill_weight > 0 or not config.freeze_teacher or config.student_backbone == "shared"
+            module = _StudentStage(self.student, self.teacher, config.freeze_teacher, needs_teacher,
+                                   self.concept.get("student"))
+            lr, epochs = config.student_lr or config.lr, config.student_epochs
+        module.train()
+        self.stage, self._module, self._epoch = stage, module, 0
+        if self.context.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._stage_module = DistributedDataParallel(module, device_ids=device_ids)
+        else:
+            self._stage_module = module
+        parameters = [p for p in module.parameters() if p.requires_grad]
+        self._optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
+        total = max(1, epochs * len(self._loader if self._loader is not None else self._make_loader()))
+        warmup = min(config.warmup_steps, total // 2)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if config.schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, factor)
+
+    def _gather(self, tensor, with_grad: bool):
+        if tensor is None or not (self.config.gather_negatives and self.context.distributed):
+            return tensor
+        return all_gather_with_grad(tensor) if with_grad else all_gather_no_grad(tensor)
+
+    # ----------------------------------------------------------------- losses
+    def _losses(self, batch: TrainBatch) -> Dict[str, torch.Tensor]:
+        config, gather = self.config, self._gather
+        with self._autocast():
+            outputs = self._stage_module(batch.regions, batch.image_lengths, batch.captions, batch.caption_lengths)
+        image_ids = gather(batch.image_indices, False)
+        positives = image_ids[:, None] == image_ids[None, :]  # captions of one image are not negatives
+        hardest = config.hardest_negative and self._epoch >= config.hinge_warmup_epochs
+        hinge = dict(margin=config.margin, hardest_negative=hardest, reduction=config.hinge_reduction)
+        parts: Dict[str, torch.Tensor] = {}
+        if self.stage == "teacher":
+            image_tokens, image_lengths, caption_tokens, caption_lengths = (
+                gather(outputs[0], True), gather(outputs[1], False), gather(outputs[2], True), gather(outputs[3], False))
+            scores = self.teacher.score(caption_tokens, caption_lengths, image_tokens, image_lengths)
+            parts["hinge"] = hinge_loss(scores, positive_mask=positives, **hinge)
+            if "teacher" in self.concept:
+                parts["concept"] = config.teacher_concept_weight * self.concept["teacher"](
+                    caption_tokens, caption_lengths, image_tokens, image_lengths)
+            return parts
+        t_image, image_lengths, t_caption, caption_lengths, s_image, s_caption, image_embeddings, caption_embeddings = outputs
+        joint = not config.freeze_teacher
+        image_lengths, caption_lengths = gather(image_lengths, False), gather(caption_lengths, False)
+        student_scores = Student.scores(gather(caption_embeddings, True), gather(image_embeddings, True))
+        if config.student_hinge_weight > 0:
+            parts["hinge"] = config.student_hinge_weight * hinge_loss(student_scores, positive_mask=positives, **hinge)
+        if config.distill_weight > 0 or joint:
+            t_image, t_caption = gather(t_image, joint), gather(t_caption, joint)
+            with contextlib.nullcontext() if joint else torch.no_grad():
+                teacher_scores = self.teacher.score(t_caption, caption_lengths, t_image, image_lengths)
+            if config.distill_weight > 0:
+                parts["listnet"] = config.distill_weight * listnet_loss(
+                    student_scores, teacher_scores, config.distill_temperature)
+            if joint and config.teacher_hinge_weight > 0:
+                parts["teacher_hinge"] = config.teacher_hinge_weight * hinge_loss(
+                    teacher_scores, positive_mask=positives, **hinge)
+        if "student" in self.concept:
+            parts["concept"] = config.concept_weight * self.concept["student"](
+                gather(s_caption, True), caption_lengths, gather(s_image, True), image_lengths)
+        if config.context_weight > 0:
+            parts["context"] = config.context_weight * context_alignment_loss(
+                student_scores, config.context_top_k, config.context_temperature, positives)
+        return parts
+
+    def train_step(self, batch: TrainBatch) -> Dict[str, float]:
+        """One optimisation step of the current stage on ``batch``; returns the loss terms as floats."""
+        if self._stage_module is None:
+            raise RuntimeError("call begin_stage('teacher' or 'student') (or fit()) before train_step")
+        batch = batch.to(self.device)
+        parts = self._losses(batch)
+        loss = sum(parts.values())
+        self._optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in self._optimizer.param_groups for p in g["params"]],
+                                           self.config.grad_clip)
+        self._optimizer.step()
+        self._scheduler.step()
+        self.progress["global_step"] += 1
+        values = {"loss": float(loss.detach())}
+        values.update({name: float(value.detach()) for name, value in parts.items()})
+        if not all(math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"non-finite loss at step {self.progress['global_step']}: {values}")
+        return values
+
+    # ------------------------------------------------------------- main loop
+    def fit(self, max_epochs: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Run the configured stages (resuming where a loaded checkpoint stopped).
+
+        Args:
+            max_epochs: stop after this many epochs in this call (a time-boxed
+                job); a later ``resume`` + ``fit`` continues identically.
+
+        Returns:
+            ``self.history``.
+        """
+        budget = math.inf if max_epochs is None else max_epochs
+        if self._loader is None:
+            self._make_loader()
+        for stage in self.config.stages:
+            if stage in self.progress["completed_stages"]:
+                continue
+            budget = self._run_stage(stage, budget)
+            if budget <= 0 and stage not in self.progress["completed_stages"]:
+                break
+        return self.history
+
+    def _run_stage(self, stage: str, budget: float) -> float:
+        config = self.config
+        epochs = config.teacher_epochs if stage == "teacher" else config.student_epochs
+        resuming = self.progress["stage"] == stage and self._pending_state is not None
+        start_epoch = self.progress["epoch"] if self.progress["stage"] == stage else 0
+        self.begin_stage(stage)
+        if resuming:
+            self._optimizer.load_state_dict(self._pending_state["optimizer"])
+            self._scheduler.load_state_dict(self._pending_state["scheduler"])
+        self._pending_state = None
+        self.progress.update(stage=stage, epoch=start_epoch)
+        for epoch in range(start_epoch, epochs):
+            if budget <= 0:
+                return budget
+            self._train_epoch(stage, epoch)
+            budget -= 1
+            self.progress["epoch"] = epoch + 1
+            last = epoch + 1 == epochs
+            if last:
+                self.progress["completed_stages"] = [*self.progress["completed_stages"], stage]
+            if self.val_source is not None and ((epoch + 1) % config.eval_every == 0 or last):
+                self._record_evaluation(stage, epoch)
+            if config.output_dir and ((epoch + 1) % config.checkpoint_every == 0 or last):
+                self.save_checkpoint(os.path.join(config.output_dir, "checkpoint.pt"))
+        if stage not in self.progress["completed_stages"]:  # zero epochs configured
+            self.progress["completed_stages"] = [*self.progress["completed_stages"], stage]
+        return budget
+
+    def _train_epoch(self, stage: str, epoch: int) -> None:
+        config, main = self.config, self.context.is_main
+        self._sampler.set_epoch(epoch)
+        self._dataset.set_epoch(epoch)
+        self._epoch = epoch
+        self._module.train()
+        bar = None
+        if main and config.progress and tqdm is not None:
+            bar = tqdm(total=len(self._loader), desc=f"{stage} epoch {epoch + 1}", leave=False, dynamic_ncols=True)
+        sums: Dict[str, float] = {}
+        count, started = 0, time.perf_counter()
+        for index, batch in enumerate(self._loader):
+            values = self.train_step(batch)
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value
+            count += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.3f}")
+            if count == config.log_every or index + 1 == len(self._loader):
+                names = sorted(sums)
+                means = reduce_mean([sums[n] / count for n in names])
+                record = {"kind": "train", "stage": stage, "epoch": epoch + 1, "step": self.progress["global_step"],
+                          "lr": self._optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+                          **dict(zip(names, means))}
+                self._record(record)
+                if bar is None and main:
+                    logger.info("%s epoch %d step %d loss %.4f", stage, epoch + 1, record["step"], record["loss"])
+                sums, count = {}, 0
+        if bar is not None:
+            bar.close()
+
+    def _record(self, record: Dict[str, Any]) -> None:
+        if not self.context.is_main:
+            return
+        self.history.append(record)
+        if self.config.output_dir:
+            os.makedirs(self.config.output_dir, exist_ok=True)
+            with open(os.path.join(self.config.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _record_evaluation(self, stage: str, epoch: int) -> None:
+        if self.context.is_main:
+            metrics = self.evaluate(model=stage)
+            self._record({"kind": "eval", "stage": stage, "model": stage, "epoch": epoch + 1,
+                          "step": self.progress["global_step"], **metrics})
+            logger.info("%s epoch %d: rsum %.1f (i2t R@1 %.1f, t2i R@1 %.1f)", stage, epoch + 1, metrics["rsum"],
+                        metrics["i2t_r1"], metrics["t2i_r1"])
+        barrier()
+
+    # ------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def score_matrix(self, data=None, model: str = "teacher", max_images: Optional[int] = None,
+                     block: int = 256) -> torch.Tensor:
+        """All-pairs scores ``[N_images, N_captions]`` float32 (CPU) of ``model`` on ``data`` (default: validation).
+
+        Images are fetched and encoded ``block`` at a time; the teacher scores
+        caption blocks against all image tokens with the fused op.
+        """
+        if model not in ("teacher", "student"):
+            raise ValueError(f"model must be 'teacher' or 'student', got {model!r}")
+        source = as_source(data) if data is not None else self.val_source
+        if source is None:
+            raise ValueError("data is required: this trainer has no validation data")
+        count = min(source.num_images, max_images or self.config.eval_max_images or source.num_images)
+        ids, lengths = encode_captions(self.tokenizer, source.captions[: count * source.captions_per_image])
+        modes = (self.teacher.training, self.student.training)
+        self.teacher.eval(), self.student.eval()
+        try:
+            with self._autocast():
+                image_parts, caption_parts = [], []
+                for start in range(0, count, block):
+                    regions, region_lengths = source.image_batch(range(start, min(start + block, count)))
+                    regions, region_lengths = regions.to(self.device), region_lengths.to(self.device)
+                    if model == "teacher":
+                        image_parts.append(self.teacher.encode_images(regions, region_lengths))
+                    else:
+                        image_parts.append(self.student.encode_images(regions, region_lengths, teacher=self.teacher))
+                out = torch.empty(count, ids.shape[0], dtype=torch.float32)
+                if model == "teacher":
+                    image_tokens = torch.cat([p[0].float() for p in image_parts])
+                    image_lengths = torch.cat([p[1] for p in image_parts])
+                else:
+                    image_embeddings = torch.cat(image_parts)
+                for start in range(0, ids.shape[0], 4 * block):
+                    caption_ids = ids[start:start + 4 * block].to(self.device)
+                    caption_lengths = lengths[start:start + 4 * block].to(self.device)
+                    if model == "teacher":
+                        tokens, token_lengths = self.teacher.encode_captions(caption_ids, caption_lengths)
+                        scores = self.teacher.score(tokens.float(), token_lengths, image_tokens, image_lengths)
+                    else:
+                        embeddings = self.student.encode_captions(caption_ids, caption_lengths, teacher=self.teacher)
+                        scores = Student.scores(embeddings, image_embeddings)
+                    out[:, start:start + caption_ids.shape[0]] = scores.T.float().cpu()
+            return out
+        finally:
+            self.teacher.train(modes[0]), self.student.train(modes[1])
+
+    def evaluate(self, data=None, model: str = "teacher", max_images: Optional[int] = None) -> Dict[str, float]:
+        """Retrieval metrics (R@1/5/10 both directions, medr, meanr, rsum) of ``model`` on ``data``."""
+        source = as_source(data) if data is not None else self.val_source
+        if source is None:
+            raise ValueError("data is required: this trainer has no validation data")
+        return retrieval_metrics(self.score_matrix(source, model, max_images), source.captions_per_image)
+
+    # ------------------------------------------------------------ checkpoints
+    def state(self) -> Dict[str, Any]:
+        """The checkpoint payload (see :mod:`aladin_fast.training.checkpoint`)."""
+        words = self.tokenizer.itos[4:] if isinstance(self.tokenizer, Vocabulary) else None
+        return {
+            "config": self.config.to_dict(),
+            "vocabulary": words,
+            "teacher": ckpt.model_state(self.teacher),
+            "student": ckpt.model_state(self.student),
+            "extras": {f"concept_{stage}": module.state_dict() for stage, module in self.concept.items()},
+            "progress": dict(self.progress),
+            "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
+            "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None,
+            "rng": ckpt.rng_state(),
+            "history": list(self.history),
+        }
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write a checkpoint atomically (rank 0 only; other ranks wait at a barrier)."""
+        if self.context.is_main:
+            ckpt.save_checkpoint(path, self.state())
+        barrier()
+
+    def resume(self, path: str) -> "Trainer":
+        """Load models, optimiser, schedule, RNG, progress and history from ``path``; :meth:`fit` continues."""
+        payload = ckpt.load_checkpoint(path, map_location=self.device)
+        words = payload.get("vocabulary")
+        if words is not None and isinstance(self.tokenizer, Vocabulary) and self.tokenizer.itos[4:] != list(words):
+            raise ValueError(f"checkpoint {path} was trained with a different vocabulary ({len(words) + 4} tokens "
+                             f"vs {len(self.tokenizer)}); pass tokenizer=Vocabulary(words) from the checkpoint")
+        for name, model in (("teacher", self.teacher), ("student", self.student)):
+            if payload.get(name) is not None:
+                if dict(payload[name]["hparams"]) != dict(model.hparams):
+                    raise ValueError(f"checkpoint {path}: {name} hparams {payload[name]['hparams']} differ from this "
+                                     f"config's {model.hparams}")
+                model.load_state_dict(payload[name]["state_dict"])
+        for stage, module in self.concept.items():
+            state = payload.get("extras", {}).get(f"concept_{stage}")
+            if state is not None:
+                module.load_state_dict(state)
+        self.progress = dict(payload["progress"])
+        self.progress["completed_stages"] = list(self.progress["completed_stages"])
+        self.history = list(payload.get("history", []))
+        if payload.get("optimizer") is not None and self.progress["stage"] not in self.progress["completed_stages"]:
+            self._pending_state = {"optimizer": payload["optimizer"], "scheduler": payload["scheduler"]}
+        ckpt.set_rng_state(payload["rng"])
+        return self
+
+    def load_teacher(self, path: str) -> "Trainer":
+        """Take the teacher weights of a checkpoint (e.g. to run only the student stage)."""
+        payload = ckpt.load_checkpoint(path, map_location=self.device)
+        self.teacher.load_state_dict(payload["teacher"]["state_dict"])
+        return self
