@@ -33,7 +33,6 @@ import base64
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -44,25 +43,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown-cpu"
-
-
-def machine_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return re.sub(r"[^A-Za-z0-9]+", "-", f"gpu-{torch.cuda.get_device_name(0)}").strip("-").lower()
-    return re.sub(r"[^A-Za-z0-9]+", "-", f"cpu-{cpu_model()}-{os.cpu_count()}threads").strip("-").lower()
+sys.path.insert(0, HERE)
+from machine import cpu_model, machine_name  # noqa: E402
 
 
 def build_gallery(path: str, args) -> None:

@@ -12,31 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
+import sys
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown-cpu"
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return sorted(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
-    except OSError:
-        pass
-    return []
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_flags, cpu_model, machine_name  # noqa: E402
 
 
 def build_rows(raw: dict) -> list[dict]:
@@ -99,13 +78,13 @@ def main(argv=None) -> int:
         raw = json.load(handle)
     rows = build_rows(raw)
     machine = raw.get("machine_info", {})
-    cpu = _cpu_model()
-    name = re.sub(r"[^A-Za-z0-9]+", "-", f"cpu-{cpu}-{os.cpu_count()}threads").strip("-").lower()
+    cpu = cpu_model()
+    name = machine_name(prefer_gpu=False)
     import torch
 
     result = {
         "machine": {
-            "cpu": cpu, "cpu_flags": _cpu_flags(), "logical_cpus": os.cpu_count(),
+            "cpu": cpu, "cpu_flags": cpu_flags(), "logical_cpus": os.cpu_count(),
             "python": machine.get("python_version"), "torch": torch.__version__,
             "threads": rows[0]["threads"] if rows else None,
         },
