@@ -1,4 +1,4 @@
-"""Command line: ``python -m aladin_fast {info,demo,train,serve}``."""
+"""Command line: ``python -m aladin_fast {info,demo,train,index,search,serve}``."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,10 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
     demo.add_argument("--seed", type=int, default=0)
     commands.add_parser("train", help="train a teacher and distil a student (see `train --help`)", add_help=False)
+    from .retrieval.cli import add_index_arguments, add_search_arguments
+
+    add_index_arguments(commands.add_parser("index", help="build a retriever directory from .npy features"))
+    add_search_arguments(commands.add_parser("search", help="two-stage search with a saved retriever"))
     serve = commands.add_parser("serve", help="HTTP search/rerank service over a saved retriever")
     from .serving.cli import add_arguments
 
@@ -37,6 +41,10 @@ def main(argv=None) -> int:
 
         run_demo(quick=args.quick, seed=args.seed)
         return 0
+    if args.command in ("index", "search"):
+        from .retrieval.cli import run_index, run_search
+
+        return run_index(args) if args.command == "index" else run_search(args)
     if args.command == "serve":
         from .serving.cli import run
 
