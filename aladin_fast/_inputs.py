@@ -60,6 +60,18 @@ class TokenBatch:
         return out, self.lengths.long()
 
 
+def tracing() -> bool:
+    """True while ``torch.compile`` traces the op layer.
+
+    Value-range checks need the tensors' values (``int(x.max())``), which would
+    break the graph; while tracing they are skipped here and re-checked on the
+    real values by the op's implementation (the C++ bindings check lengths and
+    candidate ids; the Triton path checks them before launching). A length mask
+    is checked in-graph with ``torch._assert_async``.
+    """
+    return torch.compiler.is_compiling()
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -86,16 +98,17 @@ def _lengths_from(name: str, lengths, count: int, max_len: int, device: torch.de
         mask = lengths.to(device)
         counts = mask.sum(dim=1)
         prefix = torch.arange(max_len, device=device)[None, :] < counts[:, None]
-        if not torch.equal(prefix, mask):
-            raise ValueError(
-                f"{name} mask must be a prefix mask (valid tokens first, then padding); "
-                "reorder the tokens so padding comes last"
-            )
+        message = (f"{name} mask must be a prefix mask (valid tokens first, then padding); "
+                   "reorder the tokens so padding comes last")
+        if tracing():
+            torch._assert_async((prefix == mask).all(), message)
+        elif not torch.equal(prefix, mask):
+            raise ValueError(message)
         return counts.to(torch.int32)
     lengths = _as_index_tensor(name, lengths, device)
     if lengths.ndim != 1 or lengths.shape[0] != count:
         raise ValueError(f"{name} must have shape [{count}], got {list(lengths.shape)}")
-    if count:
+    if count and not tracing():  # re-checked by the op implementation when compiled
         low, high = int(lengths.min()), int(lengths.max())
         if low < 0 or high > max_len:
             raise ValueError(f"{name} must lie in [0, {max_len}] (the padded length), got values in [{low}, {high}]")
@@ -176,7 +189,7 @@ def check_candidates(candidates, text_count: int, image_count: int, device: torc
     if candidates.ndim != 2 or candidates.shape[0] != text_count:
         raise ValueError(f"candidates must have shape [{text_count}, K] (one row per text), got {list(candidates.shape)}")
     candidates = candidates.long().contiguous()
-    if candidates.numel():
+    if candidates.numel() and not tracing():  # re-checked by the op implementation when compiled
         low, high = int(candidates.min()), int(candidates.max())
         if low < 0 or high >= image_count:
             raise IndexError(

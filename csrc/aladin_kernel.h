@@ -48,7 +48,8 @@ struct Job {
     int64_t image_pad = 0;
 
     float* out = nullptr;        // [nt, k]
-    int32_t* argmax = nullptr;   // [nt, k, text_pad] or nullptr
+    int32_t* argmax = nullptr;   // [nt, k, text_pad] or nullptr (word -> winning region)
+    int32_t* region_argmax = nullptr;  // [nt, k, image_pad] or nullptr (region -> winning word)
 
     // derived
     int64_t max_text_len = 0;
@@ -64,10 +65,31 @@ struct Workspace {
     float* rowmax = nullptr;   // [wp_max]
     int32_t* rowarg = nullptr; // [wp_max]
     float* colmax = nullptr;   // [rt_max]
+    int32_t* colarg = nullptr; // [rt_max] (only when region_argmax is requested)
     const float** rowptr = nullptr;  // [max_image_len] region row pointers for the current D chunk
     int64_t scratch_dc = 0;    // row stride of `scratch` (floats)
     int64_t wp = 0;            // padded word count (lanes) of the current query
     int64_t nw = 0;            // valid words of the current query
+};
+
+// Everything one `score_backward` call needs, already validated by the bindings.
+// The gradient of out[p] = score(caption i, image j) w.r.t. the valid tokens, for
+// every aggregation, contracted with grad[p]:
+//   word term (MrSw / MrAVGw / symm): d t_w += c v_{argmax(w)}, d v_{argmax(w)} += c t_w
+//   region term (MwSr / symm):        d v_r += g t_{region_argmax(r)}, d t_{region_argmax(r)} += g v_r
+//   sum / mean:                       d t_w += c sum_r v_r, d v_r += c sum_w t_w
+// (winners that are padded positions, -1 or >= the valid length, carry no gradient).
+struct BackwardJob {
+    Job fwd;                              // inputs, shapes, aggregation (out / argmax fields unused)
+    const float* grad = nullptr;          // [nt, k] upstream gradient
+    const int32_t* argmax = nullptr;      // [nt, k, text_pad]  (word terms)
+    const int32_t* region_argmax = nullptr;  // [nt, k, image_pad] (region terms)
+    float* grad_text = nullptr;           // [text_rows, dim] written (rows of no valid token: 0)
+    float* grad_images = nullptr;         // [image_rows, dim] written
+    int64_t text_rows = 0;
+    int64_t image_rows = 0;
+    int64_t block = 0;    // captions (images) processed together; 0 = auto (~2 MB of accumulated rows)
+    int64_t d_chunk = 0;  // feature columns per pass; 0 = whole rows
 };
 
 // Function table exported by each ISA translation unit.
@@ -80,6 +102,8 @@ struct IsaKernels {
     void (*score_pair)(const Job& job, int64_t i, int64_t j, int64_t p, Workspace& ws);
     // Raw FMA throughput probe: 12 independent FMA chains x `iters`; returns a value to defeat DCE.
     float (*fma_loop)(int64_t iters);
+    // y[0:n] += c * x[0:n], x of `dtype` (fp32 / fp16 bits / bf16 bits), accumulated in fp32.
+    void (*axpy)(float* y, float c, const void* x, DType dtype, int64_t n);
 };
 
 constexpr int64_t kTileRowMultiple = 24;  // every micro-kernel region block divides this
@@ -94,6 +118,13 @@ const IsaKernels* avx512_kernels();
 // Returns 0 on success, otherwise a negative error code:
 //   -1 candidate id out of range.
 int run_job(const Job& job, const IsaKernels* isa, int num_threads);
+
+// Backward driver (kernel_backward.cpp).  Deterministic whatever the thread count: every
+// grad_text row is accumulated by the thread owning its caption, every grad_images row by
+// the thread owning its image, each in a fixed order (candidates, then words / regions).
+// `overlapping_rows`: some valid rows are shared by two sequences (run on one thread).
+// Returns 0 on success, -1 candidate id out of range, -2 allocation failure.
+int run_backward(const BackwardJob& job, const IsaKernels* isa, int num_threads, bool overlapping_rows);
 
 // Raw FMA peak of `isa` on `num_threads` threads (0 = OpenMP default), in GFLOP/s
 // (fp32, 2 FLOP per lane per FMA), measured over roughly `seconds`.

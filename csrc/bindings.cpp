@@ -2,7 +2,10 @@
 //
 //   score(text, text_offsets, text_lengths, images, image_offsets, image_lengths,
 //         candidates, dtype, aggregation, zero_padding, text_pad, image_pad,
-//         out, argmax, isa="auto", num_threads=0) -> None
+//         out, argmax, isa="auto", num_threads=0, region_argmax=None) -> None
+//   score_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+//                  candidates, dtype, aggregation, zero_padding, text_pad, image_pad,
+//                  argmax, region_argmax, grad_text, grad_images, isa="auto", num_threads=0) -> None
 //   available_isas() -> list[str]   (best first)
 //   best_isa() -> str
 //   build_info() -> dict
@@ -12,12 +15,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstdint>
 #include <cstdlib>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -190,13 +195,21 @@ void check_feature_dtype(const py::array& a, const char* name, DType dtype) {
     }
 }
 
-// ------------------------------------------------------------------ score
-void score(const py::object& text_o, const py::object& text_offsets_o, const py::object& text_lengths_o,
-           const py::object& images_o, const py::object& image_offsets_o, const py::object& image_lengths_o,
-           const py::object& candidates_o, const std::string& dtype, int aggregation, bool zero_padding,
-           int64_t text_pad, int64_t image_pad, const py::object& out_o, const py::object& argmax_o,
-           const std::string& isa, int num_threads) {
+// ------------------------------------------------------------------ shared inputs
+// Validates the inputs common to `score` and `score_backward` and fills a Job (without
+// outputs).  Also returns the row counts of both token matrices.
+struct ParsedInputs {
     Job job;
+    int64_t text_rows = 0, image_rows = 0;
+};
+
+ParsedInputs parse_inputs(const py::object& text_o, const py::object& text_offsets_o,
+                          const py::object& text_lengths_o, const py::object& images_o,
+                          const py::object& image_offsets_o, const py::object& image_lengths_o,
+                          const py::object& candidates_o, const std::string& dtype, int aggregation,
+                          bool zero_padding, int64_t text_pad, int64_t image_pad, int num_threads) {
+    ParsedInputs parsed;
+    Job& job = parsed.job;
     if (dtype == "float32")
         job.dtype = DType::F32;
     else if (dtype == "float16")
@@ -216,7 +229,6 @@ void score(const py::object& text_o, const py::object& text_offsets_o, const py:
     py::array tlen = as_array(text_lengths_o, "text_lengths");
     py::array ioff = as_array(image_offsets_o, "image_offsets");
     py::array ilen = as_array(image_lengths_o, "image_lengths");
-    py::array out = as_array(out_o, "out");
 
     check_array(text, "text", 2, false);
     check_array(images, "images", 2, false);
@@ -239,30 +251,14 @@ void score(const py::object& text_o, const py::object& text_offsets_o, const py:
 
     int64_t k = ni;
     const int64_t* cand = nullptr;
-    py::array candidates;
     if (!candidates_o.is_none()) {
-        candidates = as_array(candidates_o, "candidates");
+        py::array candidates = as_array(candidates_o, "candidates");
         check_array(candidates, "candidates", 2, false);
         check_dtype(candidates, "candidates", 'i', 8, "int64");
         if (candidates.shape(0) != nt)
             throw py::value_error("candidates must have shape [Nt, K] with Nt = " + std::to_string(nt));
         k = candidates.shape(1);
-        cand = static_cast<const int64_t*>(candidates.data());
-    }
-    check_array(out, "out", 2, true);
-    check_dtype(out, "out", 'f', 4, "float32");
-    if (out.shape(0) != nt || out.shape(1) != k)
-        throw py::value_error("out must have shape [" + std::to_string(nt) + ", " + std::to_string(k) + "]");
-    int32_t* am = nullptr;
-    py::array argmax;
-    if (!argmax_o.is_none()) {
-        argmax = as_array(argmax_o, "argmax");
-        check_array(argmax, "argmax", 3, true);
-        check_dtype(argmax, "argmax", 'i', 4, "int32");
-        if (argmax.shape(0) != nt || argmax.shape(1) != k || argmax.shape(2) != text_pad)
-            throw py::value_error("argmax must have shape [" + std::to_string(nt) + ", " + std::to_string(k) +
-                                  ", " + std::to_string(text_pad) + "]");
-        am = static_cast<int32_t*>(argmax.mutable_data());
+        cand = static_cast<const int64_t*>(candidates.data());  // borrowed from the caller's array
     }
 
     // metadata sanity (O(Nt + Ni), never the feature data)
@@ -288,8 +284,6 @@ void score(const py::object& text_o, const py::object& text_offsets_o, const py:
             throw py::value_error("image_offsets[" + std::to_string(j) + "] + length exceeds the image rows");
         if (il[j] > max_il) max_il = il[j];
     }
-    const IsaKernels* kern = kernels_for(resolve_isa(isa));
-    if (nt * k == 0) return;
 
     job.text = text.data();
     job.text_offsets = to;
@@ -306,10 +300,46 @@ void score(const py::object& text_o, const py::object& text_offsets_o, const py:
     job.zero_padding = zero_padding;
     job.text_pad = text_pad;
     job.image_pad = image_pad;
-    job.out = static_cast<float*>(out.mutable_data());
-    job.argmax = am;
     job.max_text_len = max_tl;
     job.max_image_len = max_il;
+    parsed.text_rows = t_rows;
+    parsed.image_rows = i_rows;
+    return parsed;
+}
+
+// int32 [nt, k, width] writable array (or None -> nullptr)
+int32_t* optional_index_output(const py::object& obj, const char* name, int64_t nt, int64_t k, int64_t width) {
+    if (obj.is_none()) return nullptr;
+    py::array a = as_array(obj, name);
+    check_array(a, name, 3, true);
+    check_dtype(a, name, 'i', 4, "int32");
+    if (a.shape(0) != nt || a.shape(1) != k || a.shape(2) != width)
+        throw py::value_error(std::string(name) + " must have shape [" + std::to_string(nt) + ", " +
+                              std::to_string(k) + ", " + std::to_string(width) + "]");
+    return static_cast<int32_t*>(a.mutable_data());
+}
+
+// ------------------------------------------------------------------ score
+void score(const py::object& text_o, const py::object& text_offsets_o, const py::object& text_lengths_o,
+           const py::object& images_o, const py::object& image_offsets_o, const py::object& image_lengths_o,
+           const py::object& candidates_o, const std::string& dtype, int aggregation, bool zero_padding,
+           int64_t text_pad, int64_t image_pad, const py::object& out_o, const py::object& argmax_o,
+           const std::string& isa, int num_threads, const py::object& region_argmax_o) {
+    ParsedInputs parsed = parse_inputs(text_o, text_offsets_o, text_lengths_o, images_o, image_offsets_o,
+                                       image_lengths_o, candidates_o, dtype, aggregation, zero_padding, text_pad,
+                                       image_pad, num_threads);
+    Job& job = parsed.job;
+    const int64_t nt = job.nt, k = job.k;
+    py::array out = as_array(out_o, "out");
+    check_array(out, "out", 2, true);
+    check_dtype(out, "out", 'f', 4, "float32");
+    if (out.shape(0) != nt || out.shape(1) != k)
+        throw py::value_error("out must have shape [" + std::to_string(nt) + ", " + std::to_string(k) + "]");
+    job.argmax = optional_index_output(argmax_o, "argmax", nt, k, text_pad);
+    job.region_argmax = optional_index_output(region_argmax_o, "region_argmax", nt, k, image_pad);
+    const IsaKernels* kern = kernels_for(resolve_isa(isa));
+    if (nt * k == 0) return;
+    job.out = static_cast<float*>(out.mutable_data());
     // D chunking: measured best with whole rows (fp32 rows are streamed in place; fp16/bf16 rows are
     // converted once per pair into an fp32 scratch, chunked only when that scratch would outgrow ~256 KB)
     job.tuning.dc_f32 = env_int("ALADIN_FAST_DC_F32", 0);
@@ -325,6 +355,76 @@ void score(const py::object& text_o, const py::object& text_offsets_o, const py:
     }
     if (err == -1) throw py::value_error("candidates contain an image id out of range [0, Ni)");
     if (err == -2) throw std::bad_alloc();
+}
+
+// ------------------------------------------------------------------ score_backward
+// True when two sequences share a valid row (offsets may overlap in the kernel contract).
+bool rows_overlap(const int64_t* offsets, const int32_t* lengths, int64_t n) {
+    std::vector<std::pair<int64_t, int64_t>> spans;
+    spans.reserve(static_cast<size_t>(n));
+    for (int64_t s = 0; s < n; ++s)
+        if (lengths[s] > 0) spans.emplace_back(offsets[s], offsets[s] + lengths[s]);
+    std::sort(spans.begin(), spans.end());
+    for (size_t s = 1; s < spans.size(); ++s)
+        if (spans[s].first < spans[s - 1].second) return true;
+    return false;
+}
+
+py::array checked_gradient(const py::object& obj, const char* name, int64_t rows, int64_t dim) {
+    py::array a = as_array(obj, name);
+    check_array(a, name, 2, true);
+    check_dtype(a, name, 'f', 4, "float32");
+    if (a.shape(0) != rows || a.shape(1) != dim)
+        throw py::value_error(std::string(name) + " must have shape [" + std::to_string(rows) + ", " +
+                              std::to_string(dim) + "]");
+    return a;
+}
+
+void score_backward(const py::object& grad_o, const py::object& text_o, const py::object& text_offsets_o,
+                    const py::object& text_lengths_o, const py::object& images_o,
+                    const py::object& image_offsets_o, const py::object& image_lengths_o,
+                    const py::object& candidates_o, const std::string& dtype, int aggregation, bool zero_padding,
+                    int64_t text_pad, int64_t image_pad, const py::object& argmax_o,
+                    const py::object& region_argmax_o, const py::object& grad_text_o,
+                    const py::object& grad_images_o, const std::string& isa, int num_threads) {
+    ParsedInputs parsed = parse_inputs(text_o, text_offsets_o, text_lengths_o, images_o, image_offsets_o,
+                                       image_lengths_o, candidates_o, dtype, aggregation, zero_padding, text_pad,
+                                       image_pad, num_threads);
+    BackwardJob job;
+    job.fwd = parsed.job;
+    const Job& f = job.fwd;
+    py::array grad = as_array(grad_o, "grad");
+    check_array(grad, "grad", 2, false);
+    check_dtype(grad, "grad", 'f', 4, "float32");
+    if (grad.shape(0) != f.nt || grad.shape(1) != f.k)
+        throw py::value_error("grad must have shape [" + std::to_string(f.nt) + ", " + std::to_string(f.k) + "]");
+    job.argmax = optional_index_output(argmax_o, "argmax", f.nt, f.k, text_pad);
+    job.region_argmax = optional_index_output(region_argmax_o, "region_argmax", f.nt, f.k, image_pad);
+    if ((aggregation == MRSW || aggregation == MRAVGW || aggregation == SYMM) && !job.argmax)
+        throw py::value_error("argmax [Nt, K, text_pad] is required for aggregation " + std::to_string(aggregation));
+    if ((aggregation == MWSR || aggregation == SYMM) && !job.region_argmax)
+        throw py::value_error("region_argmax [Nt, K, image_pad] is required for aggregation " +
+                              std::to_string(aggregation));
+    py::array grad_text = checked_gradient(grad_text_o, "grad_text", parsed.text_rows, f.dim);
+    py::array grad_images = checked_gradient(grad_images_o, "grad_images", parsed.image_rows, f.dim);
+    const IsaKernels* kern = kernels_for(resolve_isa(isa));
+    job.grad = static_cast<const float*>(grad.data());
+    job.grad_text = static_cast<float*>(grad_text.mutable_data());
+    job.grad_images = static_cast<float*>(grad_images.mutable_data());
+    job.text_rows = parsed.text_rows;
+    job.image_rows = parsed.image_rows;
+    job.block = env_int("ALADIN_FAST_BWD_BLOCK", 0);
+    job.d_chunk = env_int("ALADIN_FAST_BWD_DC", 0);
+    const bool overlap = rows_overlap(f.text_offsets, f.text_lengths, f.nt) ||
+                         rows_overlap(f.image_offsets, f.image_lengths, f.ni);
+    int err = 0;
+    {
+        py::gil_scoped_release release;
+        err = run_backward(job, kern, num_threads, overlap);
+    }
+    if (err == -1) throw py::value_error("candidates contain an image id out of range [0, Ni)");
+    if (err == -2) throw std::bad_alloc();
+    if (err != 0) throw std::runtime_error("score_backward failed with code " + std::to_string(err));
 }
 
 py::dict build_info() {
@@ -374,7 +474,17 @@ PYBIND11_MODULE(_C, m) {
           py::arg("image_offsets"), py::arg("image_lengths"), py::arg("candidates"), py::arg("dtype"),
           py::arg("aggregation"), py::arg("zero_padding"), py::arg("text_pad"), py::arg("image_pad"),
           py::arg("out"), py::arg("argmax"), py::arg("isa") = "auto", py::arg("num_threads") = 0,
-          "Fused alignment scores (see docs/kernel_contract.md); writes `out` (and `argmax`) in place.");
+          py::arg("region_argmax") = py::none(),
+          "Fused alignment scores (see docs/kernel_contract.md); writes `out` (and `argmax`, "
+          "`region_argmax` [Nt, K, image_pad]: region -> winning word) in place.");
+    m.def("score_backward", &score_backward, py::arg("grad"), py::arg("text"), py::arg("text_offsets"),
+          py::arg("text_lengths"), py::arg("images"), py::arg("image_offsets"), py::arg("image_lengths"),
+          py::arg("candidates"), py::arg("dtype"), py::arg("aggregation"), py::arg("zero_padding"),
+          py::arg("text_pad"), py::arg("image_pad"), py::arg("argmax"), py::arg("region_argmax"),
+          py::arg("grad_text"), py::arg("grad_images"), py::arg("isa") = "auto", py::arg("num_threads") = 0,
+          "Gradients of the fused scores w.r.t. text [T_text, D] and images [T_img, D] (float32, written in "
+          "place) from grad [Nt, K] float32 and the forward's argmax (MrSw / MrAVGw / symm) and region_argmax "
+          "(MwSr / symm).");
     m.def(
         "fma_peak",
         [](const std::string& isa, int num_threads, double seconds) {

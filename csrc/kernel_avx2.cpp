@@ -47,6 +47,8 @@ struct V {
     static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 
     static inline m gt(f a, f b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+    static inline m eq(f a, f b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+    static inline unsigned bits(m a) { return static_cast<unsigned>(_mm256_movemask_ps(a)); }
     static inline m unord(f a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
     static inline m mor(m a, m b) { return _mm256_or_ps(a, b); }
     static inline m mand(m a, m b) { return _mm256_and_ps(a, b); }
@@ -82,6 +84,13 @@ struct V {
 
 #include "transpose8x8_avx.inc"
 
+    static inline f load_f16(const uint16_t* p) {
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    }
+    static inline f load_bf16(const uint16_t* p) {
+        const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    }
     static inline void cvt_f16(const uint16_t* src, float* dst, int64_t n);
     static inline void cvt_bf16(const uint16_t* src, float* dst, int64_t n);
 };
@@ -104,7 +113,7 @@ inline void V::cvt_bf16(const uint16_t* src, float* dst, int64_t n) {
     for (; d < n; ++d) dst[d] = bf16_bits_to_float(src[d]);
 }
 
-const IsaKernels kKernels = {"avx2", V::W, &prepare_query, &score_pair, &fma_loop};
+const IsaKernels kKernels = {"avx2", V::W, &prepare_query, &score_pair, &fma_loop, &axpy};
 
 }  // namespace
 }  // namespace isa_avx2

@@ -54,6 +54,8 @@ struct V {
     static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
 
     static inline m gt(f a, f b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+    static inline m eq(f a, f b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+    static inline unsigned bits(m a) { return static_cast<unsigned>(a); }
     static inline m unord(f a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
     static inline m mor(m a, m b) { return static_cast<m>(a | b); }
     static inline m mand(m a, m b) { return static_cast<m>(a & b); }
@@ -83,6 +85,13 @@ struct V {
 
 #include "transpose8x8_avx.inc"
 
+    static inline f load_f16(const uint16_t* p) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
+    static inline f load_bf16(const uint16_t* p) {
+        const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    }
     static inline void cvt_f16(const uint16_t* src, float* dst, int64_t n);
     static inline void cvt_bf16(const uint16_t* src, float* dst, int64_t n);
 };
@@ -105,7 +114,7 @@ inline void V::cvt_bf16(const uint16_t* src, float* dst, int64_t n) {
     for (; d < n; ++d) dst[d] = bf16_bits_to_float(src[d]);
 }
 
-const IsaKernels kKernels = {"avx512", V::W, &prepare_query, &score_pair, &fma_loop};
+const IsaKernels kKernels = {"avx512", V::W, &prepare_query, &score_pair, &fma_loop, &axpy};
 
 }  // namespace
 }  // namespace isa_avx512

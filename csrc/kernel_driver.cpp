@@ -90,8 +90,10 @@ int run_job(const Job& job, const IsaKernels* isa, int num_threads) {
         ws.rowmax = static_cast<float*>(alloc_aligned(wp_max, sizeof(float)));
         ws.rowarg = static_cast<int32_t*>(alloc_aligned(wp_max, sizeof(int32_t)));
         ws.colmax = static_cast<float*>(alloc_aligned(rt_max, sizeof(float)));
+        ws.colarg = job.region_argmax ? static_cast<int32_t*>(alloc_aligned(rt_max, sizeof(int32_t))) : nullptr;
         ws.rowptr = static_cast<const float**>(alloc_aligned(rmax, sizeof(const float*)));
-        const bool ok = ws.query && ws.tile && (!lowp || ws.scratch) && ws.rowmax && ws.rowarg && ws.colmax && ws.rowptr;
+        const bool ok = ws.query && ws.tile && (!lowp || ws.scratch) && ws.rowmax && ws.rowarg && ws.colmax && ws.rowptr &&
+                        (!job.region_argmax || ws.colarg);
         if (!ok) {
 #pragma omp atomic write
             error = -2;
@@ -120,6 +122,7 @@ int run_job(const Job& job, const IsaKernels* isa, int num_threads) {
         std::free(ws.rowmax);
         std::free(ws.rowarg);
         std::free(ws.colmax);
+        std::free(ws.colarg);
         std::free(const_cast<float**>(ws.rowptr));
     }
     return error;

@@ -32,6 +32,8 @@ struct V {
     static inline void prefetch(const float*) {}
 
     static inline m gt(f a, f b) { return a > b; }
+    static inline m eq(f a, f b) { return a == b; }
+    static inline unsigned bits(m a) { return a ? 1u : 0u; }
     static inline m unord(f a) { return a != a; }
     static inline m mor(m a, m b) { return a || b; }
     static inline m mand(m a, m b) { return a && b; }
@@ -50,11 +52,16 @@ struct V {
     template <int KIND, class T>
     static inline void transpose8x8(const T* src, int64_t ss, float* dst, int64_t ds);
 
+    static inline f load_f16(const uint16_t* p);
+    static inline f load_bf16(const uint16_t* p);
     static inline void cvt_f16(const uint16_t* src, float* dst, int64_t n);
     static inline void cvt_bf16(const uint16_t* src, float* dst, int64_t n);
 };
 
 #include "kernel_impl.inc"
+
+inline float V::load_f16(const uint16_t* p) { return half_bits_to_float(*p); }
+inline float V::load_bf16(const uint16_t* p) { return bf16_bits_to_float(*p); }
 
 inline void V::cvt_f16(const uint16_t* src, float* dst, int64_t n) {
     for (int64_t d = 0; d < n; ++d) dst[d] = half_bits_to_float(src[d]);
@@ -78,7 +85,7 @@ inline void V::transpose8x8(const T* src, int64_t ss, float* dst, int64_t ds) {
         }
 }
 
-const IsaKernels kKernels = {"scalar", V::W, &prepare_query, &score_pair, &fma_loop};
+const IsaKernels kKernels = {"scalar", V::W, &prepare_query, &score_pair, &fma_loop, &axpy};
 
 }  // namespace
 }  // namespace isa_scalar

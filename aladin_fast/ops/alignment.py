@@ -58,11 +58,13 @@ def _score(
 
     needs_grad = torch.is_grad_enabled() and (text_batch.tokens.requires_grad or image_batch.tokens.requires_grad)
     want_argmax = return_argmax or (needs_grad and aggregation in ("MrSw", "MrAVGw", "symm"))
-    scores, argmax = score_tokens(
+    # the C++ forward emits the region -> word argmax for the MwSr-type backward in the same pass
+    want_region_argmax = needs_grad and chosen == "cpu" and aggregation in ("MwSr", "symm")
+    scores, argmax, _ = score_tokens(
         text_batch.tokens, text_batch.offsets, text_batch.lengths,
         image_batch.tokens, image_batch.offsets, image_batch.lengths,
         candidates, AGGREGATION_CODES[aggregation], zero_padding, text_batch.pad, image_batch.pad,
-        chosen, want_argmax,
+        chosen, want_argmax, want_region_argmax,
     )
     return scores, (argmax if return_argmax else None)
 

@@ -5,20 +5,27 @@
 C++ or Triton kernel. Its backward, ``aladin_fast::score_tokens_backward``, is
 an op of its own so that ``torch.compile`` treats it as opaque.
 
-Backward uses the argmax saved by the forward (int32 ``[pairs, W]``), never a
-``[pairs, W, R]`` tensor:
+Backward uses the argmax saved by the forward, never a ``[pairs, W, R]``
+tensor: the word -> region argmax (int32 ``[pairs, W]``, MrSw / MrAVGw / symm)
+and the region -> word argmax (int32 ``[pairs, R]``, MwSr / symm):
 
-* MrSw / MrAVGw / symm (word term): ``d t_w += c * v_{argmax(w)}``,
-  ``d v_{argmax(w)} += c * t_w`` -- a sparse matrix with one entry per
-  (pair, valid word) multiplied with the token matrices.
-* MwSr / symm (region term): the same with the region -> word argmax, which is
-  recomputed by the kernel with the roles of text and images swapped (all
-  pairs and paired mode) or by the chunked reference (rerank).
+* word term: ``d t_w += c * v_{argmax(w)}``, ``d v_{argmax(w)} += c * t_w``;
+* region term: the same with the region -> word argmax;
 * sum / mean: closed form through per-sequence token sums.
+
+Backend "cpu" runs all of it in C++ (``_C.score_backward``: grad_text rows
+owned by the thread owning the caption, grad_images rows by the thread owning
+the image, no atomics, deterministic), and its forward emits the region ->
+word argmax in the same pass. Other backends use :func:`sparse_backward`
+(PyTorch sparse matrices built from the argmax, in chunks), which is also the
+independent check of the C++ backward in the tests; their region -> word
+argmax comes from the kernel run with text and images swapped (all pairs,
+paired) or the chunked reference (rerank).
 
 A padded position that wins a max in ``padding="zero"`` mode is a zero vector:
 it receives and passes no gradient. Gradients are accumulated in float32 and
-returned in the input dtype.
+returned in the input dtype. Double backward is not implemented (raises
+``NotImplementedError``).
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import reference
-from .._inputs import AGGREGATIONS, TokenBatch
+from .._inputs import TokenBatch
 from .backends import cpu_kernels, triton_kernels
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -43,8 +50,12 @@ def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
 
 
 def run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
-               aggregation, zero_padding, text_pad, image_pad, out, argmax):
-    """Launch one backend kernel on kernel-layout tensors (writes ``out`` and ``argmax``)."""
+               aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax=None):
+    """Launch one backend kernel on kernel-layout tensors (writes ``out``, ``argmax``, ``region_argmax``).
+
+    ``region_argmax [Nt, K, image_pad]`` (region -> winning word) is produced by
+    the C++ kernel only; pass None for other backends.
+    """
     if out.numel() == 0:
         return
     if backend == "cpu":
@@ -54,8 +65,12 @@ def run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets,
             None if candidates is None else candidates.numpy(),
             _DTYPE_NAMES[text.dtype], aggregation, zero_padding, text_pad, image_pad,
             out.numpy(), None if argmax is None else argmax.numpy(), "auto", torch.get_num_threads(),
+            None if region_argmax is None else region_argmax.numpy(),
         )
     elif backend == "triton":
+        if region_argmax is not None:  # pragma: no cover - the op layer never asks
+            raise RuntimeError("the Triton kernel does not emit region_argmax")
+        _check_metadata(text_lengths, text_pad, image_lengths, image_pad, candidates, image_offsets.shape[0])
         triton_kernels().launch_alignment(
             text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
             aggregation, zero_padding, text_pad, image_pad, out, argmax,
@@ -64,35 +79,56 @@ def run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets,
         raise RuntimeError(f"score_tokens runs kernel backends only, got {backend!r}")
 
 
+def _check_metadata(text_lengths, text_pad, image_lengths, image_pad, candidates, image_count):
+    """Value-range checks the op layer skips under ``torch.compile`` (the C++ bindings do their own)."""
+    for name, lengths, pad in (("text_lengths", text_lengths, text_pad), ("image_lengths", image_lengths, image_pad)):
+        if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > pad):
+            raise ValueError(f"{name} must lie in [0, {pad}] (the padded length), got values in "
+                             f"[{int(lengths.min())}, {int(lengths.max())}]")
+    if candidates is None or not candidates.numel():
+        return
+    if int(candidates.min()) < 0 or int(candidates.max()) >= image_count:
+        raise IndexError(f"candidates must be image ids in [0, {image_count - 1}], got values in "
+                         f"[{int(candidates.min())}, {int(candidates.max())}]")
+
+
 @torch.library.custom_op("aladin_fast::score_tokens", mutates_args=())
 def score_tokens(
     text: torch.Tensor, text_offsets: torch.Tensor, text_lengths: torch.Tensor,
     images: torch.Tensor, image_offsets: torch.Tensor, image_lengths: torch.Tensor,
     candidates: Optional[torch.Tensor], aggregation: int, zero_padding: bool,
-    text_pad: int, image_pad: int, backend: str, want_argmax: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused scores ``[Nt, K]`` float32 and argmax ``[Nt, K, text_pad]`` int32 (``[0]`` if not wanted)."""
+    text_pad: int, image_pad: int, backend: str, want_argmax: bool, want_region_argmax: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused scores ``[Nt, K]`` float32, word -> region argmax ``[Nt, K, text_pad]`` int32 and
+    region -> word argmax ``[Nt, K, image_pad]`` int32 (each ``[0]`` when not wanted)."""
     count = text_offsets.shape[0]
     k = image_offsets.shape[0] if candidates is None else candidates.shape[1]
-    out = torch.zeros(count, k, dtype=torch.float32, device=text.device)
-    argmax = (
-        torch.full((count, k, text_pad), -1, dtype=torch.int32, device=text.device)
-        if want_argmax else torch.empty(0, dtype=torch.int32, device=text.device)
-    )
-    run_kernel(backend, text.contiguous(), text_offsets, text_lengths, images.contiguous(), image_offsets,
-               image_lengths, candidates, aggregation, zero_padding, text_pad, image_pad, out,
-               argmax if want_argmax else None)
-    return out, argmax
+    device = text.device
+    out = torch.zeros(count, k, dtype=torch.float32, device=device)
+    argmax = (torch.full((count, k, text_pad), -1, dtype=torch.int32, device=device)
+              if want_argmax else torch.empty(0, dtype=torch.int32, device=device))
+    emit_region = want_region_argmax and backend == "cpu"
+    region_argmax = (torch.full((count, k, image_pad), -1, dtype=torch.int32, device=device)
+                     if emit_region else torch.empty(0, dtype=torch.int32, device=device))
+    text, images = text.contiguous(), images.contiguous()
+    run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+               aggregation, zero_padding, text_pad, image_pad, out, argmax if want_argmax else None,
+               region_argmax if emit_region else None)
+    if want_region_argmax and not emit_region:
+        region_argmax = _region_argmax(text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+                                       candidates, zero_padding, text_pad, image_pad, backend)
+    return out, argmax, region_argmax
 
 
 @score_tokens.register_fake
 def _(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, aggregation,
-      zero_padding, text_pad, image_pad, backend, want_argmax):
+      zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax=False):
     count = text_offsets.shape[0]
     k = image_offsets.shape[0] if candidates is None else candidates.shape[1]
     out = text.new_empty((count, k), dtype=torch.float32)
     argmax = text.new_empty((count, k, text_pad) if want_argmax else (0,), dtype=torch.int32)
-    return out, argmax
+    region_argmax = text.new_empty((count, k, image_pad) if want_region_argmax else (0,), dtype=torch.int32)
+    return out, argmax, region_argmax
 
 
 def _pair_images(candidates: Optional[torch.Tensor], text_count: int, image_count: int, device) -> torch.Tensor:
@@ -139,14 +175,19 @@ def _argmax_term(coefficient, argmax, from_offsets, from_lengths, to_offsets, to
 
 def _region_argmax(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                    zero_padding, text_pad, image_pad, backend):
-    """Region -> word argmax ``[Nt, K, image_pad]`` (first index wins), via the swapped forward."""
+    """Region -> word argmax ``[Nt, K, image_pad]`` (first index wins) for backends whose kernel does not
+    emit it: the kernel with text and images swapped (all pairs, paired) or the chunked reference (rerank)."""
     count, image_count = text_offsets.shape[0], image_offsets.shape[0]
+    if backend == "cpu":
+        _, _, region_argmax = score_tokens(text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+                                           candidates, MRSW, zero_padding, text_pad, image_pad, backend, False, True)
+        return region_argmax
     if candidates is None or (candidates.shape[1] == 1 and count == image_count and torch.equal(
             candidates[:, 0], torch.arange(count, device=candidates.device))):
         swapped = None if candidates is None else candidates
-        _, transposed = score_tokens(images, image_offsets, image_lengths, text, text_offsets, text_lengths,
-                                     swapped, MRSW, zero_padding, image_pad, text_pad, backend, True)
-        return transposed.transpose(0, 1) if candidates is None else transposed
+        _, transposed, _ = score_tokens(images, image_offsets, image_lengths, text, text_offsets, text_lengths,
+                                        swapped, MRSW, zero_padding, image_pad, text_pad, backend, True)
+        return (transposed.transpose(0, 1) if candidates is None else transposed).contiguous()
     # rerank: the chunked reference on the swapped problem, one query at a time
     out = torch.empty(count, candidates.shape[1], image_pad, dtype=torch.int32, device=text.device)
     text_batch = TokenBatch(text.float(), text_offsets, text_lengths, text_pad)
@@ -168,14 +209,13 @@ def _segment_sums(tokens, offsets, lengths, count_pad):
     return prefix[offsets + lengths.long()] - prefix[offsets]
 
 
-@torch.library.custom_op("aladin_fast::score_tokens_backward", mutates_args=())
-def score_tokens_backward(
-    grad: torch.Tensor, text: torch.Tensor, text_offsets: torch.Tensor, text_lengths: torch.Tensor,
-    images: torch.Tensor, image_offsets: torch.Tensor, image_lengths: torch.Tensor,
-    candidates: Optional[torch.Tensor], argmax: torch.Tensor, aggregation: int, zero_padding: bool,
-    text_pad: int, image_pad: int, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients ``(d text [T_text, D], d images [T_img, D])`` in the inputs' dtype."""
+def sparse_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+                    argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad, backend):
+    """PyTorch backward from the argmax (any device): ``(d text, d images)`` float32.
+
+    The path for the Triton backend and the independent check of the C++
+    backward. ``region_argmax`` may be empty (recomputed here for MwSr / symm).
+    """
     device = text.device
     count, image_count = text_offsets.shape[0], image_offsets.shape[0]
     grad = grad.float()
@@ -183,11 +223,10 @@ def score_tokens_backward(
     grad_text = torch.zeros(text.shape, dtype=torch.float32, device=device)
     grad_images = torch.zeros(images.shape, dtype=torch.float32, device=device)
     if grad.numel() == 0:
-        return grad_text.to(text.dtype), grad_images.to(images.dtype)
+        return grad_text, grad_images
     pair_images = _pair_images(candidates, count, image_count, device)
     image_offsets_pair = image_offsets[pair_images]
     image_lengths_pair = image_lengths[pair_images]
-    shape = (text.shape[0], images.shape[0])
     text_offsets_pair = text_offsets[:, None].expand_as(pair_images)
     text_lengths_pair = text_lengths[:, None].expand_as(pair_images)
     if aggregation in (MRSW, MRAVGW, SYMM):  # word -> region term
@@ -197,11 +236,11 @@ def score_tokens_backward(
         _argmax_term(coefficient, argmax, text_offsets_pair, text_lengths_pair, image_offsets_pair,
                      image_lengths_pair, text_f, images_f, grad_text, grad_images)
     if aggregation in (MWSR, SYMM):  # region -> word term
-        region_argmax = _region_argmax(text, text_offsets, text_lengths, images, image_offsets, image_lengths,
-                                       candidates, zero_padding, text_pad, image_pad, backend)
+        if region_argmax.numel() != count * pair_images.shape[1] * image_pad:
+            region_argmax = _region_argmax(text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+                                           candidates, zero_padding, text_pad, image_pad, backend)
         _argmax_term(grad, region_argmax, image_offsets_pair, image_lengths_pair, text_offsets_pair,
                      text_lengths_pair, images_f, text_f, grad_images, grad_text)
-        del region_argmax
     if aggregation in (SUM, MEAN):
         coefficient = grad
         if aggregation == MEAN:
@@ -221,6 +260,58 @@ def score_tokens_backward(
                 0, candidates.reshape(-1), (coefficient[..., None] * text_sums[:, None, :]).reshape(-1, text.shape[1]))
         _add_to_tokens(grad_text, per_text, text_offsets, text_lengths)
         _add_to_tokens(grad_images, per_image, image_offsets, image_lengths)
+    return grad_text, grad_images
+
+
+def cpu_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+                 argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad):
+    """The C++ backward (``_C.score_backward``): ``(d text, d images)`` float32."""
+    grad_text = torch.empty(text.shape, dtype=torch.float32)
+    grad_images = torch.empty(images.shape, dtype=torch.float32)
+    word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
+    cpu_kernels().score_backward(
+        grad.float().contiguous().numpy(), _numpy_view(text), text_offsets.numpy(), text_lengths.numpy(),
+        _numpy_view(images), image_offsets.numpy(), image_lengths.numpy(),
+        None if candidates is None else candidates.numpy(), _DTYPE_NAMES[text.dtype], aggregation, zero_padding,
+        text_pad, image_pad, argmax.numpy() if word_term else None, region_argmax.numpy() if region_term else None,
+        grad_text.numpy(), grad_images.numpy(), "auto", torch.get_num_threads(),
+    )
+    return grad_text, grad_images
+
+
+@torch.library.custom_op("aladin_fast::score_tokens_backward", mutates_args=())
+def score_tokens_backward(
+    grad: torch.Tensor, text: torch.Tensor, text_offsets: torch.Tensor, text_lengths: torch.Tensor,
+    images: torch.Tensor, image_offsets: torch.Tensor, image_lengths: torch.Tensor,
+    candidates: Optional[torch.Tensor], argmax: torch.Tensor, region_argmax: torch.Tensor, aggregation: int,
+    zero_padding: bool, text_pad: int, image_pad: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(d text [T_text, D], d images [T_img, D])`` in the inputs' dtype.
+
+    ``argmax [Nt, K, text_pad]`` is needed for MrSw / MrAVGw / symm and
+    ``region_argmax [Nt, K, image_pad]`` for MwSr / symm (empty tensors
+    otherwise; an empty one that is needed is recomputed by the forward kernel).
+    """
+    text, images = text.contiguous(), images.contiguous()
+    count = text_offsets.shape[0]
+    k = image_offsets.shape[0] if candidates is None else candidates.shape[1]
+    word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
+    missing_word = word_term and argmax.numel() != count * k * text_pad
+    missing_region = region_term and region_argmax.numel() != count * k * image_pad
+    if missing_word or (missing_region and backend == "cpu"):
+        _, new_argmax, new_region_argmax = score_tokens(
+            text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, aggregation,
+            zero_padding, text_pad, image_pad, backend, missing_word, missing_region and backend == "cpu")
+        argmax = new_argmax if missing_word else argmax
+        region_argmax = new_region_argmax if missing_region and backend == "cpu" else region_argmax
+    if backend == "cpu":
+        grad_text, grad_images = cpu_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
+                                              image_lengths, candidates, argmax, region_argmax, aggregation,
+                                              zero_padding, text_pad, image_pad)
+    else:
+        grad_text, grad_images = sparse_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
+                                                 image_lengths, candidates, argmax, region_argmax, aggregation,
+                                                 zero_padding, text_pad, image_pad, backend)
     return grad_text.to(text.dtype), grad_images.to(images.dtype)
 
 
@@ -237,28 +328,39 @@ def _add_to_tokens(out, per_sequence, offsets, lengths):
 
 @score_tokens_backward.register_fake
 def _(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, argmax,
-      aggregation, zero_padding, text_pad, image_pad, backend):
-    return torch.empty_like(text), torch.empty_like(images)
+      region_argmax, aggregation, zero_padding, text_pad, image_pad, backend):
+    return torch.empty_like(text, memory_format=torch.contiguous_format), \
+        torch.empty_like(images, memory_format=torch.contiguous_format)
+
+
+def _double_backward(ctx, grad_grad_text, grad_grad_images):
+    raise NotImplementedError(
+        "double backward (differentiating the gradients of aladin_fast alignment scores, e.g. "
+        "autograd.grad(..., create_graph=True) then backward again) is not implemented; "
+        "use backend='reference' for higher-order gradients"
+    )
+
+
+torch.library.register_autograd("aladin_fast::score_tokens_backward", _double_backward)
 
 
 def _setup_context(ctx, inputs, output):
     (text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, aggregation,
-     zero_padding, text_pad, image_pad, backend, want_argmax) = inputs
-    ctx.save_for_backward(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, output[1])
-    ctx.options = (aggregation, zero_padding, text_pad, image_pad, backend, want_argmax)
+     zero_padding, text_pad, image_pad, backend, want_argmax, *rest) = inputs
+    ctx.save_for_backward(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+                          output[1], output[2])
+    ctx.options = (aggregation, zero_padding, text_pad, image_pad, backend)
 
 
-def _backward(ctx, grad_scores, grad_argmax):
-    text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, argmax = ctx.saved_tensors
-    aggregation, zero_padding, text_pad, image_pad, backend, want_argmax = ctx.options
-    if aggregation in (MRSW, MRAVGW, SYMM) and not want_argmax:
-        raise RuntimeError("score_tokens was called with want_argmax=False; the op layer must request the argmax "
-                           f"when gradients are needed ({AGGREGATIONS[aggregation]})")
+def _backward(ctx, grad_scores, grad_argmax, grad_region_argmax):
+    (text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, argmax,
+     region_argmax) = ctx.saved_tensors
+    aggregation, zero_padding, text_pad, image_pad, backend = ctx.options
     grad_text, grad_images = score_tokens_backward(
         grad_scores, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, argmax,
-        aggregation, zero_padding, text_pad, image_pad, backend,
+        region_argmax, aggregation, zero_padding, text_pad, image_pad, backend,
     )
-    return grad_text, None, None, grad_images, None, None, None, None, None, None, None, None, None
+    return grad_text, None, None, grad_images, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("aladin_fast::score_tokens", _backward, setup_context=_setup_context)
