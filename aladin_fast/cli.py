@@ -1,4 +1,4 @@
-"""Command line: ``python -m aladin_fast {info,demo,train,index,search,serve}``."""
+"""Command line: ``python -m aladin_fast {info,demo,train,evaluate,index,search,serve}``."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,10 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="score synthetic data with every available backend and time it")
     demo.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default=None, help="report directory (default: reports/demo-<timestamp>)")
+    demo.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
+    commands.add_parser("evaluate", help="evaluate a checkpoint on precomputed features (see `evaluate --help`)",
+                        add_help=False)
     commands.add_parser("train", help="train a teacher and distil a student (see `train --help`)", add_help=False)
     from .retrieval.cli import add_index_arguments, add_search_arguments
 
@@ -30,6 +34,10 @@ def main(argv=None) -> int:
         from .training.command import main as train_main
 
         return train_main(argv)
+    if argv[:1] == ["evaluate"]:
+        from .evaluate import evaluate_main
+
+        return evaluate_main(argv)
     args = _build_parser().parse_args(argv)
     if args.command == "info":
         from .info import info
@@ -39,7 +47,7 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(quick=args.quick, seed=args.seed)
+        run_demo(quick=args.quick, seed=args.seed, out=args.out, device=args.device)
         return 0
     if args.command in ("index", "search"):
         from .retrieval.cli import run_index, run_search
