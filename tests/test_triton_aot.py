@@ -14,54 +14,22 @@ tests/test_triton_interpreter.py): both files pass in either order in one proces
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+from triton_modes import load_kernels, triton_interpreted  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHES = (80, 90)
 MAX_LOCAL_BYTES = 64  # spill budget per thread (local memory)
 
 
-def _triton_interpreted() -> bool:
-    """Whether this process's triton runs kernels in the interpreter (decided at its first import)."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.standard.cdiv, InterpretedFunction)
-
-
-def _load_kernels(alias: str, interpret: bool):
-    """Import kernels/ as a private package whose @triton.jit kernels match ``interpret``."""
-    if alias in sys.modules:
-        return sys.modules[alias]
-    kernels_dir = os.path.join(ROOT, "kernels")
-    spec = importlib.util.spec_from_file_location(alias, os.path.join(kernels_dir, "__init__.py"),
-                                                  submodule_search_locations=[kernels_dir])
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    sys.modules[alias] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[alias]
-        raise
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module
-
-
-IN_PROCESS = not _triton_interpreted()
+IN_PROCESS = not triton_interpreted()
 # decorating needs no compiler, so the spec list is available in either mode
-kernels = _load_kernels("_aladin_fast_kernels_compiled", interpret=False)
+kernels = load_kernels("_aladin_fast_kernels_compiled", interpret=False)
 SPECS = kernels.aot_specs()
 
 

@@ -21,55 +21,19 @@ index must win).  A continuous-random test checks tolerances scaled by dtype.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from triton_modes import load_kernels, triton_interpreted  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _triton_interpreted() -> bool:
-    """Whether this process's triton runs kernels in the interpreter (decided at its first import)."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.standard.cdiv, InterpretedFunction)
-
-
-def _load_kernels(alias: str, interpret: bool):
-    """Import kernels/ as a private package whose @triton.jit kernels match ``interpret``.
-
-    A private copy: ``aladin_fast.kernels`` needs an installed package, and another
-    module may already hold a copy decorated in the other mode.
-    """
-    if alias in sys.modules:
-        return sys.modules[alias]
-    kernels_dir = os.path.join(ROOT, "kernels")
-    spec = importlib.util.spec_from_file_location(alias, os.path.join(kernels_dir, "__init__.py"),
-                                                  submodule_search_locations=[kernels_dir])
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    sys.modules[alias] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[alias]
-        raise
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module
-
-
-IN_PROCESS = _triton_interpreted()
-kernels = _load_kernels("_aladin_fast_kernels_interpreted", interpret=True) if IN_PROCESS else None
+IN_PROCESS = triton_interpreted()
+kernels = load_kernels("_aladin_fast_kernels_interpreted", interpret=True) if IN_PROCESS else None
 in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled in this process: the suite runs in a "
                                 "TRITON_INTERPRET=1 subprocess (test_interpreter_suite_in_subprocess)")
 pytestmark = pytest.mark.interpreter
