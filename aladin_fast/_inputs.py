@@ -10,7 +10,6 @@ seen and what was expected.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 

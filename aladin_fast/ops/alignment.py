@@ -18,7 +18,6 @@ from .._inputs import (
     AGGREGATIONS,
     PADDINGS,
     REFERENCE_DTYPES,
-    TokenBatch,
     check_candidates,
     check_choice,
     check_pair,

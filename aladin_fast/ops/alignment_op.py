@@ -203,7 +203,7 @@ def _region_argmax(text, text_offsets, text_lengths, images, image_offsets, imag
     return out
 
 
-def _segment_sums(tokens, offsets, lengths, count_pad):
+def _segment_sums(tokens, offsets, lengths):
     """Sum of each sequence's valid tokens ``[N, D]`` in float32."""
     prefix = torch.nn.functional.pad(tokens.float().cumsum(0), (0, 0, 1, 0))
     return prefix[offsets + lengths.long()] - prefix[offsets]
@@ -249,8 +249,8 @@ def sparse_backward(grad, text, text_offsets, text_lengths, images, image_offset
             else:
                 pairs_count = (text_lengths.float()[:, None] * image_lengths_pair.float())
                 coefficient = torch.where(pairs_count > 0, grad / pairs_count.clamp(min=1), torch.zeros_like(grad))
-        image_sums = _segment_sums(images, image_offsets, image_lengths, image_pad)  # [Ni, D]
-        text_sums = _segment_sums(text, text_offsets, text_lengths, text_pad)  # [Nt, D]
+        image_sums = _segment_sums(images, image_offsets, image_lengths)  # [Ni, D]
+        text_sums = _segment_sums(text, text_offsets, text_lengths)  # [Nt, D]
         if candidates is None:
             per_text = coefficient @ image_sums  # [Nt, D]
             per_image = coefficient.t() @ text_sums  # [Ni, D]

@@ -29,7 +29,7 @@ def _cpu_extension():
 @functools.lru_cache(maxsize=None)
 def _triton_module():
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (availability probe)
 
         from .. import kernels
     except ImportError as err:

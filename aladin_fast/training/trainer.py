@@ -418,7 +418,7 @@ class Trainer:
         self.teacher.eval(), self.student.eval()
         try:
             with self._autocast():
-                image_parts, caption_parts = [], []
+                image_parts = []
                 for start in range(0, count, block):
                     regions, region_lengths = source.image_batch(range(start, min(start + block, count)))
                     regions, region_lengths = regions.to(self.device), region_lengths.to(self.device)
