@@ -130,4 +130,10 @@ int run_backward(const BackwardJob& job, const IsaKernels* isa, int num_threads,
 // (fp32, 2 FLOP per lane per FMA), measured over roughly `seconds`.
 double measure_fma_peak(const IsaKernels* isa, int num_threads, double seconds);
 
+// Streaming-read bandwidth (probes.cpp), in GB/s: `num_threads` threads (0 = OpenMP default)
+// each read their own slice of a `bytes` buffer (AVX2 loads when available) for roughly
+// `seconds`; the best pass counts.  Use a buffer far larger than the last-level cache.
+// Returns 0 if `bytes` is too small to split, -1 if the buffer cannot be allocated.
+double measure_read_bandwidth(int64_t bytes, int num_threads, double seconds);
+
 }  // namespace aladin_fast

@@ -494,6 +494,22 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("isa") = "auto", py::arg("num_threads") = 0, py::arg("seconds") = 0.2,
         "Measured raw fp32 FMA throughput (GFLOP/s) of a code path: the roofline for benchmarks.");
+    m.def(
+        "read_bandwidth",
+        [](int64_t bytes, int num_threads, double seconds) {
+            if (bytes < 4096) throw py::value_error("bytes must be >= 4096, got " + std::to_string(bytes));
+            if (num_threads < 0) throw py::value_error("num_threads must be >= 0");
+            double gbps = 0.0;
+            {
+                py::gil_scoped_release release;
+                gbps = measure_read_bandwidth(bytes, num_threads, seconds);
+            }
+            if (gbps < 0) throw std::bad_alloc();
+            return gbps;
+        },
+        py::arg("bytes") = int64_t(256) << 20, py::arg("num_threads") = 0, py::arg("seconds") = 0.2,
+        "Measured streaming-read memory bandwidth (GB/s, best pass) of `num_threads` threads over a "
+        "`bytes` buffer: the bandwidth roof for benchmarks (use a buffer far larger than the LLC).");
     m.def("available_isas", &available_isas, "Code paths usable on this CPU, best first.");
     m.def("best_isa", &best_isa, "The code path isa='auto' picks (ignoring ALADIN_FAST_ISA).");
     m.def("build_info", &build_info, "Compiler, OpenMP and ISA information of this build.");
