@@ -3,6 +3,15 @@
 Only ``@triton.jit`` kernels, their launchers and launch heuristics live here: no
 validation, no autograd (see aladin_fast/ops/ and docs/kernel_contract.md).
 """
-from .alignment import LaunchConfig, alignment_launch_config, aot_specs, launch_alignment
+from .alignment import LaunchConfig, alignment_launch_config, launch_alignment
+from .alignment import aot_specs as _forward_aot_specs
+from .alignment_backward import STRATEGIES, backward_aot_specs, backward_launch_blocks, launch_alignment_backward
 
-__all__ = ["LaunchConfig", "alignment_launch_config", "aot_specs", "launch_alignment"]
+
+def aot_specs() -> list:
+    """Forward and backward specialisations for ahead-of-time compilation (see ``alignment.aot_specs``)."""
+    return _forward_aot_specs() + backward_aot_specs()
+
+
+__all__ = ["LaunchConfig", "STRATEGIES", "alignment_launch_config", "aot_specs", "backward_launch_blocks",
+           "launch_alignment", "launch_alignment_backward"]

@@ -129,12 +129,13 @@ def _count_nan(acc, valid):
 def _alignment_kernel(
     text_ptr, text_offsets_ptr, text_lengths_ptr,
     images_ptr, image_offsets_ptr, image_lengths_ptr,
-    candidates_ptr, out_ptr, argmax_ptr,
+    candidates_ptr, out_ptr, argmax_ptr, region_argmax_ptr,
     num_texts, num_candidates, D, text_pad, image_pad,
     AGGREGATION: tl.constexpr,      # 0 MrSw, 1 MrAVGw, 2 MwSr, 3 symm, 4 sum, 5 mean
     ZERO_PADDING: tl.constexpr,     # padding="zero" (TERAN) instead of "neg_inf"
     HAS_CANDIDATES: tl.constexpr,   # rerank / paired; else all pairs (candidate k is image k)
     WRITE_ARGMAX: tl.constexpr,
+    WRITE_REGION_ARGMAX: tl.constexpr,  # region -> winning word [pairs, image_pad] (MwSr / symm backward)
     SINGLE_TILE: tl.constexpr,      # text_pad <= BLOCK_W and image_pad <= BLOCK_R
     QUERY_RESIDENT: tl.constexpr,   # SINGLE_TILE and D <= BLOCK_D: caption loaded once per program
     BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -153,7 +154,7 @@ def _alignment_kernel(
     k_block = (pid % programs_per_group) // group_rows
 
     NEED_ROWMAX: tl.constexpr = (AGGREGATION == 0) or (AGGREGATION == 1) or (AGGREGATION == 3) or WRITE_ARGMAX
-    NEED_COLMAX: tl.constexpr = (AGGREGATION == 2) or (AGGREGATION == 3)
+    NEED_COLMAX: tl.constexpr = (AGGREGATION == 2) or (AGGREGATION == 3) or WRITE_REGION_ARGMAX
     NEED_SUM: tl.constexpr = (AGGREGATION == 4) or (AGGREGATION == 5)
     ROW_PASS: tl.constexpr = NEED_ROWMAX or NEED_SUM
 
@@ -203,8 +204,16 @@ def _alignment_kernel(
                     if WRITE_ARGMAX:
                         tl.store(argmax_ptr + pair * text_pad + offs_w0, arg, mask=offs_w0 < text_pad)
                 if NEED_COLMAX:
-                    col_max = tl.max(tl.where(valid, acc, float("-inf")), axis=0)
-                    col_sum = _finish_cols(col_max, r_ok, n_w, text_pad, ZERO_PADDING)
+                    if WRITE_REGION_ARGMAX:
+                        # the row-max helpers on the transposed tile: same max, plus the first winning word
+                        col_max = tl.full((BLOCK_R, ), float("-inf"), tl.float32)
+                        col_arg = tl.full((BLOCK_R, ), _NO_INDEX, tl.int32)
+                        col_max, col_arg = _update_row_max(tl.trans(acc), tl.trans(valid), offs_w0, col_max, col_arg)
+                        col_sum, region_arg = _finish_rows(col_max, col_arg, r_ok, n_w, text_pad, ZERO_PADDING)
+                        tl.store(region_argmax_ptr + pair * image_pad + offs_r0, region_arg, mask=offs_r0 < image_pad)
+                    else:
+                        col_max = tl.max(tl.where(valid, acc, float("-inf")), axis=0)
+                        col_sum = _finish_cols(col_max, r_ok, n_w, text_pad, ZERO_PADDING)
                 if NEED_SUM:
                     total = tl.sum(tl.where(valid, acc, 0.0))
             else:
@@ -237,14 +246,24 @@ def _alignment_kernel(
                         offs_r = r0 + offs_r0
                         r_ok = offs_r < n_r
                         col_max = tl.full((BLOCK_R, ), float("-inf"), tl.float32)
+                        col_arg = tl.full((BLOCK_R, ), _NO_INDEX, tl.int32)
                         for w0 in range(0, n_w, BLOCK_W):
                             acc = _similarity_tile(text_ptr, text_row0, n_w, w0, images_ptr, image_row0, n_r, r0,
                                                    D, query_tile, False, BLOCK_W, BLOCK_R, BLOCK_D, DOT_IN_FP32)
                             valid = ((w0 + offs_w0) < n_w)[:, None] & r_ok[None, :]
                             if not ROW_PASS:
                                 nan_count += _count_nan(acc, valid)
-                            col_max = tl.maximum(col_max, tl.max(tl.where(valid, acc, float("-inf")), axis=0))
-                        col_sum += _finish_cols(col_max, r_ok, n_w, text_pad, ZERO_PADDING)
+                            if WRITE_REGION_ARGMAX:
+                                col_max, col_arg = _update_row_max(tl.trans(acc), tl.trans(valid), w0 + offs_w0,
+                                                                   col_max, col_arg)
+                            else:
+                                col_max = tl.maximum(col_max, tl.max(tl.where(valid, acc, float("-inf")), axis=0))
+                        if WRITE_REGION_ARGMAX:
+                            block_sum, region_arg = _finish_rows(col_max, col_arg, r_ok, n_w, text_pad, ZERO_PADDING)
+                            col_sum += block_sum
+                            tl.store(region_argmax_ptr + pair * image_pad + offs_r, region_arg, mask=r_ok)
+                        else:
+                            col_sum += _finish_cols(col_max, r_ok, n_w, text_pad, ZERO_PADDING)
 
             if AGGREGATION == 0:
                 score = row_sum
@@ -355,13 +374,15 @@ def _num_sms(device: torch.device) -> int:
 
 def launch_alignment(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                      aggregation: int, zero_padding: bool, text_pad: int, image_pad: int, out, argmax=None,
-                     *, config: dict | None = None) -> None:
+                     region_argmax=None, *, config: dict | None = None) -> None:
     """Write alignment scores into ``out`` (and winning regions into ``argmax``).
 
     text [T_text, D], images [T_img, D]: contiguous, same dtype (fp32/fp16/bf16);
     text_offsets int64 [Nt], text_lengths int32 [Nt]; image_offsets int64 [Ni],
     image_lengths int32 [Ni]; candidates int64 [Nt, K] or None (all pairs, K = Ni);
-    out float32 [Nt, K]; argmax int32 [Nt, K, text_pad] or None.  Inputs are
+    out float32 [Nt, K]; argmax int32 [Nt, K, text_pad] or None; region_argmax
+    int32 [Nt, K, image_pad] or None (region -> first winning word, entries of
+    padded regions left untouched: the caller pre-fills -1).  Inputs are
     validated by the op layer (aladin_fast/ops); see docs/kernel_contract.md.
     ``config`` overrides launch heuristics (see ``alignment_launch_config``).
     """
@@ -379,9 +400,11 @@ def launch_alignment(text, text_offsets, text_lengths, images, image_offsets, im
         text_offsets if candidates is None else candidates,  # placeholder, never read without candidates
         out,
         text_lengths if argmax is None else argmax,  # placeholder, never written without argmax
+        text_lengths if region_argmax is None else region_argmax,
         num_texts, num_candidates, dim, text_pad, image_pad,
         AGGREGATION=int(aggregation), ZERO_PADDING=bool(zero_padding), HAS_CANDIDATES=candidates is not None,
-        WRITE_ARGMAX=argmax is not None, SINGLE_TILE=cfg.single_tile, QUERY_RESIDENT=cfg.query_resident,
+        WRITE_ARGMAX=argmax is not None, WRITE_REGION_ARGMAX=region_argmax is not None,
+        SINGLE_TILE=cfg.single_tile, QUERY_RESIDENT=cfg.query_resident,
         BLOCK_W=cfg.BLOCK_W, BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K,
         GROUP_SIZE=cfg.GROUP_SIZE, DOT_IN_FP32=_INTERPRETED and text.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=_FP_FUSION,
@@ -413,7 +436,7 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 
 def _alignment_aot_spec(name, dtype, *, num_texts, num_candidates, dim, text_pad, image_pad, aggregation,
-                        zero_padding, all_pairs, write_argmax) -> AotSpec:
+                        zero_padding, all_pairs, write_argmax, write_region_argmax=False) -> AotSpec:
     cfg = alignment_launch_config(num_texts=num_texts, num_candidates=num_candidates, dim=dim, text_pad=text_pad,
                                   image_pad=image_pad, element_size=torch.empty((), dtype=dtype).element_size(),
                                   all_pairs=all_pairs)
@@ -421,11 +444,12 @@ def _alignment_aot_spec(name, dtype, *, num_texts, num_candidates, dim, text_pad
     signature = {
         "text_ptr": element, "text_offsets_ptr": "*i64", "text_lengths_ptr": "*i32",
         "images_ptr": element, "image_offsets_ptr": "*i64", "image_lengths_ptr": "*i32",
-        "candidates_ptr": "*i64", "out_ptr": "*fp32", "argmax_ptr": "*i32",
+        "candidates_ptr": "*i64", "out_ptr": "*fp32", "argmax_ptr": "*i32", "region_argmax_ptr": "*i32",
         "num_texts": "i32", "num_candidates": "i32", "D": "i32", "text_pad": "i32", "image_pad": "i32",
     }
     constexprs = dict(
         AGGREGATION=aggregation, ZERO_PADDING=zero_padding, HAS_CANDIDATES=not all_pairs, WRITE_ARGMAX=write_argmax,
+        WRITE_REGION_ARGMAX=write_region_argmax,
         SINGLE_TILE=cfg.single_tile, QUERY_RESIDENT=cfg.query_resident, BLOCK_W=cfg.BLOCK_W, BLOCK_R=cfg.BLOCK_R,
         BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K, GROUP_SIZE=cfg.GROUP_SIZE, DOT_IN_FP32=False,
     )
@@ -457,6 +481,9 @@ def aot_specs() -> list:
                                          zero_padding=False, write_argmax=True))
     specs.append(_alignment_aot_spec("all_pairs_bf16_symm_zero", torch.bfloat16, **teran, **all_pairs,
                                      aggregation=SYMM, zero_padding=True, write_argmax=False))
+    specs.append(_alignment_aot_spec("all_pairs_bf16_symm_region_argmax", torch.bfloat16, **teran, num_texts=128,
+                                     num_candidates=128, all_pairs=True, aggregation=SYMM, zero_padding=False,
+                                     write_argmax=True, write_region_argmax=True))
     specs.append(_alignment_aot_spec("all_pairs_fp16_mean", torch.float16, **teran, **all_pairs,
                                      aggregation=MEAN, zero_padding=False, write_argmax=False))
     specs.append(_alignment_aot_spec("rerank_bf16_D128_resident", torch.bfloat16, dim=128, text_pad=32, image_pad=36,

@@ -15,12 +15,16 @@ and the region -> word argmax (int32 ``[pairs, R]``, MwSr / symm):
 
 Backend "cpu" runs all of it in C++ (``_C.score_backward``: grad_text rows
 owned by the thread owning the caption, grad_images rows by the thread owning
-the image, no atomics, deterministic), and its forward emits the region ->
-word argmax in the same pass. Other backends use :func:`sparse_backward`
-(PyTorch sparse matrices built from the argmax, in chunks), which is also the
-independent check of the C++ backward in the tests; their region -> word
-argmax comes from the kernel run with text and images swapped (all pairs,
-paired) or the chunked reference (rerank).
+the image, no atomics, deterministic). Backend "triton" runs the Triton
+backward kernels (``kernels/alignment_backward.py``): text rows owned by a
+caption's program; image rows either owned by an image's program walking its
+pairs ("segmented", deterministic, the default) or accumulated with fp32
+atomics ("atomic", order-dependent last bits; opt-in with
+``ALADIN_FAST_TRITON_BACKWARD=atomic``, never under
+``torch.use_deterministic_algorithms(True)``). Both forward kernels emit the
+region -> word argmax in the same pass. :func:`sparse_backward` (PyTorch
+sparse matrices built from the argmax, in chunks) is the independent check of
+both kernels in the tests.
 
 A padded position that wins a max in ``padding="zero"`` mode is a zero vector:
 it receives and passes no gradient. Gradients are accumulated in float32 and
@@ -29,6 +33,7 @@ returned in the input dtype. Double backward is not implemented (raises
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
@@ -38,8 +43,10 @@ from .. import reference
 from .._inputs import TokenBatch
 from .backends import cpu_kernels, triton_kernels
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}  # float64: the C++ kernel's scalar double path (gradcheck)
 MRSW, MRAVGW, MWSR, SYMM, SUM, MEAN = range(6)
+KERNEL_REGION_ARGMAX = ("cpu", "triton")  # backends whose forward kernel emits the region -> word argmax
 
 
 def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
@@ -53,8 +60,7 @@ def run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets,
                aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax=None):
     """Launch one backend kernel on kernel-layout tensors (writes ``out``, ``argmax``, ``region_argmax``).
 
-    ``region_argmax [Nt, K, image_pad]`` (region -> winning word) is produced by
-    the C++ kernel only; pass None for other backends.
+    ``region_argmax [Nt, K, image_pad]`` (region -> winning word, pre-filled with -1) or None.
     """
     if out.numel() == 0:
         return
@@ -68,12 +74,10 @@ def run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets,
             None if region_argmax is None else region_argmax.numpy(),
         )
     elif backend == "triton":
-        if region_argmax is not None:  # pragma: no cover - the op layer never asks
-            raise RuntimeError("the Triton kernel does not emit region_argmax")
         _check_metadata(text_lengths, text_pad, image_lengths, image_pad, candidates, image_offsets.shape[0])
         triton_kernels().launch_alignment(
             text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
-            aggregation, zero_padding, text_pad, image_pad, out, argmax,
+            aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax,
         )
     else:  # pragma: no cover - the op layer only passes kernel backends here
         raise RuntimeError(f"score_tokens runs kernel backends only, got {backend!r}")
@@ -104,10 +108,10 @@ def score_tokens(
     count = text_offsets.shape[0]
     k = image_offsets.shape[0] if candidates is None else candidates.shape[1]
     device = text.device
-    out = torch.zeros(count, k, dtype=torch.float32, device=device)
+    out = torch.zeros(count, k, dtype=torch.float64 if text.dtype == torch.float64 else torch.float32, device=device)
     argmax = (torch.full((count, k, text_pad), -1, dtype=torch.int32, device=device)
               if want_argmax else torch.empty(0, dtype=torch.int32, device=device))
-    emit_region = want_region_argmax and backend == "cpu"
+    emit_region = want_region_argmax and backend in KERNEL_REGION_ARGMAX
     region_argmax = (torch.full((count, k, image_pad), -1, dtype=torch.int32, device=device)
                      if emit_region else torch.empty(0, dtype=torch.int32, device=device))
     text, images = text.contiguous(), images.contiguous()
@@ -125,7 +129,7 @@ def _(text, text_offsets, text_lengths, images, image_offsets, image_lengths, ca
       zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax=False):
     count = text_offsets.shape[0]
     k = image_offsets.shape[0] if candidates is None else candidates.shape[1]
-    out = text.new_empty((count, k), dtype=torch.float32)
+    out = text.new_empty((count, k), dtype=torch.float64 if text.dtype == torch.float64 else torch.float32)
     argmax = text.new_empty((count, k, text_pad) if want_argmax else (0,), dtype=torch.int32)
     region_argmax = text.new_empty((count, k, image_pad) if want_region_argmax else (0,), dtype=torch.int32)
     return out, argmax, region_argmax
@@ -265,17 +269,45 @@ def sparse_backward(grad, text, text_offsets, text_lengths, images, image_offset
 
 def cpu_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                  argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad):
-    """The C++ backward (``_C.score_backward``): ``(d text, d images)`` float32."""
-    grad_text = torch.empty(text.shape, dtype=torch.float32)
-    grad_images = torch.empty(images.shape, dtype=torch.float32)
+    """The C++ backward (``_C.score_backward``): ``(d text, d images)`` float32 (float64 for float64 inputs)."""
+    accumulate = torch.float64 if text.dtype == torch.float64 else torch.float32
+    grad_text = torch.empty(text.shape, dtype=accumulate)
+    grad_images = torch.empty(images.shape, dtype=accumulate)
     word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
     cpu_kernels().score_backward(
-        grad.float().contiguous().numpy(), _numpy_view(text), text_offsets.numpy(), text_lengths.numpy(),
+        grad.to(accumulate).contiguous().numpy(), _numpy_view(text), text_offsets.numpy(), text_lengths.numpy(),
         _numpy_view(images), image_offsets.numpy(), image_lengths.numpy(),
         None if candidates is None else candidates.numpy(), _DTYPE_NAMES[text.dtype], aggregation, zero_padding,
         text_pad, image_pad, argmax.numpy() if word_term else None, region_argmax.numpy() if region_term else None,
         grad_text.numpy(), grad_images.numpy(), "auto", torch.get_num_threads(),
     )
+    return grad_text, grad_images
+
+
+def triton_backward_strategy() -> str:
+    """Image-side reduction of the Triton backward: "segmented" (deterministic, the default) or "atomic".
+
+    ``torch.use_deterministic_algorithms(True)`` always gives "segmented"; otherwise the
+    environment variable ``ALADIN_FAST_TRITON_BACKWARD`` may choose "atomic".
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        return "segmented"
+    strategy = os.environ.get("ALADIN_FAST_TRITON_BACKWARD", "segmented")
+    if strategy not in ("segmented", "atomic"):
+        raise ValueError(f"ALADIN_FAST_TRITON_BACKWARD must be 'segmented' or 'atomic', got {strategy!r}")
+    return strategy
+
+
+def triton_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+                    argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad):
+    """The Triton backward kernels (``kernels/alignment_backward.py``): ``(d text, d images)`` float32."""
+    grad_text = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
+    grad_images = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
+    word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
+    triton_kernels().launch_alignment_backward(
+        grad.float().contiguous(), text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+        candidates, argmax if word_term else None, region_argmax if region_term else None, aggregation,
+        zero_padding, text_pad, image_pad, grad_text, grad_images, strategy=triton_backward_strategy())
     return grad_text, grad_images
 
 
@@ -298,16 +330,21 @@ def score_tokens_backward(
     word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
     missing_word = word_term and argmax.numel() != count * k * text_pad
     missing_region = region_term and region_argmax.numel() != count * k * image_pad
-    if missing_word or (missing_region and backend == "cpu"):
+    rerun_region = missing_region and backend in KERNEL_REGION_ARGMAX
+    if missing_word or rerun_region:
         _, new_argmax, new_region_argmax = score_tokens(
             text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, aggregation,
-            zero_padding, text_pad, image_pad, backend, missing_word, missing_region and backend == "cpu")
+            zero_padding, text_pad, image_pad, backend, missing_word, rerun_region)
         argmax = new_argmax if missing_word else argmax
-        region_argmax = new_region_argmax if missing_region and backend == "cpu" else region_argmax
+        region_argmax = new_region_argmax if rerun_region else region_argmax
     if backend == "cpu":
         grad_text, grad_images = cpu_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
                                               image_lengths, candidates, argmax, region_argmax, aggregation,
                                               zero_padding, text_pad, image_pad)
+    elif backend == "triton":
+        grad_text, grad_images = triton_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
+                                                 image_lengths, candidates, argmax, region_argmax, aggregation,
+                                                 zero_padding, text_pad, image_pad)
     else:
         grad_text, grad_images = sparse_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
                                                  image_lengths, candidates, argmax, region_argmax, aggregation,

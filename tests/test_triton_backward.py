@@ -1,0 +1,219 @@
+"""Triton backward kernels and the forward's region -> word argmax, vs a float64 loop oracle, in the interpreter.
+
+Same process arrangement as tests/test_triton_interpreter.py: in-process under
+``TRITON_INTERPRET=1``, otherwise one child pytest runs this file interpreted.
+
+The oracle follows docs/kernel_contract.md pair by pair in float64: the first
+index wins ties, a winning zero pad carries no gradient. Inputs are dyadic
+(k/4), so the argmax must match exactly and the gradients up to fp32 rounding
+of the 1/n_w and 1/cells scales.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_triton_interpreter import AGGREGATIONS, make_case
+from triton_modes import load_kernels, triton_interpreted
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IN_PROCESS = triton_interpreted()
+kernels = load_kernels("_aladin_fast_kernels_interpreted", interpret=True) if IN_PROCESS else None
+in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton is compiled in this process: the suite runs in a "
+                                "TRITON_INTERPRET=1 subprocess (test_backward_suite_in_subprocess)")
+pytestmark = pytest.mark.interpreter
+
+SMALL_BLOCKS = {"BLOCK_W": 16, "BLOCK_R": 16, "BLOCK_D": 16}
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="triton is interpreted in this process: the suite runs in-process")
+def test_backward_suite_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    command = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
+               "--rootdir", ROOT]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    print(output[-3000:])
+    assert result.returncode == 0, f"interpreter suite failed (exit {result.returncode}):\n{output[-12000:]}"
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+def _first_max_or_pad(s: torch.Tensor, n_other: int, pad_other: int, zero: bool):
+    """Per row of s [n, n_other]: first index of the max, or -1 (empty) / n_other (zero pad wins)."""
+    n = s.shape[0]
+    if n_other == 0:
+        return torch.full((n, ), n_other if (zero and n_other < pad_other) else -1, dtype=torch.int64)
+    top = s.max(dim=1, keepdim=True).values
+    index = torch.arange(n_other)
+    first = torch.where(s == top, index, n_other).min(dim=1).values
+    if zero and n_other < pad_other:
+        first = torch.where(top[:, 0] < 0.0, torch.full_like(first, n_other), first)
+    return first
+
+
+def oracle_region_argmax(case, candidates, zero):
+    text, t_off, t_len, images, i_off, i_len, w_pad, r_pad = case
+    nt = t_off.shape[0]
+    candidates = torch.arange(i_off.shape[0]).expand(nt, -1) if candidates is None else candidates
+    out = torch.full((nt, candidates.shape[1], r_pad), -1, dtype=torch.int64)
+    for i in range(nt):
+        t = text[t_off[i]:t_off[i] + t_len[i]].double()
+        for kk in range(candidates.shape[1]):
+            j = int(candidates[i, kk])
+            v = images[i_off[j]:i_off[j] + i_len[j]].double()
+            out[i, kk, :v.shape[0]] = _first_max_or_pad(v @ t.T, t.shape[0], w_pad, zero)
+    return out
+
+
+def oracle_gradients(case, candidates, aggregation, zero, grad):
+    """(d text, d images) float64 for upstream ``grad [Nt, K]`` (loops over pairs)."""
+    text, t_off, t_len, images, i_off, i_len, w_pad, r_pad = case
+    nt = t_off.shape[0]
+    candidates = torch.arange(i_off.shape[0]).expand(nt, -1) if candidates is None else candidates
+    text64, images64 = text.double(), images.double()
+    d_text, d_images = torch.zeros_like(text64), torch.zeros_like(images64)
+    for i in range(nt):
+        t_rows = slice(int(t_off[i]), int(t_off[i] + t_len[i]))
+        t = text64[t_rows]
+        n_w = t.shape[0]
+        for kk in range(candidates.shape[1]):
+            j = int(candidates[i, kk])
+            v_rows = slice(int(i_off[j]), int(i_off[j] + i_len[j]))
+            v = images64[v_rows]
+            n_r = v.shape[0]
+            c = float(grad[i, kk])
+            if c == 0.0 or n_w == 0 or n_r == 0:
+                continue
+            dt, dv = torch.zeros_like(t), torch.zeros_like(v)
+            if aggregation in (0, 1, 3):
+                scale = c / n_w if aggregation == 1 else c
+                for w, r in enumerate(_first_max_or_pad(t @ v.T, n_r, r_pad, zero).tolist()):
+                    if 0 <= r < n_r:
+                        dt[w] += scale * v[r]
+                        dv[r] += scale * t[w]
+            if aggregation in (2, 3):
+                for r, w in enumerate(_first_max_or_pad(v @ t.T, n_w, w_pad, zero).tolist()):
+                    if 0 <= w < n_w:
+                        dt[w] += c * v[r]
+                        dv[r] += c * t[w]
+            if aggregation in (4, 5):
+                cells = (w_pad * r_pad if zero else n_w * n_r) if aggregation == 5 else 1
+                dt += (c / cells) * v.sum(0)
+                dv += (c / cells) * t.sum(0)
+            d_text[t_rows] += dt
+            d_images[v_rows] += dv
+    return d_text, d_images
+
+
+# --------------------------------------------------------------------------- kernel runs
+
+
+def forward(case, candidates, aggregation, zero, config=None):
+    text, t_off, t_len, images, i_off, i_len, w_pad, r_pad = case
+    nt = t_off.shape[0]
+    k = i_off.shape[0] if candidates is None else candidates.shape[1]
+    out = torch.empty(nt, k, dtype=torch.float32)
+    argmax = torch.full((nt, k, w_pad), -1, dtype=torch.int32)
+    region_argmax = torch.full((nt, k, r_pad), -1, dtype=torch.int32)
+    forward_config = None if config is None else {**config, "BLOCK_K": 2}
+    kernels.launch_alignment(text, t_off, t_len, images, i_off, i_len, candidates, aggregation, zero, w_pad, r_pad,
+                             out, argmax, region_argmax, config=forward_config)
+    return out, argmax, region_argmax
+
+
+def backward(case, candidates, aggregation, zero, grad, argmax, region_argmax, strategy, config=None):
+    text, t_off, t_len, images, i_off, i_len, w_pad, r_pad = case
+    grad_text = torch.zeros(text.shape, dtype=torch.float32)
+    grad_images = torch.zeros(images.shape, dtype=torch.float32)
+    kernels.launch_alignment_backward(grad, text, t_off, t_len, images, i_off, i_len, candidates, argmax,
+                                      region_argmax, aggregation, zero, w_pad, r_pad, grad_text, grad_images,
+                                      strategy=strategy, config=config)
+    return grad_text, grad_images
+
+
+def upstream(case, candidates, seed):
+    nt = case[1].shape[0]
+    k = case[4].shape[0] if candidates is None else candidates.shape[1]
+    grad = torch.randint(-4, 5, (nt, k), generator=torch.Generator().manual_seed(seed)).float() / 2
+    grad[0, 0] = 0.0  # a pair without upstream gradient
+    return grad
+
+
+def check_case(case, candidates, zero, *, config=None, aggregations=AGGREGATIONS.values(),
+               strategies=("segmented", "atomic")):
+    expected_region = oracle_region_argmax(case, candidates, zero)
+    valid_text = ~torch.isnan(case[0]).any(1)
+    valid_images = ~torch.isnan(case[3]).any(1)
+    for aggregation in aggregations:
+        _, argmax, region_argmax = forward(case, candidates, aggregation, zero, config)
+        assert torch.equal(region_argmax.long(), expected_region), f"region argmax differs (aggregation {aggregation})"
+        grad = upstream(case, candidates, aggregation)
+        want_text, want_images = oracle_gradients(case, candidates, aggregation, zero, grad)
+        for strategy in strategies:
+            got_text, got_images = backward(case, candidates, aggregation, zero, grad, argmax, region_argmax, strategy,
+                                            config)
+            # rows outside every sequence (NaN filler) must stay exactly zero
+            assert bool((got_text[~valid_text] == 0).all()) and bool((got_images[~valid_images] == 0).all())
+            for got, want, name in ((got_text, want_text, "text"), (got_images, want_images, "images")):
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"d {name}, aggregation {aggregation}, {strategy}: {m}")
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@in_process
+@pytest.mark.parametrize("zero", [False, True], ids=["neg_inf", "zero"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_all_pairs_single_tile(dtype, zero):
+    case = make_case(31, 3, 4, 7, 37, 20, dtype, packed=dtype == torch.float16)
+    check_case(case, None, zero)
+
+
+@in_process
+@pytest.mark.parametrize("zero", [False, True], ids=["neg_inf", "zero"])
+def test_rerank_repeated_candidates_and_paired(zero):
+    case = make_case(37, 3, 4, 7, 20, 24, torch.float32, packed=True)
+    check_case(case, torch.tensor([[3, 3, 0, 1], [0, 0, 2, 2], [2, 1, 3, 3]]), zero)
+    paired = make_case(41, 4, 4, 9, 5, 16, torch.bfloat16)
+    check_case(paired, torch.arange(4)[:, None], zero)
+
+
+@in_process
+@pytest.mark.parametrize("mode", ["all_pairs", "rerank"])
+@pytest.mark.parametrize("zero", [False, True], ids=["neg_inf", "zero"])
+def test_multi_block(mode, zero):
+    """W_pad = R_pad = 40 with 16-wide blocks: word/region block loops, D tails, empty sequences."""
+    case = make_case(43, 3, 3, 40, 40, 20, torch.float32, text_lengths=[40, 0, 23], image_lengths=[40, 17, 0])
+    candidates = None if mode == "all_pairs" else torch.tensor([[1, 2], [2, 1], [0, 1]])
+    check_case(case, candidates, zero, config=SMALL_BLOCKS)
+
+
+@in_process
+def test_segmented_is_bitwise_deterministic_and_matches_atomic():
+    case = make_case(47, 4, 3, 7, 9, 32, torch.float32, dyadic=False)
+    grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    _, argmax, region_argmax = forward(case, None, 3, False)
+    first = backward(case, None, 3, False, grad, argmax, region_argmax, "segmented")
+    again = backward(case, None, 3, False, grad, argmax, region_argmax, "segmented")
+    atomic = backward(case, None, 3, False, grad, argmax, region_argmax, "atomic")
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    torch.testing.assert_close(atomic, first, rtol=1e-6, atol=1e-6)
+
+
+@in_process
+def test_bad_arguments():
+    case = make_case(53, 2, 2, 5, 5, 16, torch.float32)
+    grad = torch.ones(2, 2)
+    _, argmax, region_argmax = forward(case, None, 3, False)
+    with pytest.raises(ValueError, match="strategy"):
+        backward(case, None, 0, False, grad, argmax, region_argmax, "sorted")
+    with pytest.raises(ValueError, match="region_argmax"):
+        backward(case, None, 2, False, grad, argmax, None, "segmented")
+    with pytest.raises(ValueError, match="argmax"):
+        backward(case, None, 0, False, grad, None, region_argmax, "segmented")
