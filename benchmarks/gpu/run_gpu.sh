@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One GPU session: environment, GPU tests, GPU benchmarks. Run from a clean snapshot of the repo
+# (see benchmarks/gpu/README.md); writes logs and JSON under $OUT (default ./gpu-out).
+set -u
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+SNAP=${SNAP:-.gpusnap}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+cd "$SNAP"
+# source tree without an installed package: kernels/ is aladin_fast.kernels (setup.py's package_dir)
+[ -d aladin_fast/kernels ] || cp -r kernels aladin_fast/kernels
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
+python3 -c "import torch, triton, aladin_fast; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0), 'aladin_fast', aladin_fast.__file__)" | tee "$OUT/versions.txt"
+TEST_TIMEOUT=${TEST_TIMEOUT:-240}
+BENCH_BUDGET=${BENCH_BUDGET:-200}
+timeout "$TEST_TIMEOUT" python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -n 8 -rfE -s 2>&1 | tail -n 60 > "$OUT/gpu_tests.log"
+echo "gpu tests exit: ${PIPESTATUS[0]}" >> "$OUT/gpu_tests.log"
+timeout $((BENCH_BUDGET + 150)) python3 benchmarks/gpu/bench_gpu.py --out "$OUT/gpu_bench.json" --budget-s "$BENCH_BUDGET" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.log" | tail -n 70
+cat "$OUT/gpu_tests.log" | tail -n 25

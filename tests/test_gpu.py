@@ -1,0 +1,197 @@
+"""The Triton backend on a real CUDA GPU: forward, backward (both image-side strategies), determinism,
+torch.compile, opcheck and peak memory, against the float64 reference on the CPU.
+
+Skipped without CUDA (this project's CI has none); run on a GPU machine with
+``pytest tests/test_gpu.py`` (benchmarks/gpu/run_gpu.sh does, and records the
+result). Tolerances scale with the dtype: fp32 inputs use exact FMA dots, so
+errors are fp32 accumulation only; fp16 / bf16 inputs are rounded before the
+reference sees them, so only the accumulation order differs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aladin_fast
+from cases import AGGREGATIONS, PADDINGS, fp32_tolerance, make_tokens
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MODES = ("all_pairs", "rerank", "paired")
+# (Nt, Ni, W, R, D): awkward lengths (1, 37), non-powers of two, a multi-block caption (W=70)
+SHAPES = [(5, 7, 12, 36, 100), (3, 4, 1, 37, 64), (4, 6, 70, 9, 33)]
+
+
+def _call(mode, text, images, t_len, v_len, aggregation, padding, backend, candidates):
+    if mode == "all_pairs":
+        return aladin_fast.alignment_scores(text, images, t_len, v_len, aggregation, padding, backend=backend)
+    if mode == "rerank":
+        return aladin_fast.rerank_scores(text, images, candidates, t_len, v_len, aggregation, padding,
+                                         backend=backend)
+    n = min(text.shape[0], images.shape[0])
+    return aladin_fast.paired_scores(text[:n], images[:n], t_len[:n], v_len[:n], aggregation, padding,
+                                     backend=backend)
+
+
+def _case(seed, shape):
+    gen = torch.Generator().manual_seed(seed)
+    nt, ni, w, r, d = shape
+    text, t_len = make_tokens(gen, nt, w, d, min_length=0)
+    images, v_len = make_tokens(gen, ni, r, d, min_length=0)
+    candidates = torch.randint(0, ni, (nt, 5), generator=gen)
+    candidates[0, :2] = ni - 1  # repeated candidates
+    return text, images, t_len, v_len, candidates
+
+
+def _tolerance(shape, dtype):
+    _, _, w, r, d = shape
+    return fp32_tolerance(d, w, r) * (1 if dtype == torch.float32 else 4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_matches_reference(shape, dtype, mode):
+    text, images, t_len, v_len, candidates = _case(sum(shape), shape)
+    text, images = text.to(dtype), images.to(dtype)  # the reference sees the rounded inputs
+    for aggregation in AGGREGATIONS:
+        for padding in PADDINGS:
+            want = _call(mode, text.double(), images.double(), t_len, v_len, aggregation, padding, "reference",
+                         candidates)
+            got = _call(mode, text.cuda(), images.cuda(), t_len.cuda(), v_len.cuda(), aggregation, padding, "triton",
+                        candidates.cuda())
+            assert got.dtype == torch.float32 and got.device.type == "cuda"
+            torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=_tolerance(shape, dtype),
+                                       msg=lambda m: f"{aggregation} {padding}: {m}")
+
+
+@pytest.mark.parametrize("strategy", ["segmented", "atomic"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_matches_reference(dtype, mode, strategy, monkeypatch):
+    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", strategy)
+    shape = (5, 7, 12, 36, 100)
+    text0, images0, t_len, v_len, candidates = _case(3, shape)
+    text0, images0 = text0.clamp(-2, 2).to(dtype).double(), images0.clamp(-2, 2).to(dtype).double()
+    for aggregation in AGGREGATIONS:
+        for padding in PADDINGS:
+            grads = []
+            for backend, device, compute in (("reference", "cpu", torch.float64), ("triton", "cuda", dtype)):
+                text = text0.to(device, compute).requires_grad_()
+                images = images0.to(device, compute).requires_grad_()
+                scores = _call(mode, text, images, t_len.to(device), v_len.to(device), aggregation, padding, backend,
+                               candidates.to(device))
+                upstream = torch.linspace(-1, 1, scores.numel(), dtype=torch.float64).view(scores.shape)
+                (scores * upstream.to(device, scores.dtype)).sum().backward()
+                grads.append((text.grad.cpu().double(), images.grad.cpu().double()))
+            atol = 1e-5 if dtype == torch.float32 else 2e-2
+            for got, want, name in zip(grads[1], grads[0], ("text", "images")):
+                torch.testing.assert_close(got, want, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=atol,
+                                           msg=lambda m: f"d {name} {aggregation} {padding}: {m}")
+
+
+def test_forward_and_segmented_backward_bitwise_deterministic(monkeypatch):
+    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", "segmented")
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randn(64, 32, 256, generator=gen).bfloat16().cuda()
+    images = torch.randn(64, 36, 256, generator=gen).bfloat16().cuda()
+    runs = []
+    for _ in range(3):
+        t, v = text.clone().requires_grad_(), images.clone().requires_grad_()
+        scores = aladin_fast.alignment_scores(t, v, aggregation="symm", backend="triton")
+        scores.logsumexp(1).sum().backward()
+        runs.append((scores.detach(), t.grad, v.grad))
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+
+
+def test_deterministic_algorithms_force_segmented(monkeypatch):
+    from aladin_fast.ops.alignment_op import triton_backward_strategy
+
+    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", "atomic")
+    assert triton_backward_strategy() == "atomic"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert triton_backward_strategy() == "segmented"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_nan_poisons_only_its_pairs():
+    gen = torch.Generator().manual_seed(1)
+    text = torch.randn(3, 8, 64, generator=gen)
+    images = torch.randn(4, 9, 64, generator=gen)
+    text[1, 2, 5] = float("nan")
+    images[3, 4, 0] = float("nan")
+    for aggregation in AGGREGATIONS:
+        scores = aladin_fast.alignment_scores(text.cuda(), images.cuda(), aggregation=aggregation, backend="triton")
+        poisoned = torch.zeros(3, 4, dtype=torch.bool)
+        poisoned[1, :] = True
+        poisoned[:, 3] = True
+        assert torch.equal(torch.isnan(scores.cpu()), poisoned), aggregation
+
+
+def test_packed_inputs_and_compile_fullgraph():
+    gen = torch.Generator().manual_seed(2)
+    text = torch.randn(11, 32, generator=gen).cuda().requires_grad_()
+    images = torch.randn(13, 32, generator=gen).cuda().requires_grad_()
+    cu_t = torch.tensor([0, 4, 4, 11]).cuda()
+    cu_v = torch.tensor([0, 6, 13]).cuda()
+
+    def loss_fn(t, v):
+        scores = aladin_fast.alignment_scores(t, v, aggregation="symm", backend="triton", text_cu_seqlens=cu_t,
+                                              image_cu_seqlens=cu_v, max_text_len=7, max_image_len=7)
+        return scores.logsumexp(1).sum()
+
+    eager = loss_fn(text, images)
+    eager_grads = torch.autograd.grad(eager, (text, images))
+    compiled = torch.compile(loss_fn, fullgraph=True)(text, images)
+    compiled_grads = torch.autograd.grad(compiled, (text, images))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+    want = aladin_fast.alignment_scores(text.detach().cpu().double(), images.detach().cpu().double(),
+                                        aggregation="symm", backend="reference", text_cu_seqlens=cu_t.cpu(),
+                                        image_cu_seqlens=cu_v.cpu())
+    torch.testing.assert_close(want.logsumexp(1).sum().float(), eager.detach().cpu(), rtol=1e-5, atol=1e-4)
+
+
+def test_opcheck_on_cuda():
+    from aladin_fast.ops.alignment_op import score_tokens, score_tokens_backward
+
+    gen = torch.Generator().manual_seed(3)
+    text = torch.randn(10, 16, generator=gen).cuda().requires_grad_()
+    images = torch.randn(12, 16, generator=gen).cuda().requires_grad_()
+    t_off, t_len = torch.tensor([0, 5]).cuda(), torch.tensor([5, 4], dtype=torch.int32).cuda()
+    v_off, v_len = torch.tensor([0, 4, 8]).cuda(), torch.tensor([4, 4, 3], dtype=torch.int32).cuda()
+    for candidates in (None, torch.tensor([[2, 0], [1, 1]]).cuda()):
+        for aggregation in (0, 2, 3):
+            args = (text, t_off, t_len, images, v_off, v_len, candidates, aggregation, False, 5, 4, "triton",
+                    True, aggregation in (2, 3))
+            torch.library.opcheck(score_tokens, args,
+                                  test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    scores, argmax, region_argmax = score_tokens(text, t_off, t_len, images, v_off, v_len, None, 3, True, 5, 4,
+                                                 "triton", True, True)
+    backward_args = (torch.ones_like(scores), text.detach(), t_off, t_len, images.detach(), v_off, v_len, None,
+                     argmax, region_argmax, 3, True, 5, 4, "triton")
+    torch.library.opcheck(score_tokens_backward, backward_args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("aggregation", ["MrSw", "symm"])
+def test_peak_memory_far_below_pairs_words_regions(aggregation):
+    """Nt = Ni = 128, W = 32, R = 36, D = 1024 fwd + bwd: extra memory O(pairs * W), not [Nt, Ni, W, R]."""
+    text = torch.randn(128, 32, 1024, device="cuda", requires_grad=True)
+    images = torch.randn(128, 36, 1024, device="cuda", requires_grad=True)
+    aladin_fast.alignment_scores(text[:2], images[:2], aggregation=aggregation, backend="triton").sum().backward()
+    text.grad = images.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    aladin_fast.alignment_scores(text, images, aggregation=aggregation, backend="triton").sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    full_similarity = 128 * 128 * 32 * 36 * 4  # 75.5 MB
+    gradients = (128 * 32 + 128 * 36) * 1024 * 4  # the .grad tensors themselves (35.7 MB)
+    print(f"peak extra {extra / 2**20:.1f} MiB (gradients {gradients / 2**20:.1f} MiB)")
+    assert extra - gradients < full_similarity / 4, f"{extra / 2**20:.1f} MiB extra"
