@@ -383,14 +383,17 @@ def main():
     info["peers"] = {name: getattr(module, "__version__", "?") for name, module in peer.items()}
     suites = args.suites.split(",")
     started = time.time()
-    if "training" in suites:
-        suite_training(peer, (1024, 768), args.quick)
-    if "rerank" in suites:
-        suite_rerank(peer, args.quick)
-    if "full_gallery" in suites:
-        suite_full_gallery(args.quick)
-    if "peer_headline" in suites:
-        suite_peer_headline(peer)
+    runs = {"training": lambda: suite_training(peer, (1024, 768), args.quick),
+            "rerank": lambda: suite_rerank(peer, args.quick),
+            "full_gallery": lambda: suite_full_gallery(args.quick),
+            "peer_headline": lambda: suite_peer_headline(peer)}
+    for name in suites:
+        try:
+            runs[name]()
+        except Exception as err:  # noqa: BLE001 - keep the other suites' numbers
+            ROWS.append(dict(suite=name, error=f"{type(err).__name__}: {str(err)[:500]}"))
+            print(f"suite {name} failed: {err}", flush=True)
+            torch.cuda.empty_cache()
     published = summarise(info, peaks)
     result = {"machine": info, "measured_peaks": peaks, "published_peak": published, "rows": ROWS,
               "wall_s": time.time() - started, "command": " ".join(sys.argv)}
