@@ -77,8 +77,8 @@ def test_backward_matches_reference(dtype, mode, strategy, monkeypatch):
         for padding in PADDINGS:
             grads = []
             for backend, device, compute in (("reference", "cpu", torch.float64), ("triton", "cuda", dtype)):
-                text = text0.to(device, compute).requires_grad_()
-                images = images0.to(device, compute).requires_grad_()
+                text = text0.to(device, compute).detach().clone().requires_grad_()
+                images = images0.to(device, compute).detach().clone().requires_grad_()
                 scores = _call(mode, text, images, t_len.to(device), v_len.to(device), aggregation, padding, backend,
                                candidates.to(device))
                 upstream = torch.linspace(-1, 1, scores.numel(), dtype=torch.float64).view(scores.shape)
