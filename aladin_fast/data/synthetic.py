@@ -15,7 +15,13 @@ one base layout; every scene but the first changes exactly one thing (one
 object's colour, size, material or noun), and captions mention that difference
 most of the time ("a red cube left of a small sphere" vs "a blue cube ...").
 A pooled global embedding blurs such one-word differences; the word-region
-max of MrSw sees them.
+max of MrSw sees them. Attribute values repeat across the objects of a scene
+(2 sizes, 8 colours, 5 materials for 3-6 objects), so "small" or "red" alone
+rarely tells a scene from its variant: what does is which object carries it
+("a small cube"), i.e. matching each noun phrase to one region. Scoring
+bag-of-words concepts (no binding) does not get this; contextual word tokens
+can. :meth:`SyntheticScenes.oracle_phrase_features` is that binding-aware
+oracle (see the acceptance measurements in ``docs/training.md``).
 
 Two worlds are separate: ``world_seed`` fixes the prototypes, the word
 embeddings and the noise bank (share it between train and test splits),
@@ -169,6 +175,8 @@ class SyntheticScenes:
         scenes: ``list[Scene]`` ground truth, one per image.
         captions: ``list[str]``, 5 consecutive per image.
         caption_objects: ``list[tuple[int, ...]]``, objects each caption mentions.
+        caption_phrases: ``list[tuple[tuple[str, ...], ...]]``, per caption its noun
+            phrases as concept names (noun first, then the attributes the caption gives it).
         image_lengths: ``[N]`` int64 numpy array of valid regions.
         groups: ``[N]`` int64 numpy array of hard-negative group ids.
         image_features: ``[N, R, D]`` float32 numpy array (built on first use,
@@ -221,13 +229,15 @@ class SyntheticScenes:
                 group_changes.setdefault(scene.group, []).append(scene.change)
         self.captions: List[str] = []
         self.caption_objects: List[Tuple[int, ...]] = []
+        self.caption_phrases: List[Tuple[Tuple[str, ...], ...]] = []
         for scene in self.scenes:
             # what tells this scene from its group mates: its own change, or (for a base) all its variants'
             diagnostic = [scene.change] if scene.change is not None else group_changes.get(scene.group, [])
             for _ in range(self.captions_per_image):
-                text, mentioned = self._caption(rng, scene, diagnostic)
+                text, mentioned, phrases = self._caption(rng, scene, diagnostic)
                 self.captions.append(text)
                 self.caption_objects.append(mentioned)
+                self.caption_phrases.append(phrases)
         self.image_lengths = np.array([scene.num_regions for scene in self.scenes], dtype=np.int64)
         self.groups = np.array([scene.group for scene in self.scenes], dtype=np.int64)
         self._image_features: Optional[np.ndarray] = None
@@ -268,24 +278,26 @@ class SyntheticScenes:
         return scenes
 
     # ---------------------------------------------------------------- captions
-    def _noun_phrase(self, rng: random.Random, obj: SceneObject, force: Optional[str]) -> str:
-        """"a small red cube", "a cube that is red", "a red cube made of metal", ..."""
+    def _noun_phrase(self, rng: random.Random, obj: SceneObject, force: Optional[str]) -> Tuple[str, Tuple[str, ...]]:
+        """"a small red cube", "a cube that is red", "a red cube made of metal", ... and its concepts (noun first)."""
         kinds = [k for k in ("size", "colour", "material") if k == force or rng.random() < 0.6]
         words = {k: rng.choice(ATTRIBUTES[k][getattr(obj, k)]) for k in kinds}
+        concepts = (obj.noun, *(getattr(obj, k) for k in kinds))
         noun = rng.choice(OBJECTS[obj.noun])
         style = rng.random()
         if "material" in words and style < 0.3:
             prefix = " ".join(words[k] for k in ("size", "colour") if k in words)
-            return f"a {prefix + ' ' if prefix else ''}{noun} made of {MATERIAL_NOUNS[obj.material]}"
+            return f"a {prefix + ' ' if prefix else ''}{noun} made of {MATERIAL_NOUNS[obj.material]}", concepts
         if words and style > 0.75:
             last = rng.choice(list(words))
             prefix = " ".join(words[k] for k in ("size", "colour", "material") if k in words and k != last)
-            return f"a {prefix + ' ' if prefix else ''}{noun} that is {words[last]}"
+            return f"a {prefix + ' ' if prefix else ''}{noun} that is {words[last]}", concepts
         adjectives = " ".join(words[k] for k in ("size", "colour", "material") if k in words)
-        return f"a {adjectives + ' ' if adjectives else ''}{noun}"
+        return f"a {adjectives + ' ' if adjectives else ''}{noun}", concepts
 
-    def _caption(self, rng: random.Random, scene: Scene, diagnostic: List[Change]) -> Tuple[str, Tuple[int, ...]]:
-        """One caption and the indices of the objects it mentions."""
+    def _caption(self, rng: random.Random, scene: Scene, diagnostic: List[Change]
+                 ) -> Tuple[str, Tuple[int, ...], Tuple[Tuple[str, ...], ...]]:
+        """One caption, the indices of the objects it mentions and their noun phrases' concepts."""
         focus, force = None, {}
         if diagnostic and rng.random() < self.diagnostic_prob:
             change = rng.choice(diagnostic)
@@ -296,20 +308,22 @@ class SyntheticScenes:
         relations = [r for r in scene.relations if focus is None or focus in (r[0], r[2])]
         if relations and style < 0.5:  # two objects and a relation
             subject, relation, obj = rng.choice(relations)
-            a = self._noun_phrase(rng, scene.objects[subject], force.get(subject))
-            b = self._noun_phrase(rng, scene.objects[obj], force.get(obj))
+            a, a_concepts = self._noun_phrase(rng, scene.objects[subject], force.get(subject))
+            b, b_concepts = self._noun_phrase(rng, scene.objects[obj], force.get(obj))
             if rng.random() < 0.5:
                 subject, obj, a, b, relation = obj, subject, b, a, INVERSE_RELATION[relation]
+                a_concepts, b_concepts = b_concepts, a_concepts
             phrase = rng.choice(RELATION_PHRASES[relation])
             template = rng.choice(("{a} {p} {b}", "there is {a} {p} {b}", "{a} is {p} {b}", "a photo of {a} {p} {b}"))
-            return _articles(template.format(a=a, p=phrase, b=b)), (subject, obj)
+            return _articles(template.format(a=a, p=phrase, b=b)), (subject, obj), (a_concepts, b_concepts)
         mentioned = rng.sample(range(count), rng.choice((1, 2, 2, 3, 3)))
         if focus is not None and focus not in mentioned:
             mentioned[0] = focus
-        phrases = [self._noun_phrase(rng, scene.objects[k], force.get(k)) for k in mentioned]
+        built = [self._noun_phrase(rng, scene.objects[k], force.get(k)) for k in mentioned]
+        phrases = [text for text, _ in built]
         listed = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
         template = rng.choice(("{l}", "a picture of {l}", "there is {l} in the scene", "we can see {l}", "an image showing {l}"))
-        return _articles(template.format(l=listed)), tuple(mentioned)
+        return _articles(template.format(l=listed)), tuple(mentioned), tuple(concepts for _, concepts in built)
 
     # ---------------------------------------------------------------- features
     @property
@@ -422,6 +436,27 @@ class SyntheticScenes:
         for slot, row in enumerate(concepts):
             out[slot, torch.arange(len(row)), torch.tensor(row, dtype=torch.int64)] = 1.0
         return out, torch.tensor([len(c) for c in concepts], dtype=torch.int64)
+
+    def oracle_phrase_features(self, caption_indices: Optional[Sequence[int]] = None
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Noun phrases as unit concept vectors: ``([Nc, P, K] float32, lengths [Nc])``.
+
+        One token per noun phrase of the caption, the mean of one-hot vectors of
+        its noun and the attributes the caption gives it ("a small red cube" ->
+        (cube + small + red) / 3). With ``region_features @ concept_prototypes.T``
+        and MrSw each phrase must find one region carrying all of its concepts:
+        the binding a contextual word encoder can learn and a bag of words
+        (:meth:`oracle_word_features`) cannot.
+        """
+        names, index, _, _, _, _ = _world(self.world_seed, self.feature_dim)
+        indices = range(len(self.captions)) if caption_indices is None else [int(j) for j in caption_indices]
+        phrases = [self.caption_phrases[j] for j in indices]
+        width = max((len(p) for p in phrases), default=0)
+        out = torch.zeros(len(phrases), width, len(names))
+        for slot, caption in enumerate(phrases):
+            for position, concepts in enumerate(caption):
+                out[slot, position, [index[c] for c in concepts]] = 1.0 / len(concepts)
+        return out, torch.tensor([len(p) for p in phrases], dtype=torch.int64)
 
     # ------------------------------------------------------------ ground truth
     def hard_negative_pairs(self) -> List[Tuple[int, int, Change]]:
