@@ -12,26 +12,24 @@ Every case checks its scores and gradients against the plain formulation. ``flop
 ``extra_info`` is the same for every provider (the forward similarities, 2 Nt Ni W R D,
 plus the argmax backward, gather + scatter, 4 Nt Ni W D), so GFLOP/s compare like
 inverse times; aladin rows also carry the raw FMA peak measured in the same run
-(``fma_peak_gflops``). Run for real with ``make bench`` or
+(``fma_peak_gflops``, with the read bandwidth and sgemm rate: conftest.py). Shapes:
+``shapes.TRAINING_SHAPES``. Run for real with ``make bench`` or
 ``pytest benchmarks/test_bench_training.py --benchmark-only --benchmark-json=raw.json``
 then ``python benchmarks/report.py raw.json``. With ``--benchmark-disable`` (the
-default test run) only the D = 768 shape runs, once, on a 64 x 64 batch
-(``ALADIN_FAST_BENCH_FULL=1`` keeps the full shapes).
+default test run) only the D = 768 shape runs, once, on a ``shapes.SMOKE_BATCH``
+batch, and torch.compile traces with backend="eager" (inductor's code generation
+takes ~15 s here); ``ALADIN_FAST_BENCH_FULL=1`` keeps the full shapes and inductor.
 """
-import os
-
 import pytest
 import torch
 
 import aladin_fast
+from providers import full_run
+from shapes import TRAINING_SHAPES, shapes_for
 
 _C = pytest.importorskip("aladin_fast._C")
 
-TRAINING_SHAPES = {
-    "train_B128_W32_R36_D1024": dict(batch=128, words=32, regions=36, dim=1024),
-    "train_B128_W32_R36_D768": dict(batch=128, words=32, regions=36, dim=768),
-}
-SMOKE_BATCH = 64  # batch used when benchmarks are disabled (one quick run per case)
+SHAPES = shapes_for("cpu", TRAINING_SHAPES)
 PROVIDERS = ["aladin_fast_cpu_fp32", "torch_eager_fp32", "torch_compile_fp32"]
 
 
@@ -46,10 +44,10 @@ def plain_scores(text, images, text_mask, image_mask):
 _COMPILED = {}
 
 
-def _compiled_plain():
-    if "plain" not in _COMPILED:
-        _COMPILED["plain"] = torch.compile(plain_scores, dynamic=False)
-    return _COMPILED["plain"]
+def _compiled_plain(inductor: bool):
+    if inductor not in _COMPILED:
+        _COMPILED[inductor] = torch.compile(plain_scores, dynamic=False, backend="inductor" if inductor else "eager")
+    return _COMPILED[inductor]
 
 
 def _training_inputs(batch, words, regions, dim, seed=0):
@@ -68,16 +66,16 @@ def _step(score_fn, text, images, upstream):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape_name", list(TRAINING_SHAPES))
+@pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_training_step(benchmark, shape_name, provider):
-    shape = dict(TRAINING_SHAPES[shape_name])
-    disabled = getattr(benchmark, "disabled", False) and not os.environ.get("ALADIN_FAST_BENCH_FULL")
-    if disabled:
-        if shape["dim"] != 768:
+    shape = SHAPES[shape_name]
+    full = full_run(benchmark)
+    if not full:
+        if shape.dim != 768:
             pytest.skip("benchmarks disabled: the smoke run covers the D=768 shape only")
-        shape["batch"] = SMOKE_BATCH
-    text, images, upstream = _training_inputs(**shape)
-    batch, words, regions = shape["batch"], shape["words"], shape["regions"]
+        shape = shape.smoke()
+    batch, words, regions, dim = shape.queries, shape.words, shape.regions, shape.dim
+    text, images, upstream = _training_inputs(batch, words, regions, dim)
     text_mask = torch.ones(batch, words, dtype=torch.bool)
     image_mask = torch.ones(batch, regions, dtype=torch.bool)
     if provider == "aladin_fast_cpu_fp32":
@@ -85,25 +83,31 @@ def test_training_step(benchmark, shape_name, provider):
     elif provider == "torch_eager_fp32":
         score_fn = lambda t, v: plain_scores(t, v, text_mask, image_mask)  # noqa: E731
     else:
-        compiled = _compiled_plain()
+        compiled = _compiled_plain(inductor=full)
         score_fn = lambda t, v: compiled(t, v, text_mask, image_mask)  # noqa: E731
 
     # correctness first (this also compiles / warms up), against the eager plain formulation
     expected = _step(lambda t, v: plain_scores(t, v, text_mask, image_mask), text, images, upstream)
     expected = tuple(x.clone() for x in expected)
-    got = _step(score_fn, text, images, upstream)
+    try:
+        got = _step(score_fn, text, images, upstream)
+    except Exception as error:  # noqa: BLE001
+        if provider != "torch_compile_fp32":
+            raise
+        pytest.skip(f"torch.compile failed on this machine: {type(error).__name__}: {str(error)[:300]}")
     torch.testing.assert_close(got[0], expected[0], atol=2e-4, rtol=1e-4)
-    for g, e in zip(got[1:], expected[1:]):  # a near-tie may pick another region under other rounding
-        assert torch.isclose(g, e, atol=2e-4, rtol=1e-4).float().mean() > 0.999
+    for g, e in zip(got[1:], expected[1:]):
+        # a near-tie may pick another region under other rounding: that token row's gradient then
+        # differs as a whole, so count differing token rows (a few of ~1,000 at the smoke batch)
+        differing_rows = (~torch.isclose(g, e, atol=2e-4, rtol=1e-4)).any(dim=-1)
+        assert differing_rows.float().mean() < 0.01, f"{int(differing_rows.sum())} token gradients differ"
 
     threads = torch.get_num_threads()
-    benchmark.group = f"train_B{batch}_D{shape['dim']}"
+    benchmark.group = shape_name
     benchmark.extra_info.update(
-        op="alignment_scores_fwd_bwd", shape=f"train_B{batch}_W{words}_R{regions}_D{shape['dim']}",
-        provider=provider, dtype="float32", threads=threads,
-        flops=2.0 * batch * batch * words * regions * shape["dim"] + 4.0 * batch * batch * words * shape["dim"],
-        bytes=float((batch * words + batch * regions) * shape["dim"] * 4 * 3),  # read T, V; write their grads
+        op="alignment_scores_fwd_bwd", shape=shape_name, provider=provider, dtype="float32", threads=threads,
+        queries=batch, words=words, regions=regions, dim=dim, gallery=batch, candidates=None, full_shape=full,
+        flops=shape.flops + 4.0 * batch * batch * words * dim,
+        bytes=float((batch * words + batch * regions) * dim * 4 * 2),  # read T, V once; write their grads once
     )
-    if provider.startswith("aladin_fast"):
-        benchmark.extra_info["fma_peak_gflops"] = _C.fma_peak("auto", threads, 0.2)
     benchmark.pedantic(_step, args=(score_fn, text, images, upstream), rounds=5, warmup_rounds=1, iterations=1)
