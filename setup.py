@@ -62,6 +62,12 @@ setup(
         "milvus": ["pymilvus>=2.4", "milvus-lite>=2.4"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "uvloop>=0.19; sys_platform != 'win32'"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "matplotlib>=3.7"],
+        # benchmark baselines: fast-maxsim ships wheels only (no sdist); 1 MB, needs only numpy
+        "bench": [
+            "pytest-benchmark>=4",
+            "matplotlib>=3.7",
+            "fast-maxsim==0.2.0; sys_platform == 'linux' and platform_machine == 'x86_64'",
+        ],
     },
     entry_points={"console_scripts": ["aladin-fast=aladin_fast.cli:main"]},
     zip_safe=False,

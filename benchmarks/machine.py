@@ -38,3 +38,7 @@ def machine_name(prefer_gpu: bool = True) -> str:
         if torch.cuda.is_available():
             return re.sub(r"[^A-Za-z0-9]+", "-", f"gpu-{torch.cuda.get_device_name(0)}").strip("-").lower()
     return re.sub(r"[^A-Za-z0-9]+", "-", f"cpu-{cpu_model()}-{os.cpu_count()}threads").strip("-").lower()
+
+
+if __name__ == "__main__":  # the file-safe name of this CPU (the Makefile's default bench baseline)
+    print(machine_name(prefer_gpu=False))
