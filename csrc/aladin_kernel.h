@@ -4,13 +4,40 @@
 // the pybind11 bindings, the (ISA-independent) OpenMP driver and the per-ISA
 // translation units (kernel_scalar.cpp, kernel_avx2.cpp, kernel_avx512.cpp).
 // It must stay free of anything that is compiled with ISA-specific target
-// options: only plain declarations and POD structs live here.
+// options: only plain declarations, POD structs and two integer helpers live here.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace aladin_fast {
+
+// ---- helpers shared by the drivers.  Plain integer code: the ISA translation units include
+// this header before their target pragma, so these compile for the build's default target.
+
+// Threads for a parallel region: `requested`, or the OpenMP default when 0; 1 without OpenMP.
+inline int resolve_threads(int requested) {
+#ifdef _OPENMP
+    const int threads = requested > 0 ? requested : omp_get_max_threads();
+    return threads > 0 ? threads : 1;
+#else
+    (void)requested;
+    return 1;
+#endif
+}
+
+// Part `part` of `parts` contiguous, near-equal pieces of [0, n): the static split of every
+// driver.  The pieces depend only on (n, parts), never on scheduling.
+struct Span {
+    int64_t begin, end;
+};
+inline Span static_part(int64_t n, int64_t part, int64_t parts) {
+    return {n * part / parts, n * (part + 1) / parts};
+}
 
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 

@@ -8,6 +8,7 @@
 //   * image pass: images are split into contiguous ranges balanced by their number of
 //     pairs; the thread that owns image j walks j's pairs in increasing pair order (an
 //     inverse index built by a counting sort when candidates are given).
+// Both passes are the same loop (`owner_pass`) seen from either side of the pairs.
 // Every output row is therefore reduced by one thread in a fixed order: the gradients
 // are bitwise identical for any thread count.  Pairs whose upstream gradient is exactly
 // 0 are skipped (hinge losses with hardest negatives leave most pairs at 0).
@@ -15,247 +16,284 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "aladin_kernel.h"
 
 namespace aladin_fast {
 namespace {
 
-// element `col` of token `row` in a [rows, dim] matrix of `dtype`
-inline const void* row_ptr(const void* base, int64_t row, int64_t dim, int64_t col, DType dtype) {
-    const int64_t elem = dtype == DType::F32 ? 4 : 2;
-    return static_cast<const char*>(base) + (row * dim + col) * elem;
-}
+// Row arithmetic of the fp32 path: the ISA's axpy, tokens of `dtype` converted to fp32.
+struct Fp32Rows {
+    using Acc = float;
+    const IsaKernels* isa;
+    DType dtype;
 
-// coefficient of the word term of pair (i, j): MrAVGw divides by the valid words
-inline float word_coefficient(const Job& f, float g, int64_t nw) {
-    return f.aggregation == MRAVGW ? g / static_cast<float>(nw) : g;
-}
+    // y[0:n] += c * tokens[row][col : col + n]
+    void add_token(float* y, float c, const void* tokens, int64_t row, int64_t dim, int64_t col, int64_t n) const {
+        const int64_t elem = dtype == DType::F32 ? 4 : 2;
+        isa->axpy(y, c, static_cast<const char*>(tokens) + (row * dim + col) * elem, dtype, n);
+    }
+    // y[0:n] += c * x[0:n]
+    void add(float* y, float c, const float* x, int64_t n) const { isa->axpy(y, c, x, DType::F32, n); }
+};
 
-// coefficient of the sum term: sum -> g; mean -> g / (n_w n_r) or g / (W_pad R_pad) in zero mode
-inline float sum_coefficient(const Job& f, float g, int64_t nw, int64_t nr) {
-    if (f.aggregation == SUM) return g;
-    const double den = f.zero_padding ? static_cast<double>(f.text_pad) * static_cast<double>(f.image_pad)
-                                      : static_cast<double>(nw) * static_cast<double>(nr);
-    return den > 0.0 ? static_cast<float>(static_cast<double>(g) / den) : 0.0f;
-}
+// One side of the pairs (the captions or the images) and its gradient.
+template <class Acc>
+struct Side {
+    const void* tokens;
+    const int64_t* offsets;
+    const int32_t* lengths;
+    int64_t count;  // sequences
+    int64_t rows;   // rows of `tokens` and of `grad`
+    Acc* grad;      // [rows, D]
+    Acc* sums;      // [count, D] sum of each sequence's valid rows (sum / mean only), else nullptr
+};
 
-// Sum of the valid rows of each sequence, fp32, into sums[n * dim] (rows of one sequence in order).
-void sequence_sums(const IsaKernels* isa, const void* tokens, DType dtype, const int64_t* offsets,
-                   const int32_t* lengths, int64_t begin, int64_t end, int64_t dim, float* sums) {
-    for (int64_t s = begin; s < end; ++s) {
-        float* out = sums + s * dim;
-        std::memset(out, 0, static_cast<size_t>(dim) * sizeof(float));
-        for (int64_t t = 0; t < lengths[s]; ++t)
-            isa->axpy(out, 1.0f, row_ptr(tokens, offsets[s] + t, dim, 0, dtype), dtype, dim);
+template <class Ops>
+class Backward {
+  public:
+    using Acc = typename Ops::Acc;
+
+    Backward(const BackwardJob& job, const Ops& ops, const Acc* grad, Side<Acc> text, Side<Acc> images)
+        : f_(job.fwd), job_(job), ops_(ops), grad_(grad), text_(text), images_(images) {
+        const int agg = f_.aggregation;
+        word_term_ = agg == MRSW || agg == MRAVGW || agg == SYMM;
+        region_term_ = agg == MWSR || agg == SYMM;
+        sum_term_ = agg == SUM || agg == MEAN;
+    }
+
+    int run(int num_threads, bool overlapping_rows);
+
+  private:
+    // pairs of sequence s of the owning side, and the e-th of them (increasing pair order)
+    int64_t pair_count(bool owns_text, int64_t s) const {
+        if (owns_text) return f_.k;
+        return f_.candidates ? start_[s + 1] - start_[s] : f_.nt;
+    }
+    int64_t pair(bool owns_text, int64_t s, int64_t e) const {
+        if (owns_text) return s * f_.k + e;
+        return f_.candidates ? order_[static_cast<size_t>(start_[s] + e)] : e * f_.k + s;
+    }
+    // coefficient of the word term of a pair: MrAVGw divides by the valid words
+    Acc word_coefficient(Acc g, int64_t nw) const {
+        return f_.aggregation == MRAVGW ? g / static_cast<Acc>(nw) : g;
+    }
+    // coefficient of the sum term: sum -> g; mean -> g / (n_w n_r) or g / (W_pad R_pad) in zero mode
+    Acc sum_coefficient(Acc g, int64_t nw, int64_t nr) const {
+        if (f_.aggregation == SUM) return g;
+        const double den = f_.zero_padding ? static_cast<double>(f_.text_pad) * static_cast<double>(f_.image_pad)
+                                           : static_cast<double>(nw) * static_cast<double>(nr);
+        return den > 0.0 ? static_cast<Acc>(static_cast<double>(g) / den) : Acc(0);
+    }
+
+    void sequence_sums(const Side<Acc>& side, Span range) const;
+    void add_matched(Acc* own_rows, const Side<Acc>& other, int64_t other_row0, const int32_t* match,
+                     int64_t n_from, int64_t n_to, bool owner_is_from, Acc c, int64_t d0, int64_t dl) const;
+    void owner_pass(bool owns_text, Span owned, int64_t d0, int64_t dl, int64_t block, Acc* acc) const;
+    Span balanced_images(int64_t tid, int64_t nth) const;
+
+    const Job& f_;
+    const BackwardJob& job_;
+    Ops ops_;
+    const Acc* grad_;
+    Side<Acc> text_, images_;
+    bool word_term_ = false, region_term_ = false, sum_term_ = false;
+    std::vector<int64_t> start_, order_;  // pairs of image j: order_[start_[j] .. start_[j + 1])
+};
+
+// Sum of the valid rows of each sequence in `range` into side.sums (rows of one sequence in order).
+template <class Ops>
+void Backward<Ops>::sequence_sums(const Side<Acc>& side, Span range) const {
+    const int64_t D = f_.dim;
+    for (int64_t s = range.begin; s < range.end; ++s) {
+        Acc* out = side.sums + s * D;
+        std::memset(out, 0, static_cast<size_t>(D) * sizeof(Acc));
+        for (int64_t t = 0; t < side.lengths[s]; ++t) ops_.add_token(out, Acc(1), side.tokens, side.offsets[s] + t, D, 0, D);
     }
 }
 
-}  // namespace
+// Gradient of c * sum_a <from_a, to_{match[a]}> for the owning end of the match, columns
+// [d0, d0 + dl): every position a < n_from won by position match[a] < n_to (a winner that
+// is -1 or a padded position carries no gradient).  The owner is either the "from"
+// sequence (rows a receive c * to_{match[a]}) or the "to" sequence (rows match[a] receive
+// c * from_a); either way positions a are visited in increasing order.
+template <class Ops>
+void Backward<Ops>::add_matched(Acc* own_rows, const Side<Acc>& other, int64_t other_row0, const int32_t* match,
+                                int64_t n_from, int64_t n_to, bool owner_is_from, Acc c, int64_t d0,
+                                int64_t dl) const {
+    const int64_t D = f_.dim;
+    for (int64_t a = 0; a < n_from; ++a) {
+        const int64_t m = match[a];
+        if (m < 0 || m >= n_to) continue;
+        const int64_t own = owner_is_from ? a : m, theirs = owner_is_from ? m : a;
+        ops_.add_token(own_rows + own * D, c, other.tokens, other_row0 + theirs, D, d0, dl);
+    }
+}
 
-int run_backward(const BackwardJob& job, const IsaKernels* isa, int num_threads, bool overlapping_rows) {
-    const Job& f = job.fwd;
-    const int64_t D = f.dim, K = f.k, nt = f.nt, ni = f.ni;
-    const int64_t pairs = nt * K;
-    const DType dt = f.dtype;
-    const int agg = f.aggregation;
-    const bool word_term = agg == MRSW || agg == MRAVGW || agg == SYMM;
-    const bool region_term = agg == MWSR || agg == SYMM;
-    const bool sum_term = agg == SUM || agg == MEAN;
-    if ((word_term && !job.argmax) || (region_term && !job.region_argmax)) return -3;
-
-    int threads = num_threads;
-#ifdef _OPENMP
-    if (threads <= 0) threads = omp_get_max_threads();
-#else
-    threads = 1;
-#endif
-    if (threads < 1 || overlapping_rows) threads = 1;  // shared rows: a single owner keeps it race-free
-
-    // inverse index: the pairs of image j are order[start[j] .. start[j + 1]), increasing
-    std::vector<int64_t> start, order;
-    if (f.candidates) {
-        start.assign(static_cast<size_t>(ni + 1), 0);
-        for (int64_t p = 0; p < pairs; ++p) {
-            const int64_t j = f.candidates[p];
-            if (j < 0 || j >= ni) return -1;
-            ++start[static_cast<size_t>(j + 1)];
+// Accumulates columns [d0, d0 + dl) of the gradient rows of the owned sequences (captions
+// when owns_text, else images): `block` sequences at a time, pair round by pair round, so
+// that in all-pairs mode a block reuses the other side's row chunks from L1/L2 and the
+// chunk of the whole batch stays in the last-level cache.  A row's accumulation order
+// (its pairs in increasing order, then words / regions) depends neither on the blocking
+// nor on the thread count.  `acc` holds block * dl values (sum / mean only).
+template <class Ops>
+void Backward<Ops>::owner_pass(bool owns_text, Span owned, int64_t d0, int64_t dl, int64_t block, Acc* acc) const {
+    const Side<Acc>& own = owns_text ? text_ : images_;
+    const Side<Acc>& other = owns_text ? images_ : text_;
+    const int64_t D = f_.dim, K = f_.k;
+    for (int64_t sb = owned.begin; sb < owned.end; sb += block) {
+        const int64_t se = std::min(sb + block, owned.end);
+        if (sum_term_) std::memset(acc, 0, static_cast<size_t>((se - sb) * dl) * sizeof(Acc));
+        int64_t rounds = 0;  // pairs of the busiest sequence of the block
+        for (int64_t s = sb; s < se; ++s) rounds = std::max(rounds, pair_count(owns_text, s));
+        for (int64_t e = 0; e < rounds; ++e) {
+            for (int64_t s = sb; s < se; ++s) {
+                const int64_t n_own = own.lengths[s];
+                if (n_own == 0 || e >= pair_count(owns_text, s)) continue;
+                const int64_t p = pair(owns_text, s, e);
+                const Acc g = grad_[p];
+                if (g == Acc(0)) continue;
+                const int64_t o = owns_text ? (f_.candidates ? f_.candidates[p] : e) : p / K;
+                const int64_t n_other = other.lengths[o];
+                if (n_other == 0) continue;
+                const int64_t nw = owns_text ? n_own : n_other, nr = owns_text ? n_other : n_own;
+                Acc* rows = own.grad + own.offsets[s] * D + d0;
+                if (word_term_)  // words -> regions (argmax): the text owns the "from" end
+                    add_matched(rows, other, other.offsets[o], job_.argmax + p * f_.text_pad, nw, nr, owns_text,
+                                word_coefficient(g, nw), d0, dl);
+                if (region_term_)  // regions -> words (region_argmax): the image owns the "from" end
+                    add_matched(rows, other, other.offsets[o], job_.region_argmax + p * f_.image_pad, nr, nw,
+                                !owns_text, g, d0, dl);
+                if (sum_term_) {
+                    const Acc c = sum_coefficient(g, nw, nr);
+                    if (c != Acc(0)) ops_.add(acc + (s - sb) * dl, c, other.sums + o * D + d0, dl);
+                }
+            }
         }
-        for (int64_t j = 0; j < ni; ++j) start[j + 1] += start[j];
-        order.resize(static_cast<size_t>(pairs));
-        std::vector<int64_t> fill(start.begin(), start.end() - 1);
-        for (int64_t p = 0; p < pairs; ++p) order[static_cast<size_t>(fill[f.candidates[p]]++)] = p;
+        if (sum_term_)
+            for (int64_t s = sb; s < se; ++s)
+                for (int64_t t = 0; t < own.lengths[s]; ++t)
+                    ops_.add(own.grad + (own.offsets[s] + t) * D + d0, Acc(1), acc + (s - sb) * dl, dl);
     }
-    // cache blocking (see the parallel region).  Measured on the 128 x 128, W 32, R 36, D 1024
+}
+
+// Images owned by thread tid: an equal split in all-pairs mode, else contiguous ranges
+// balanced by pair count (the candidates may concentrate on a few images).
+template <class Ops>
+Span Backward<Ops>::balanced_images(int64_t tid, int64_t nth) const {
+    const int64_t ni = f_.ni;
+    if (!f_.candidates) return static_part(ni, tid, nth);
+    const int64_t pairs = f_.nt * f_.k;
+    const auto bound = [&](int64_t t) {
+        if (t >= nth) return ni;
+        const int64_t target = static_part(pairs, t, nth).begin;
+        return std::min(ni, static_cast<int64_t>(std::lower_bound(start_.begin(), start_.end(), target) -
+                                                 start_.begin()));
+    };
+    return {bound(tid), bound(tid + 1)};
+}
+
+template <class Ops>
+int Backward<Ops>::run(int num_threads, bool overlapping_rows) {
+    const int64_t D = f_.dim, nt = f_.nt, ni = f_.ni;
+    const int64_t pairs = nt * f_.k;
+    if ((word_term_ && !job_.argmax) || (region_term_ && !job_.region_argmax)) return -3;
+    // Shared rows: a single owner keeps it race-free.  Small jobs (gradcheck's) use fewer threads:
+    // waking a team costs more than the work, far more on a loaded machine.  Any thread count
+    // gives the same bits.
+    constexpr int64_t kWorkPerThread = int64_t(1) << 16;  // multiply-adds
+    const int64_t work = pairs * (f_.max_text_len + f_.max_image_len + 1) * std::max<int64_t>(D, 1);
+    const int threads = overlapping_rows ? 1 : static_cast<int>(std::min<int64_t>(resolve_threads(num_threads),
+                                                                                   1 + work / kWorkPerThread));
+
+    if (f_.candidates) {  // inverse index by a counting sort: the pairs of each image, increasing
+        start_.assign(static_cast<size_t>(ni + 1), 0);
+        for (int64_t p = 0; p < pairs; ++p) {
+            const int64_t j = f_.candidates[p];
+            if (j < 0 || j >= ni) return -1;
+            ++start_[static_cast<size_t>(j + 1)];
+        }
+        for (int64_t j = 0; j < ni; ++j) start_[j + 1] += start_[j];
+        order_.resize(static_cast<size_t>(pairs));
+        std::vector<int64_t> fill(start_.begin(), start_.end() - 1);
+        for (int64_t p = 0; p < pairs; ++p) order_[static_cast<size_t>(fill[f_.candidates[p]]++)] = p;
+    }
+    // cache blocking (see owner_pass).  Measured on the 128 x 128, W 32, R 36, D 1024 fp32
     // training batch (2 threads, 8 MB L3): whole rows and blocks of ~2 MB of accumulated rows
     // (16 captions / 14 images) beat both no blocking (2x slower) and D chunks of 256-512.
-    int64_t dc = job.d_chunk > 0 ? job.d_chunk : D;
+    int64_t dc = job_.d_chunk > 0 ? job_.d_chunk : D;
     dc = std::max<int64_t>(1, std::min<int64_t>(dc, D));
-    const int64_t longest = std::max<int64_t>(std::max(f.max_text_len, f.max_image_len), 1);
-    int64_t block = job.block > 0 ? job.block : (int64_t(2) << 20) / (longest * dc * 4);
+    const int64_t longest = std::max<int64_t>(std::max(f_.max_text_len, f_.max_image_len), 1);
+    int64_t block = job_.block > 0 ? job_.block : (int64_t(2) << 20) / (longest * dc * int64_t(sizeof(Acc)));
     block = std::max<int64_t>(1, std::min<int64_t>(block, 16));
-    std::vector<float> text_sums, image_sums;
-    if (sum_term) {
+    std::vector<Acc> text_sums, image_sums;
+    if (sum_term_) {
         text_sums.resize(static_cast<size_t>(nt * D));
         image_sums.resize(static_cast<size_t>(ni * D));
+        text_.sums = text_sums.data();
+        images_.sums = image_sums.data();
     }
 
     int error = 0;
 #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
-        const int64_t tid = omp_get_thread_num();
-        const int64_t nth = omp_get_num_threads();
+        const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
 #else
         const int64_t tid = 0, nth = 1;
 #endif
         // zero both outputs (rows that hold no valid token stay 0), and the per-sequence sums
-        {
-            const int64_t t0 = job.text_rows * tid / nth, t1 = job.text_rows * (tid + 1) / nth;
-            std::memset(job.grad_text + t0 * D, 0, static_cast<size_t>((t1 - t0) * D) * sizeof(float));
-            const int64_t i0 = job.image_rows * tid / nth, i1 = job.image_rows * (tid + 1) / nth;
-            std::memset(job.grad_images + i0 * D, 0, static_cast<size_t>((i1 - i0) * D) * sizeof(float));
+        for (const Side<Acc>* side : {&text_, &images_}) {
+            const Span rows = static_part(side->rows, tid, nth);
+            std::memset(side->grad + rows.begin * D, 0, static_cast<size_t>((rows.end - rows.begin) * D) * sizeof(Acc));
+            if (sum_term_) sequence_sums(*side, static_part(side->count, tid, nth));
         }
-        if (sum_term) {
-            sequence_sums(isa, f.text, dt, f.text_offsets, f.text_lengths, nt * tid / nth, nt * (tid + 1) / nth, D,
-                          text_sums.data());
-            sequence_sums(isa, f.images, dt, f.image_offsets, f.image_lengths, ni * tid / nth, ni * (tid + 1) / nth,
-                          D, image_sums.data());
-        }
-        // Cache blocking: D is processed in chunks of `dc` columns and `block` captions (images)
-        // together, candidate by candidate (pair by pair), so that in all-pairs mode a block
-        // reuses each image's (caption's) row chunks from L1/L2 and the chunk of the whole
-        // batch stays in the last-level cache.  A row's accumulation order (candidates, then
-        // words / regions) does not depend on the blocking or on the thread count.
-        float* acc = sum_term ? static_cast<float*>(std::malloc(static_cast<size_t>(block * dc) * sizeof(float)))
-                              : nullptr;
-        if (sum_term && !acc) {
+        Acc* acc = sum_term_ ? static_cast<Acc*>(std::malloc(static_cast<size_t>(block * dc) * sizeof(Acc))) : nullptr;
+        if (sum_term_ && !acc) {
 #pragma omp atomic write
             error = -2;
         }
 #pragma omp barrier
         if (error == 0) {
-            int64_t j_begin, j_end;  // images owned by this thread
-            if (f.candidates) {      // balanced by pair count
-                const auto bound = [&](int64_t t) {
-                    if (t >= nth) return ni;
-                    const int64_t target = pairs * t / nth;
-                    return static_cast<int64_t>(std::lower_bound(start.begin(), start.end(), target) - start.begin());
-                };
-                j_begin = std::min(bound(tid), ni);
-                j_end = std::min(bound(tid + 1), ni);
-            } else {
-                j_begin = ni * tid / nth;
-                j_end = ni * (tid + 1) / nth;
-            }
-            const int64_t i_begin = nt * tid / nth, i_end = nt * (tid + 1) / nth;
+            const Span captions = static_part(nt, tid, nth), images = balanced_images(tid, nth);
             for (int64_t d0 = 0; d0 < D; d0 += dc) {
                 const int64_t dl = std::min(dc, D - d0);
-                // ---- text pass: the rows of caption i
-                for (int64_t ib = i_begin; ib < i_end; ib += block) {
-                    const int64_t ie = std::min(ib + block, i_end);
-                    if (sum_term) std::memset(acc, 0, static_cast<size_t>((ie - ib) * dl) * sizeof(float));
-                    for (int64_t kk = 0; kk < K; ++kk) {
-                        for (int64_t i = ib; i < ie; ++i) {
-                            const int64_t nw = f.text_lengths[i];
-                            const int64_t p = i * K + kk;
-                            const float g = job.grad[p];
-                            if (nw == 0 || g == 0.0f) continue;
-                            const int64_t j = f.candidates ? f.candidates[p] : kk;
-                            const int64_t nr = f.image_lengths[j];
-                            if (nr == 0) continue;
-                            float* gt = job.grad_text + f.text_offsets[i] * D + d0;
-                            const int64_t row0 = f.image_offsets[j];
-                            if (word_term) {
-                                const float c = word_coefficient(f, g, nw);
-                                const int32_t* a = job.argmax + p * f.text_pad;
-                                for (int64_t w = 0; w < nw; ++w) {
-                                    const int64_t r = a[w];
-                                    if (r >= 0 && r < nr)
-                                        isa->axpy(gt + w * D, c, row_ptr(f.images, row0 + r, D, d0, dt), dt, dl);
-                                }
-                            }
-                            if (region_term) {
-                                const int32_t* b = job.region_argmax + p * f.image_pad;
-                                for (int64_t r = 0; r < nr; ++r) {
-                                    const int64_t w = b[r];
-                                    if (w >= 0 && w < nw)
-                                        isa->axpy(gt + w * D, g, row_ptr(f.images, row0 + r, D, d0, dt), dt, dl);
-                                }
-                            }
-                            if (sum_term) {
-                                const float c = sum_coefficient(f, g, nw, nr);
-                                if (c != 0.0f)
-                                    isa->axpy(acc + (i - ib) * dl, c, image_sums.data() + j * D + d0, DType::F32, dl);
-                            }
-                        }
-                    }
-                    if (sum_term)
-                        for (int64_t i = ib; i < ie; ++i)
-                            for (int64_t w = 0; w < f.text_lengths[i]; ++w)
-                                isa->axpy(job.grad_text + (f.text_offsets[i] + w) * D + d0, 1.0f, acc + (i - ib) * dl,
-                                          DType::F32, dl);
-                }
-                // ---- image pass: the rows of image j
-                for (int64_t jb = j_begin; jb < j_end; jb += block) {
-                    const int64_t je = std::min(jb + block, j_end);
-                    if (sum_term) std::memset(acc, 0, static_cast<size_t>((je - jb) * dl) * sizeof(float));
-                    int64_t rounds = 0;  // pairs of the busiest image of the block
-                    for (int64_t j = jb; j < je; ++j)
-                        rounds = std::max(rounds, f.candidates ? start[j + 1] - start[j] : nt);
-                    for (int64_t e = 0; e < rounds; ++e) {
-                        for (int64_t j = jb; j < je; ++j) {
-                            const int64_t nr = f.image_lengths[j];
-                            if (nr == 0) continue;
-                            if (f.candidates && e >= start[j + 1] - start[j]) continue;
-                            const int64_t p = f.candidates ? order[static_cast<size_t>(start[j] + e)] : e * K + j;
-                            const float g = job.grad[p];
-                            if (g == 0.0f) continue;
-                            const int64_t i = p / K;
-                            const int64_t nw = f.text_lengths[i];
-                            if (nw == 0) continue;
-                            float* gi = job.grad_images + f.image_offsets[j] * D + d0;
-                            const int64_t row0 = f.text_offsets[i];
-                            if (word_term) {
-                                const float c = word_coefficient(f, g, nw);
-                                const int32_t* a = job.argmax + p * f.text_pad;
-                                for (int64_t w = 0; w < nw; ++w) {
-                                    const int64_t r = a[w];
-                                    if (r >= 0 && r < nr)
-                                        isa->axpy(gi + r * D, c, row_ptr(f.text, row0 + w, D, d0, dt), dt, dl);
-                                }
-                            }
-                            if (region_term) {
-                                const int32_t* b = job.region_argmax + p * f.image_pad;
-                                for (int64_t r = 0; r < nr; ++r) {
-                                    const int64_t w = b[r];
-                                    if (w >= 0 && w < nw)
-                                        isa->axpy(gi + r * D, g, row_ptr(f.text, row0 + w, D, d0, dt), dt, dl);
-                                }
-                            }
-                            if (sum_term) {
-                                const float c = sum_coefficient(f, g, nw, nr);
-                                if (c != 0.0f)
-                                    isa->axpy(acc + (j - jb) * dl, c, text_sums.data() + i * D + d0, DType::F32, dl);
-                            }
-                        }
-                    }
-                    if (sum_term)
-                        for (int64_t j = jb; j < je; ++j)
-                            for (int64_t r = 0; r < f.image_lengths[j]; ++r)
-                                isa->axpy(job.grad_images + (f.image_offsets[j] + r) * D + d0, 1.0f,
-                                          acc + (j - jb) * dl, DType::F32, dl);
-                }
+                owner_pass(true, captions, d0, dl, block, acc);
+                owner_pass(false, images, d0, dl, block, acc);
             }
         }
         std::free(acc);
     }
     return error;
+}
+
+template <class Acc>
+Side<Acc> side_of(const void* tokens, const int64_t* offsets, const int32_t* lengths, int64_t count, int64_t rows,
+                  Acc* grad) {
+    return Side<Acc>{tokens, offsets, lengths, count, rows, grad, nullptr};
+}
+
+template <class Ops>
+int run_with(const BackwardJob& job, const Ops& ops, const typename Ops::Acc* grad, typename Ops::Acc* grad_text,
+        typename Ops::Acc* grad_images, int num_threads, bool overlapping_rows) {
+    const Job& f = job.fwd;
+    try {
+        Backward<Ops> backward(job, ops, grad,
+                               side_of(f.text, f.text_offsets, f.text_lengths, f.nt, job.text_rows, grad_text),
+                               side_of(f.images, f.image_offsets, f.image_lengths, f.ni, job.image_rows, grad_images));
+        return backward.run(num_threads, overlapping_rows);
+    } catch (const std::bad_alloc&) {  // the inverse index or the sums
+        return -2;
+    }
+}
+
+}  // namespace
+
+int run_backward(const BackwardJob& job, const IsaKernels* isa, int num_threads, bool overlapping_rows) {
+    return run_with(job, Fp32Rows{isa, job.fwd.dtype}, job.grad, job.grad_text, job.grad_images, num_threads,
+               overlapping_rows);
 }
 
 }  // namespace aladin_fast
