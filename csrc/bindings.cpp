@@ -3,6 +3,8 @@
 //   score(text, text_offsets, text_lengths, images, image_offsets, image_lengths,
 //         candidates, dtype, aggregation, zero_padding, text_pad, image_pad,
 //         out, argmax, isa="auto", num_threads=0, region_argmax=None) -> None
+//   (dtype "float32" / "float16" / "bfloat16": float32 scores; "float64": the scalar float64
+//   path of kernel_fp64.h, float64 scores and gradients, `isa` ignored)
 //   score_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
 //                  candidates, dtype, aggregation, zero_padding, text_pad, image_pad,
 //                  argmax, region_argmax, grad_text, grad_images, isa="auto", num_threads=0) -> None
@@ -37,6 +39,7 @@
 #endif
 
 #include "aladin_kernel.h"
+#include "kernel_fp64.h"
 
 namespace py = pybind11;
 using namespace aladin_fast;
@@ -175,10 +178,16 @@ void check_dtype(const py::array& a, const char* name, char kind, py::ssize_t it
                               std::string(py::str(dt)));
 }
 
-void check_feature_dtype(const py::array& a, const char* name, DType dtype) {
+void check_feature_dtype(const py::array& a, const char* name, DType dtype, bool float64) {
     const py::dtype dt = a.dtype();
     const char k = dt.kind();
     const py::ssize_t s = dt.itemsize();
+    if (float64) {
+        if (k != 'f' || s != 8)
+            throw py::value_error(std::string(name) + " must have dtype float64 for dtype='float64', got " +
+                                  std::string(py::str(dt)));
+        return;
+    }
     bool ok = false;
     switch (dtype) {
         case DType::F32: ok = (k == 'f' && s == 4); break;
@@ -195,11 +204,20 @@ void check_feature_dtype(const py::array& a, const char* name, DType dtype) {
     }
 }
 
+// scores and gradients: float32, or float64 for the float64 path
+void check_score_dtype(const py::array& a, const char* name, bool float64) {
+    if (float64)
+        check_dtype(a, name, 'f', 8, "float64 (dtype='float64')");
+    else
+        check_dtype(a, name, 'f', 4, "float32");
+}
+
 // ------------------------------------------------------------------ shared inputs
 // Validates the inputs common to `score` and `score_backward` and fills a Job (without
 // outputs).  Also returns the row counts of both token matrices.
 struct ParsedInputs {
     Job job;
+    bool float64 = false;  // dtype "float64": job.text / job.images hold doubles (kernel_fp64.h)
     int64_t text_rows = 0, image_rows = 0;
 };
 
@@ -216,8 +234,10 @@ ParsedInputs parse_inputs(const py::object& text_o, const py::object& text_offse
         job.dtype = DType::F16;
     else if (dtype == "bfloat16")
         job.dtype = DType::BF16;
+    else if (dtype == "float64")
+        parsed.float64 = true;
     else
-        throw py::value_error("dtype must be 'float32', 'float16' or 'bfloat16', got '" + dtype + "'");
+        throw py::value_error("dtype must be 'float32', 'float16', 'bfloat16' or 'float64', got '" + dtype + "'");
     if (aggregation < 0 || aggregation > 5)
         throw py::value_error("aggregation must be in [0, 5], got " + std::to_string(aggregation));
     if (text_pad < 0 || image_pad < 0) throw py::value_error("text_pad and image_pad must be >= 0");
@@ -232,8 +252,8 @@ ParsedInputs parse_inputs(const py::object& text_o, const py::object& text_offse
 
     check_array(text, "text", 2, false);
     check_array(images, "images", 2, false);
-    check_feature_dtype(text, "text", job.dtype);
-    check_feature_dtype(images, "images", job.dtype);
+    check_feature_dtype(text, "text", job.dtype, parsed.float64);
+    check_feature_dtype(images, "images", job.dtype, parsed.float64);
     if (text.shape(1) != images.shape(1))
         throw py::value_error("text and images must have the same feature dimension D, got " +
                               std::to_string(text.shape(1)) + " and " + std::to_string(images.shape(1)));
@@ -332,24 +352,27 @@ void score(const py::object& text_o, const py::object& text_offsets_o, const py:
     const int64_t nt = job.nt, k = job.k;
     py::array out = as_array(out_o, "out");
     check_array(out, "out", 2, true);
-    check_dtype(out, "out", 'f', 4, "float32");
+    check_score_dtype(out, "out", parsed.float64);
     if (out.shape(0) != nt || out.shape(1) != k)
         throw py::value_error("out must have shape [" + std::to_string(nt) + ", " + std::to_string(k) + "]");
     job.argmax = optional_index_output(argmax_o, "argmax", nt, k, text_pad);
     job.region_argmax = optional_index_output(region_argmax_o, "region_argmax", nt, k, image_pad);
     const IsaKernels* kern = kernels_for(resolve_isa(isa));
     if (nt * k == 0) return;
-    job.out = static_cast<float*>(out.mutable_data());
-    // D chunking: measured best with whole rows (fp32 rows are streamed in place; fp16/bf16 rows are
-    // converted once per pair into an fp32 scratch, chunked only when that scratch would outgrow ~256 KB)
-    job.tuning.dc_f32 = env_int("ALADIN_FAST_DC_F32", 0);
-    job.tuning.dc_lowp = env_int("ALADIN_FAST_DC_LOWP", 0);
-    job.tuning.prefetch = env_int("ALADIN_FAST_PREFETCH", 64);
-    job.tuning.word_chunk = static_cast<int>(env_int("ALADIN_FAST_WORD_CHUNK", 0));
-    job.tuning.prefetch_next = env_int("ALADIN_FAST_PREFETCH_NEXT", 4);
-
     int err = 0;
-    {
+    if (parsed.float64) {
+        double* scores = static_cast<double*>(out.mutable_data());
+        py::gil_scoped_release release;
+        err = run_job_f64(job, scores, num_threads);
+    } else {
+        job.out = static_cast<float*>(out.mutable_data());
+        // D chunking: measured best with whole rows (fp32 rows are streamed in place; fp16/bf16 rows are
+        // converted once per pair into an fp32 scratch, chunked only when that scratch would outgrow ~256 KB)
+        job.tuning.dc_f32 = env_int("ALADIN_FAST_DC_F32", 0);
+        job.tuning.dc_lowp = env_int("ALADIN_FAST_DC_LOWP", 0);
+        job.tuning.prefetch = env_int("ALADIN_FAST_PREFETCH", 64);
+        job.tuning.word_chunk = static_cast<int>(env_int("ALADIN_FAST_WORD_CHUNK", 0));
+        job.tuning.prefetch_next = env_int("ALADIN_FAST_PREFETCH_NEXT", 4);
         py::gil_scoped_release release;
         err = run_job(job, kern, num_threads);
     }
@@ -370,10 +393,10 @@ bool rows_overlap(const int64_t* offsets, const int32_t* lengths, int64_t n) {
     return false;
 }
 
-py::array checked_gradient(const py::object& obj, const char* name, int64_t rows, int64_t dim) {
+py::array checked_gradient(const py::object& obj, const char* name, int64_t rows, int64_t dim, bool float64) {
     py::array a = as_array(obj, name);
     check_array(a, name, 2, true);
-    check_dtype(a, name, 'f', 4, "float32");
+    check_score_dtype(a, name, float64);
     if (a.shape(0) != rows || a.shape(1) != dim)
         throw py::value_error(std::string(name) + " must have shape [" + std::to_string(rows) + ", " +
                               std::to_string(dim) + "]");
@@ -395,7 +418,7 @@ void score_backward(const py::object& grad_o, const py::object& text_o, const py
     const Job& f = job.fwd;
     py::array grad = as_array(grad_o, "grad");
     check_array(grad, "grad", 2, false);
-    check_dtype(grad, "grad", 'f', 4, "float32");
+    check_score_dtype(grad, "grad", parsed.float64);
     if (grad.shape(0) != f.nt || grad.shape(1) != f.k)
         throw py::value_error("grad must have shape [" + std::to_string(f.nt) + ", " + std::to_string(f.k) + "]");
     job.argmax = optional_index_output(argmax_o, "argmax", f.nt, f.k, text_pad);
@@ -405,12 +428,9 @@ void score_backward(const py::object& grad_o, const py::object& text_o, const py
     if ((aggregation == MWSR || aggregation == SYMM) && !job.region_argmax)
         throw py::value_error("region_argmax [Nt, K, image_pad] is required for aggregation " +
                               std::to_string(aggregation));
-    py::array grad_text = checked_gradient(grad_text_o, "grad_text", parsed.text_rows, f.dim);
-    py::array grad_images = checked_gradient(grad_images_o, "grad_images", parsed.image_rows, f.dim);
+    py::array grad_text = checked_gradient(grad_text_o, "grad_text", parsed.text_rows, f.dim, parsed.float64);
+    py::array grad_images = checked_gradient(grad_images_o, "grad_images", parsed.image_rows, f.dim, parsed.float64);
     const IsaKernels* kern = kernels_for(resolve_isa(isa));
-    job.grad = static_cast<const float*>(grad.data());
-    job.grad_text = static_cast<float*>(grad_text.mutable_data());
-    job.grad_images = static_cast<float*>(grad_images.mutable_data());
     job.text_rows = parsed.text_rows;
     job.image_rows = parsed.image_rows;
     job.block = env_int("ALADIN_FAST_BWD_BLOCK", 0);
@@ -418,7 +438,16 @@ void score_backward(const py::object& grad_o, const py::object& text_o, const py
     const bool overlap = rows_overlap(f.text_offsets, f.text_lengths, f.nt) ||
                          rows_overlap(f.image_offsets, f.image_lengths, f.ni);
     int err = 0;
-    {
+    if (parsed.float64) {
+        const double* g = static_cast<const double*>(grad.data());
+        double* gt = static_cast<double*>(grad_text.mutable_data());
+        double* gi = static_cast<double*>(grad_images.mutable_data());
+        py::gil_scoped_release release;
+        err = run_backward_f64(job, g, gt, gi, num_threads, overlap);
+    } else {
+        job.grad = static_cast<const float*>(grad.data());
+        job.grad_text = static_cast<float*>(grad_text.mutable_data());
+        job.grad_images = static_cast<float*>(grad_images.mutable_data());
         py::gil_scoped_release release;
         err = run_backward(job, kern, num_threads, overlap);
     }
@@ -482,8 +511,8 @@ PYBIND11_MODULE(_C, m) {
           py::arg("candidates"), py::arg("dtype"), py::arg("aggregation"), py::arg("zero_padding"),
           py::arg("text_pad"), py::arg("image_pad"), py::arg("argmax"), py::arg("region_argmax"),
           py::arg("grad_text"), py::arg("grad_images"), py::arg("isa") = "auto", py::arg("num_threads") = 0,
-          "Gradients of the fused scores w.r.t. text [T_text, D] and images [T_img, D] (float32, written in "
-          "place) from grad [Nt, K] float32 and the forward's argmax (MrSw / MrAVGw / symm) and region_argmax "
+          "Gradients of the fused scores w.r.t. text [T_text, D] and images [T_img, D] (float32, float64 for "
+          "dtype='float64'; written in place) from grad [Nt, K] (same dtype) and the forward's argmax (MrSw / MrAVGw / symm) and region_argmax "
           "(MwSr / symm).");
     m.def(
         "fma_peak",

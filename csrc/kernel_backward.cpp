@@ -1,6 +1,8 @@
-// Backward of the fused alignment scores: ISA-independent OpenMP driver; the vector
-// work is the selected ISA's axpy (y += c * x over D, x converted to fp32 on the fly).
-// The math is documented at BackwardJob (aladin_kernel.h).
+// Backward of the fused alignment scores: ISA-independent OpenMP driver.  The math is
+// documented at BackwardJob (aladin_kernel.h).  Two row types share one driver:
+//   * fp32 / fp16 / bf16 inputs: fp32 gradients, the vector work is the selected ISA's axpy
+//     (y += c * x over D, x converted to fp32 on the fly);
+//   * float64 inputs (kernel_fp64.h): double gradients, plain scalar loops.
 //
 // Two ownership passes, no atomics and no per-thread copies of the gradients:
 //   * text pass: captions are split statically over the threads; the thread that owns
@@ -20,6 +22,7 @@
 #include <vector>
 
 #include "aladin_kernel.h"
+#include "kernel_fp64.h"
 
 namespace aladin_fast {
 namespace {
@@ -37,6 +40,18 @@ struct Fp32Rows {
     }
     // y[0:n] += c * x[0:n]
     void add(float* y, float c, const float* x, int64_t n) const { isa->axpy(y, c, x, DType::F32, n); }
+};
+
+// Row arithmetic of the float64 path: plain loops (the gradcheck path, not a speed path).
+struct Fp64Rows {
+    using Acc = double;
+
+    void add_token(double* y, double c, const void* tokens, int64_t row, int64_t dim, int64_t col, int64_t n) const {
+        add(y, c, static_cast<const double*>(tokens) + row * dim + col, n);
+    }
+    void add(double* y, double c, const double* x, int64_t n) const {
+        for (int64_t d = 0; d < n; ++d) y[d] += c * x[d];
+    }
 };
 
 // One side of the pairs (the captions or the images) and its gradient.
@@ -294,6 +309,11 @@ int run_with(const BackwardJob& job, const Ops& ops, const typename Ops::Acc* gr
 int run_backward(const BackwardJob& job, const IsaKernels* isa, int num_threads, bool overlapping_rows) {
     return run_with(job, Fp32Rows{isa, job.fwd.dtype}, job.grad, job.grad_text, job.grad_images, num_threads,
                overlapping_rows);
+}
+
+int run_backward_f64(const BackwardJob& job, const double* grad, double* grad_text, double* grad_images,
+                     int num_threads, bool overlapping_rows) {
+    return run_with(job, Fp64Rows{}, grad, grad_text, grad_images, num_threads, overlapping_rows);
 }
 
 }  // namespace aladin_fast
