@@ -6,9 +6,15 @@ This module checks them and turns both into one :class:`TokenBatch`
 (a 2-D token matrix plus per-row offsets and lengths), the form every kernel
 consumes (see docs/kernel_contract.md). Errors name the argument, what was
 seen and what was expected.
+
+A packed batch's padded length is its longest sequence: read from
+``cu_seqlens`` (a device-to-host read, which ``torch.compile`` cannot trace
+without a graph break) unless the caller passes it as a Python int
+(``max_text_len`` / ``max_image_len``, like flash-attn's ``max_seqlen``).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -114,17 +120,65 @@ def _lengths_from(name: str, lengths, count: int, max_len: int, device: torch.de
     return lengths.to(torch.int32)
 
 
+def _max_len_from(name: str, value):
+    """A packed batch's padded length given by the caller: a Python int >= 0 (never a tensor)."""
+    if isinstance(value, torch.SymInt):  # torch.compile with dynamic shapes, e.g. a shape of another tensor
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be a Python int (the longest sequence, like flash-attn's max_seqlen), "
+            f"got {type(value).__name__}"
+        )
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _packed(name, cu_name, max_name, tokens, cu_seqlens, max_len) -> TokenBatch:
+    cu = _as_index_tensor(cu_name, cu_seqlens, tokens.device).long()
+    if cu.ndim != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{cu_name} must be 1-D [N + 1], got shape {list(cu.shape)}")
+    seq_lengths = cu[1:] - cu[:-1]
+    if max_len is not None:
+        max_len = _max_len_from(max_name, max_len)
+    if tracing() and max_len is not None:
+        # no host read: checked in the graph; the kernels re-check every length against max_len
+        valid = (cu[0] == 0) & (cu[-1] == tokens.shape[0])
+        if seq_lengths.numel():
+            valid &= ((seq_lengths >= 0) & (seq_lengths <= max_len)).all()
+        torch._assert_async(valid, f"{cu_name} must start at 0, end at {name}.shape[0], be non-decreasing "
+                                   f"and hold no sequence longer than {max_name}")
+        pad = max_len
+    else:  # eager (or compiled without max_len: these host reads break the graph)
+        if int(cu[0]) != 0 or int(cu[-1]) != tokens.shape[0]:
+            raise ValueError(
+                f"{cu_name} must start at 0 and end at {name}.shape[0] = {tokens.shape[0]}, "
+                f"got first {int(cu[0])} and last {int(cu[-1])}"
+            )
+        if seq_lengths.numel() and int(seq_lengths.min()) < 0:
+            raise ValueError(f"{cu_name} must be non-decreasing")
+        longest = int(seq_lengths.max()) if seq_lengths.numel() else 0
+        if max_len is not None and longest > max_len:
+            raise ValueError(f"{max_name} = {max_len} is shorter than the longest sequence of {cu_name} ({longest})")
+        pad = longest if max_len is None else max_len
+    return TokenBatch(tokens.contiguous(), cu[:-1].contiguous(), seq_lengths.to(torch.int32), pad)
+
+
 def token_batch(
-    name: str, tokens, lengths=None, cu_seqlens=None, *, allowed_dtypes=KERNEL_DTYPES
+    name: str, tokens, lengths=None, cu_seqlens=None, *, allowed_dtypes=KERNEL_DTYPES, max_len=None
 ) -> TokenBatch:
     """Validate one side's tokens (padded or packed) and return its :class:`TokenBatch`.
 
     ``name`` is the argument name ("text" or "images"); the companion arguments
-    are ``text_lengths`` / ``image_lengths`` and ``*_cu_seqlens``.
+    are ``text_lengths`` / ``image_lengths``, ``*_cu_seqlens`` and ``max_text_len`` /
+    ``max_image_len`` (``max_len``: packed input only, the padded length as a Python
+    int, default the longest sequence; it sets the argmax width and, with
+    ``padding="zero"``, the padded size).
     """
     prefix = "image" if name == "images" else name
     lengths_name = f"{prefix}_lengths"
     cu_name = f"{prefix}_cu_seqlens"
+    max_name = f"max_{prefix}_len"
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dtype not in allowed_dtypes:
@@ -139,20 +193,10 @@ def token_batch(
             raise ValueError(
                 f"{name} with {cu_name} must be packed [total_tokens, D], got shape {list(tokens.shape)}"
             )
-        cu = _as_index_tensor(cu_name, cu_seqlens, device).long()
-        if cu.ndim != 1 or cu.shape[0] < 1:
-            raise ValueError(f"{cu_name} must be 1-D [N + 1], got shape {list(cu.shape)}")
-        if int(cu[0]) != 0 or int(cu[-1]) != tokens.shape[0]:
-            raise ValueError(
-                f"{cu_name} must start at 0 and end at {name}.shape[0] = {tokens.shape[0]}, "
-                f"got first {int(cu[0])} and last {int(cu[-1])}"
-            )
-        seq_lengths = cu[1:] - cu[:-1]
-        if seq_lengths.numel() and int(seq_lengths.min()) < 0:
-            raise ValueError(f"{cu_name} must be non-decreasing")
-        pad = int(seq_lengths.max()) if seq_lengths.numel() else 0
-        flat = tokens.contiguous()
-        return TokenBatch(flat, cu[:-1].contiguous(), seq_lengths.to(torch.int32), pad)
+        return _packed(name, cu_name, max_name, tokens, cu_seqlens, max_len)
+    if max_len is not None:
+        raise ValueError(f"{max_name} applies to packed {name} (with {cu_name}); padded {name} "
+                         f"[N, L, D] has the padded length L")
     if tokens.ndim != 3:
         raise ValueError(
             f"{name} must be padded [N, L, D] (or packed [total_tokens, D] with {cu_name}), "

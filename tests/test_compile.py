@@ -3,9 +3,10 @@
 The fused op is opaque to the compiler (``torch.library.custom_op`` with a fake
 implementation and a registered backward op); the op layer skips its
 value-dependent checks while tracing (``_inputs.tracing()``) and the op
-implementation re-checks them on the real values. Padded inputs only: packed
-``cu_seqlens`` inputs have a data-dependent padded length, so they still break
-the graph.
+implementation re-checks them on the real values. Packed ``cu_seqlens``
+inputs have a data-dependent padded length (the longest sequence): given as
+Python ints (``max_text_len`` / ``max_image_len``) they compile without graph
+breaks too; without them the host read of ``cu_seqlens`` breaks the graph.
 """
 import pytest
 import torch
@@ -78,3 +79,88 @@ def test_fullgraph_forward_backward_match_eager(generator):
     bad[4] = torch.tensor([[0, 1], [7, 3], [2, 0]])  # candidate id 7 >= Ni = 4
     with pytest.raises(ValueError, match="candidates"):
         compiled(*bad)
+
+
+# ----------------------------------------------------------------------------- packed inputs
+class PackedOps(torch.nn.Module):
+    """The three public ops on packed inputs, padded lengths given as Python ints (like flash-attn's max_seqlen)."""
+
+    def __init__(self, dim, max_text_len, max_image_len):
+        super().__init__()
+        self.project = torch.nn.Linear(dim, dim)
+        self.max_lengths = dict(max_text_len=max_text_len, max_image_len=max_image_len)
+
+    def forward(self, text, images, text_cu_seqlens, image_cu_seqlens, candidates, paired_images, paired_cu_seqlens):
+        text = self.project(text)
+        packed = dict(text_cu_seqlens=text_cu_seqlens, image_cu_seqlens=image_cu_seqlens, **self.max_lengths)
+        teacher = aladin_fast.alignment_scores(text, images, aggregation="symm", **packed)
+        reranked = aladin_fast.rerank_scores(text, images, candidates, aggregation="mean", padding="zero",
+                                             normalize=True, **packed)
+        paired = aladin_fast.paired_scores(text, paired_images, aggregation="MwSr", padding="zero",
+                                           text_cu_seqlens=text_cu_seqlens, image_cu_seqlens=paired_cu_seqlens,
+                                           **self.max_lengths)
+        loss = teacher.logsumexp(dim=1).sum() + (reranked * reranked).sum() - paired.sum()
+        return loss, teacher
+
+
+def _packed_inputs(generator):
+    text = torch.randn(7, 16, generator=generator)  # captions of 5, 2 and 0 words
+    images = torch.randn(11, 16, generator=generator, requires_grad=True)  # images of 6, 1, 4 and 0 regions
+    text_cu_seqlens = torch.tensor([0, 5, 7, 7])
+    image_cu_seqlens = torch.tensor([0, 6, 7, 11, 11])
+    candidates = torch.tensor([[0, 1], [3, 3], [2, 0]])
+    paired_images = images[:7]  # images of 6, 0 and 1 regions
+    paired_cu_seqlens = torch.tensor([0, 6, 6, 7])
+    return text, images, text_cu_seqlens, image_cu_seqlens, candidates, paired_images, paired_cu_seqlens
+
+
+def test_packed_fullgraph_forward_backward_no_graph_breaks(generator):
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    module = PackedOps(16, max_text_len=5, max_image_len=6)
+    inputs = _packed_inputs(generator)
+    eager = _run(module, inputs)
+    counters.clear()
+    got = _run(torch.compile(module, fullgraph=True), inputs)  # fullgraph: a graph break would raise
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    for name, g, e in zip(("loss", "scores", "d images", "d weight"), got, eager):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    # the max lengths equal the longest sequences here: the same as the eager default (read from cu_seqlens)
+    text, images, text_cu, image_cu = inputs[:4]
+    default = aladin_fast.alignment_scores(module.project(text), images, aggregation="symm", text_cu_seqlens=text_cu,
+                                           image_cu_seqlens=image_cu)
+    torch.testing.assert_close(got[1], default.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_compiled_still_refuses_bad_cu_seqlens(generator):
+    module = torch.compile(PackedOps(16, max_text_len=5, max_image_len=6), fullgraph=True)
+    inputs = list(_packed_inputs(generator))
+    module(*inputs)
+    inputs[2] = torch.tensor([0, 6, 7, 7])  # a caption of 6 words > max_text_len = 5
+    with pytest.raises((RuntimeError, ValueError), match="max_text_len|text_lengths"):
+        module(*inputs)
+
+
+def test_max_lengths_eager_validation_and_zero_padding(generator):
+    text, images = torch.randn(7, 16, generator=generator), torch.randn(11, 16, generator=generator)
+    text_cu, image_cu = torch.tensor([0, 5, 7, 7]), torch.tensor([0, 6, 7, 11, 11])
+    packed = dict(text_cu_seqlens=text_cu, image_cu_seqlens=image_cu)
+    with pytest.raises(ValueError, match=r"max_text_len = 4 is shorter than the longest sequence of text_cu_seqlens \(5\)"):
+        aladin_fast.alignment_scores(text, images, max_text_len=4, **packed)
+    with pytest.raises(TypeError, match="max_image_len must be a Python int"):
+        aladin_fast.alignment_scores(text, images, max_image_len=torch.tensor(6), **packed)
+    with pytest.raises(ValueError, match="max_text_len applies to packed text"):
+        aladin_fast.alignment_scores(text.view(7, 1, 16), images, max_text_len=1, image_cu_seqlens=image_cu)
+    # a padded length beyond the longest sequence: padding="zero" sees that many zero tokens, as padded input would
+    padded_text = torch.zeros(3, 8, 16)
+    for i, (start, end) in enumerate(zip(text_cu[:-1].tolist(), text_cu[1:].tolist())):
+        padded_text[i, :end - start] = text[start:end]
+    for aggregation in ("MrSw", "MwSr", "mean"):
+        got, argmax = aladin_fast.alignment_scores(text, images, aggregation=aggregation, padding="zero",
+                                                   return_argmax=True, max_text_len=8, **packed)
+        expected = aladin_fast.alignment_scores(padded_text, images, torch.tensor([5, 2, 0]), aggregation=aggregation,
+                                                padding="zero", image_cu_seqlens=image_cu)
+        assert argmax.shape == (3, 4, 8)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

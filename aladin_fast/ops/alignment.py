@@ -31,12 +31,14 @@ __all__ = ["alignment_scores", "paired_scores", "rerank_scores"]
 
 def _score(
     text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, candidates, paired,
-    aggregation, padding, normalize, backend, return_argmax,
+    aggregation, padding, normalize, backend, return_argmax, max_text_len=None, max_image_len=None,
 ):
     check_choice("aggregation", aggregation, AGGREGATIONS)
     check_choice("padding", padding, PADDINGS)
-    text_batch = token_batch("text", text, text_lengths, text_cu_seqlens, allowed_dtypes=REFERENCE_DTYPES)
-    image_batch = token_batch("images", images, image_lengths, image_cu_seqlens, allowed_dtypes=REFERENCE_DTYPES)
+    text_batch = token_batch("text", text, text_lengths, text_cu_seqlens, allowed_dtypes=REFERENCE_DTYPES,
+                             max_len=max_text_len)
+    image_batch = token_batch("images", images, image_lengths, image_cu_seqlens, allowed_dtypes=REFERENCE_DTYPES,
+                              max_len=max_image_len)
     check_pair(text_batch, image_batch)
     device = text_batch.tokens.device
     chosen = resolve_backend(backend, device, text_batch.tokens.dtype)
@@ -81,6 +83,8 @@ def alignment_scores(
     *,
     text_cu_seqlens: Optional[torch.Tensor] = None,
     image_cu_seqlens: Optional[torch.Tensor] = None,
+    max_text_len: Optional[int] = None,
+    max_image_len: Optional[int] = None,
 ):
     """Fine-grained alignment score of every caption with every image.
 
@@ -101,6 +105,12 @@ def alignment_scores(
         normalize: L2-normalise every token first.
         backend: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
         return_argmax: also return the winning region per word.
+        max_text_len / max_image_len: packed inputs only: the padded length as a
+            Python int (like flash-attn's ``max_seqlen``), at least the longest
+            sequence; default the longest, read from ``*_cu_seqlens`` on the host.
+            Pass them for ``torch.compile(fullgraph=True)``: the host read would
+            break the graph. They set the argmax width and, with
+            ``padding="zero"``, the padded sizes.
 
     Returns:
         scores ``[Nt, Ni]`` float32 (accumulated in float32), and with
@@ -109,7 +119,7 @@ def alignment_scores(
     """
     scores, argmax = _score(
         text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, None, False,
-        aggregation, padding, normalize, backend, return_argmax,
+        aggregation, padding, normalize, backend, return_argmax, max_text_len, max_image_len,
     )
     return (scores, argmax) if return_argmax else scores
 
@@ -127,6 +137,8 @@ def paired_scores(
     *,
     text_cu_seqlens: Optional[torch.Tensor] = None,
     image_cu_seqlens: Optional[torch.Tensor] = None,
+    max_text_len: Optional[int] = None,
+    max_image_len: Optional[int] = None,
 ):
     """Score caption i with image i: returns ``[N]`` float32 (and ``argmax [N, W]``).
 
@@ -134,7 +146,7 @@ def paired_scores(
     """
     scores, argmax = _score(
         text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, None, True,
-        aggregation, padding, normalize, backend, return_argmax,
+        aggregation, padding, normalize, backend, return_argmax, max_text_len, max_image_len,
     )
     scores = scores[:, 0]
     return (scores, argmax[:, 0]) if return_argmax else scores
@@ -154,6 +166,8 @@ def rerank_scores(
     *,
     text_cu_seqlens: Optional[torch.Tensor] = None,
     image_cu_seqlens: Optional[torch.Tensor] = None,
+    max_text_len: Optional[int] = None,
+    max_image_len: Optional[int] = None,
 ):
     """Score each caption against its own candidate images (serving-time rerank).
 
@@ -168,6 +182,6 @@ def rerank_scores(
         raise ValueError("candidates must be an int tensor [Nt, K] of image ids, got None (use alignment_scores for all pairs)")
     scores, argmax = _score(
         text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, candidates, False,
-        aggregation, padding, normalize, backend, return_argmax,
+        aggregation, padding, normalize, backend, return_argmax, max_text_len, max_image_len,
     )
     return (scores, argmax) if return_argmax else scores
