@@ -183,7 +183,7 @@ def token_batch(
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dtype not in allowed_dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed_dtypes)
-        hint = " (float64 runs with backend='reference')" if tokens.dtype == torch.float64 else ""
+        hint = " (float64 runs with backend='reference' or 'cpu')" if tokens.dtype == torch.float64 else ""
         raise TypeError(f"{name} must have dtype in ({names}), got {tokens.dtype}{hint}")
     device = tokens.device
     if cu_seqlens is not None:

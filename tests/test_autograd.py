@@ -1,10 +1,11 @@
 """Gradients of the kernel backends (argmax-based backward) vs autograd through the float64 reference.
 
-Also: the C++ backward (``_C.score_backward``) against the PyTorch sparse
-backward on raw kernel-layout inputs (every ISA, dtype, layout), the forward's
-region -> word argmax, determinism across thread counts, bad input (double
-backward, integer inputs, non-contiguous upstream gradients), opcheck and peak
-memory.
+Also: ``torch.autograd.gradcheck`` in float64 on the reference and on the C++
+kernel's float64 path (every aggregation and padding), the C++ backward
+(``_C.score_backward``) against the PyTorch sparse backward on raw
+kernel-layout inputs (every ISA, dtype, layout), the forward's region -> word
+argmax, determinism across thread counts, bad input (double backward, integer
+inputs, non-contiguous upstream gradients), opcheck and peak memory.
 """
 import numpy as np
 import pytest
@@ -92,18 +93,113 @@ def test_bf16_gradients_close_to_reference(generator):
     torch.testing.assert_close(got_images.double(), ref_images, atol=3e-2, rtol=1e-2)
 
 
-def test_reference_gradcheck_float64(generator):
-    text = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
-    images = torch.randn(3, 4, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+# ----------------------------------------------------------------------------- float64: gradcheck
+def _float64_calls(generator, aggregation, padding, backend):
+    """Small float64 cases, ``{name: (fn(text, images), text, images)}``: captions of 4, 1 and 0 valid
+    words, images of 3, 1, 0 and 2 valid regions; all pairs, rerank, paired and packed.
+
+    Random normal features: max-based scores are piecewise linear and a tie (a kink that
+    finite differences would straddle) has probability zero; the nearest gap is far above eps.
+    """
+    text = torch.randn(3, 4, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    images = torch.randn(4, 3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    text_lengths, image_lengths = torch.tensor([4, 1, 0]), torch.tensor([3, 1, 0, 2])
+    candidates = torch.tensor([[2, 0], [1, 1], [3, 0]])  # a repeat accumulates
+    packed_text = torch.randn(5, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    packed_images = torch.randn(6, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    options = dict(aggregation=aggregation, padding=padding, backend=backend)
+    return {
+        "all pairs": (lambda t, v: aladin_fast.alignment_scores(t, v, text_lengths, image_lengths, **options),
+                      text, images),
+        "rerank": (lambda t, v: aladin_fast.rerank_scores(t, v, candidates, text_lengths, image_lengths, **options),
+                   text, images),
+        "paired": (lambda t, v: aladin_fast.paired_scores(t, v[:3], text_lengths, image_lengths[:3], **options),
+                   text, images),
+        # lengths 4, 1, 0 / 3, 0, 2, 1; max_text_len 6 > 4 (padded size 6 for padding="zero")
+        "packed": (lambda t, v: aladin_fast.alignment_scores(
+            t, v, text_cu_seqlens=torch.tensor([0, 4, 5, 5]), image_cu_seqlens=torch.tensor([0, 3, 3, 5, 6]),
+            max_text_len=6, **options), packed_text, packed_images),
+    }
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck_float64(generator, backend, aggregation, padding):
+    calls = _float64_calls(generator, aggregation, padding, backend)
+    if backend == "reference":  # paired and packed inputs take the same reference code paths (and cost most)
+        calls = {name: calls[name] for name in ("all pairs", "rerank")}
+    for name, (call, text, images) in calls.items():
+        assert call(text, images).dtype == torch.float64
+        assert torch.autograd.gradcheck(call, (text, images)), name
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_cpu_float64_gradients_match_reference(generator, aggregation, padding):
+    """The C++ float64 backward equals autograd through the reference to rounding (1e-12)."""
+    reference_calls = _float64_calls(generator, aggregation, padding, "reference")
+    cpu_calls = _float64_calls(torch.Generator().manual_seed(1234), aggregation, padding, "cpu")
+    for name, (call, text, images) in cpu_calls.items():
+        upstream = torch.randn(call(text, images).shape, generator=generator, dtype=torch.float64)
+        got = torch.autograd.grad(call(text, images), (text, images), upstream)
+        expected = torch.autograd.grad(reference_calls[name][0](text, images), (text, images), upstream)
+        for g, e in zip(got, expected):
+            assert g.dtype == torch.float64
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_cpu_float64_forward_matches_reference(generator, aggregation, padding):
+    """Scores to 1e-12 relative and identical argmax; garbage (1e3) in the padding is never read."""
+    text, text_lengths = make_tokens(generator, 5, 7, 33, min_length=0)  # float64, lengths 7 .. 0
+    images, image_lengths = make_tokens(generator, 6, 9, 33, min_length=0)
+    text, images = text * 3, images * 3  # scores of a few units: the relative bound is the binding one
+    candidates = torch.randint(0, 6, (5, 4), generator=generator)
+    cu_text = torch.nn.functional.pad(torch.cumsum(text_lengths, 0), (1, 0))
+    cu_images = torch.nn.functional.pad(torch.cumsum(image_lengths, 0), (1, 0))
+    packed_text = torch.cat([text[i, :n] for i, n in enumerate(text_lengths.tolist())])
+    packed_images = torch.cat([images[j, :n] for j, n in enumerate(image_lengths.tolist())])
+    options = dict(aggregation=aggregation, padding=padding, return_argmax=True)
+    calls = {
+        "all pairs": lambda b: aladin_fast.alignment_scores(text, images, text_lengths, image_lengths, backend=b,
+                                                            **options),
+        "rerank": lambda b: aladin_fast.rerank_scores(text, images, candidates, text_lengths, image_lengths,
+                                                      backend=b, **options),
+        "paired": lambda b: aladin_fast.paired_scores(text, images[:5], text_lengths, image_lengths[:5], backend=b,
+                                                      **options),
+        "packed": lambda b: aladin_fast.alignment_scores(packed_text, packed_images, text_cu_seqlens=cu_text,
+                                                         image_cu_seqlens=cu_images, backend=b, **options),
+    }
+    for name, call in calls.items():
+        (got, got_argmax), (expected, expected_argmax) = call("cpu"), call("reference")
+        assert got.dtype == torch.float64, name
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13, msg=lambda m: f"{name}: {m}")
+        assert torch.equal(got_argmax, expected_argmax), name
+
+
+def test_cpu_float64_nan_stays_in_its_pairs(generator):
+    text = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64)
+    images = torch.randn(2, 5, 6, generator=generator, dtype=torch.float64)
+    text[1, 2, 3] = float("nan")
     for aggregation in AGGREGATIONS:
-        assert torch.autograd.gradcheck(
-            lambda t, v: aladin_fast.reference.alignment_scores(t, v, torch.tensor([3, 2]), None, aggregation), (text, images)
-        )
+        got = aladin_fast.alignment_scores(text, images, aggregation=aggregation, backend="cpu")
+        expected = aladin_fast.alignment_scores(text, images, aggregation=aggregation, backend="reference")
+        assert got[1].isnan().all() and not got[[0, 2]].isnan().any(), aggregation
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13, equal_nan=True)
 
 
-def test_opcheck_forward_and_backward(generator):
-    text = torch.randn(10, 8, generator=generator, requires_grad=True)
-    images = torch.randn(12, 8, generator=generator, requires_grad=True)
+def test_float64_is_refused_by_triton():
+    text = torch.randn(2, 3, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"backend='triton' takes float32, float16 or bfloat16 inputs, got float64"):
+        aladin_fast.alignment_scores(text, text, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_opcheck_forward_and_backward(generator, dtype):
+    text = torch.randn(10, 8, generator=generator, dtype=dtype, requires_grad=True)
+    images = torch.randn(12, 8, generator=generator, dtype=dtype, requires_grad=True)
     t_off, t_len = torch.tensor([0, 5]), torch.tensor([5, 4], dtype=torch.int32)
     v_off, v_len = torch.tensor([0, 4, 8]), torch.tensor([4, 4, 3], dtype=torch.int32)
     for candidates in (None, torch.tensor([[2, 0], [1, 1]])):
@@ -118,6 +214,31 @@ def test_opcheck_forward_and_backward(generator):
     backward_args = (torch.ones_like(scores), text.detach(), t_off, t_len, images.detach(), v_off, v_len, None,
                      argmax, region_argmax, 3, True, 5, 4, "cpu")
     torch.library.opcheck(score_tokens_backward, backward_args, test_utils=("test_schema", "test_faketensor"))
+    assert scores.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def test_float64_kernel_validation_errors():
+    """The bindings' float64 path wants float64 features, scores and gradients throughout."""
+    text, images = np.zeros((4, 8)), np.zeros((6, 8))
+    inputs = dict(text=text, text_offsets=np.array([0, 2]), text_lengths=np.array([2, 2], np.int32), images=images,
+                  image_offsets=np.array([0, 3]), image_lengths=np.array([3, 3], np.int32), candidates=None,
+                  dtype="float64", aggregation=3, zero_padding=False, text_pad=2, image_pad=3)
+    forward = dict(inputs, out=np.zeros((2, 2)), argmax=None, region_argmax=np.zeros((2, 2, 3), np.int32))
+    backward = dict(inputs, grad=np.ones((2, 2)), argmax=np.zeros((2, 2, 2), np.int32),
+                    region_argmax=np.zeros((2, 2, 3), np.int32), grad_text=np.zeros((4, 8)),
+                    grad_images=np.zeros((6, 8)))
+    _C.score(**forward)
+    _C.score_backward(**backward)
+    for call, base, kwargs, message in (
+        (_C.score, forward, dict(text=text.astype(np.float32)), "text must have dtype float64"),
+        (_C.score, forward, dict(out=np.zeros((2, 2), np.float32)), "out must have dtype float64"),
+        (_C.score, forward, dict(dtype="float128"), "dtype must be"),
+        (_C.score_backward, backward, dict(grad=np.ones((2, 2), np.float32)), "grad must have dtype float64"),
+        (_C.score_backward, backward, dict(grad_images=np.zeros((6, 8), np.float32)), "grad_images must have dtype"),
+        (_C.score_backward, backward, dict(images=images.astype(np.float32)), "images must have dtype float64"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call(**{**base, **kwargs})
 
 
 MEMORY_SCRIPT = """
@@ -261,7 +382,7 @@ def _region_argmax_reference(text, t_off, t_len, images, v_off, v_len, candidate
 
 
 @pytest.mark.parametrize("zero_padding", [False, True], ids=["neg_inf", "zero"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["float32", "bfloat16", "float64"])
 def test_forward_region_argmax_exact_with_ties(monkeypatch, zero_padding, dtype):
     generator = torch.Generator().manual_seed(7 + zero_padding)
     for packed, mode, width, dim in ((False, "all", 37, 12), (True, "rerank", 9, 5), (False, "paired", 20, 3)):
@@ -279,21 +400,23 @@ def test_forward_region_argmax_exact_with_ties(monkeypatch, zero_padding, dtype)
                 assert torch.equal(region_argmax, expected), f"{isa} {mode} aggregation={aggregation}"
 
 
-def test_cpu_backward_deterministic_across_threads():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_cpu_backward_deterministic_across_threads(dtype):
     generator = torch.Generator().manual_seed(3)
     for mode in ("all", "rerank"):
-        case = _kernel_case(generator, nt=7, ni=9, width=12, regions=10, dim=96, dtype=torch.float32, packed=False,
+        # D = 256: enough work that small-job thread capping still leaves >= 5 threads
+        case = _kernel_case(generator, nt=7, ni=9, width=12, regions=10, dim=256, dtype=dtype, packed=False,
                             mode=mode, k=8)
         text, t_off, t_len, images, v_off, v_len, candidates, text_pad, image_pad = case
         scores, argmax, region_argmax = score_tokens(text, t_off, t_len, images, v_off, v_len, candidates, 3, False,
                                                      text_pad, image_pad, "cpu", True, True)
-        grad = torch.randn(scores.shape, generator=generator)
+        grad = torch.randn(scores.shape, generator=generator, dtype=scores.dtype)
         results = []
         for threads in (1, 2, 3, 5):
             grad_text, grad_images = torch.full_like(text, 7.0), torch.full_like(images, 7.0)  # overwritten
             _C.score_backward(grad.numpy(), text.numpy(), t_off.numpy(), t_len.numpy(), images.numpy(),
                               v_off.numpy(), v_len.numpy(), None if candidates is None else candidates.numpy(),
-                              "float32", 3, False, text_pad, image_pad, argmax.numpy(), region_argmax.numpy(),
+                              str(dtype)[6:], 3, False, text_pad, image_pad, argmax.numpy(), region_argmax.numpy(),
                               grad_text.numpy(), grad_images.numpy(), num_threads=threads)
             results.append((grad_text.numpy().tobytes(), grad_images.numpy().tobytes()))
         assert all(r == results[0] for r in results), mode

@@ -74,11 +74,13 @@ def test_integer_and_mixed_dtypes(backend):
         aladin_fast.alignment_scores(text, images.half(), backend=backend)
 
 
-def test_float64_needs_reference_backend():
+def test_float64_runs_on_reference_and_cpu_not_triton():
     text, images = _ok()
-    with pytest.raises(TypeError, match=r"backend='reference'"):
-        aladin_fast.alignment_scores(text.double(), images.double(), backend="cpu")
+    with pytest.raises(TypeError, match=r"backend='triton' takes float32, float16 or bfloat16 inputs, got float64"):
+        aladin_fast.alignment_scores(text.double(), images.double(), backend="triton")
     scores = aladin_fast.alignment_scores(text.double(), images.double())  # auto -> reference
+    assert scores.dtype == torch.float64
+    scores = aladin_fast.alignment_scores(text.double(), images.double(), backend="cpu")  # the C++ float64 path
     assert scores.dtype == torch.float64
 
 

@@ -29,6 +29,19 @@ from .backends import resolve_backend
 
 __all__ = ["alignment_scores", "paired_scores", "rerank_scores"]
 
+
+def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend. float64 runs on "reference" (what "auto" picks) and on "cpu" (the C++
+    kernel's scalar double path: gradcheck), never on "triton"."""
+    if dtype == torch.float64 and backend == "triton":
+        raise TypeError("backend='triton' takes float32, float16 or bfloat16 inputs, got float64; "
+                        "use backend='cpu' (CPU tensors) or backend='reference'")
+    if dtype == torch.float64 and backend == "cpu":
+        # resolve_backend's dtype gate covers the fast kernels; only the availability check applies here
+        return resolve_backend("cpu", device, torch.float32)
+    return resolve_backend(backend, device, dtype)
+
+
 def _score(
     text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, candidates, paired,
     aggregation, padding, normalize, backend, return_argmax, max_text_len=None, max_image_len=None,
@@ -41,7 +54,7 @@ def _score(
                               max_len=max_image_len)
     check_pair(text_batch, image_batch)
     device = text_batch.tokens.device
-    chosen = resolve_backend(backend, device, text_batch.tokens.dtype)
+    chosen = _choose_backend(backend, device, text_batch.tokens.dtype)
     if paired:
         if text_batch.count != image_batch.count:
             raise ValueError(
@@ -91,7 +104,8 @@ def alignment_scores(
     Args:
         text: word features ``[Nt, W, D]`` (padded) or ``[sum W, D]`` with
             ``text_cu_seqlens [Nt + 1]`` (packed); float32, float16 or bfloat16
-            (float64 with ``backend="reference"``).
+            (float64 with ``backend="reference"`` or ``"cpu"``: scores and
+            gradients in float64, e.g. for ``torch.autograd.gradcheck``).
         images: region features ``[Ni, R, D]`` or packed with ``image_cu_seqlens``.
         text_lengths / image_lengths: valid tokens per row ``[N]`` (int), or a
             prefix bool mask ``[N, L]``; None means all valid.
@@ -113,7 +127,7 @@ def alignment_scores(
             ``padding="zero"``, the padded sizes.
 
     Returns:
-        scores ``[Nt, Ni]`` float32 (accumulated in float32), and with
+        scores ``[Nt, Ni]`` float32 (accumulated in float32; float64 for float64 inputs), and with
         ``return_argmax`` also ``argmax [Nt, Ni, W]`` int32 (first index wins
         ties; -1 for padded words and empty images).
     """
