@@ -466,13 +466,26 @@ def test_cpu_backward_validation_errors():
 
 
 # ----------------------------------------------------------------------------- bad input
-def test_double_backward_raises_not_implemented(generator):
-    text = torch.randn(2, 3, 8, generator=generator, requires_grad=True)
-    images = torch.randn(3, 4, 8, generator=generator, requires_grad=True)
-    scores = aladin_fast.alignment_scores(text, images, backend="cpu")
-    grad_text, = torch.autograd.grad(scores.sum(), text, create_graph=True)  # first order works
-    with pytest.raises(NotImplementedError, match="double backward"):
-        grad_text.pow(2).sum().backward()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("aggregation", ["MrSw", "MwSr", "mean"])
+def test_double_backward_raises_not_implemented(generator, aggregation, dtype):
+    text = torch.randn(2, 3, 8, generator=generator, dtype=dtype, requires_grad=True)
+    images = torch.randn(3, 4, 8, generator=generator, dtype=dtype, requires_grad=True)
+    packed = torch.randn(5, 8, generator=generator, dtype=dtype, requires_grad=True)
+    cases = (
+        (text, lambda: aladin_fast.alignment_scores(text, images, aggregation=aggregation, backend="cpu")),
+        (packed, lambda: aladin_fast.paired_scores(packed, images[:2], aggregation=aggregation, backend="cpu",
+                                                   text_cu_seqlens=torch.tensor([0, 2, 5]))),
+    )
+    for leaf, scores in cases:
+        grad_leaf, = torch.autograd.grad(scores().sum(), leaf, create_graph=True)  # first order works
+        with pytest.raises(NotImplementedError, match="double backward"):
+            grad_leaf.pow(2).sum().backward()
+    if dtype == torch.float64:  # gradgradcheck reports it the same way
+        with pytest.raises(NotImplementedError, match="double backward"):
+            torch.autograd.gradgradcheck(
+                lambda t: aladin_fast.alignment_scores(t, images.detach(), aggregation=aggregation, backend="cpu"),
+                (text,))
 
 
 def test_gradients_through_integer_inputs_are_refused(generator):
@@ -490,6 +503,18 @@ def test_gradients_through_integer_inputs_are_refused(generator):
     candidates = torch.tensor([[0.0, 1.0], [2.0, 0.0]], requires_grad=True)
     with pytest.raises(TypeError, match="candidates must have an integer dtype"):
         aladin_fast.rerank_scores(text, images, candidates, backend="cpu")
+    # packed inputs: cu_seqlens are indices too
+    packed = torch.randn(4, 8, generator=generator, requires_grad=True)
+    cu_seqlens = torch.tensor([0, 3, 4])
+    scores = aladin_fast.alignment_scores(packed, images, backend="cpu", text_cu_seqlens=cu_seqlens)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(scores.sum(), [cu_seqlens])
+    with pytest.raises(TypeError, match="text_cu_seqlens must have an integer dtype"):
+        aladin_fast.alignment_scores(packed, images, backend="cpu",
+                                     text_cu_seqlens=torch.tensor([0.0, 3.0, 4.0], requires_grad=True))
+    # integer features cannot carry gradients and are refused with the accepted dtypes named
+    with pytest.raises(TypeError, match=r"text must have dtype in \(float32, float16, bfloat16, float64\)"):
+        aladin_fast.alignment_scores(text.detach().long(), images, backend="cpu")
 
 
 @pytest.mark.parametrize("aggregation", ["MrSw", "symm", "mean"])
@@ -522,6 +547,31 @@ def test_non_contiguous_upstream_gradients(generator, aggregation):
         grad_outputs=strided.contiguous())
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("aggregation", ["MrAVGw", "MwSr", "sum"])
+def test_non_contiguous_upstream_gradients_rerank_paired_packed(generator, aggregation, dtype):
+    """Strided grad_outputs give exactly the gradients of their contiguous copy, for every call form."""
+    text = torch.randn(3, 5, 16, generator=generator, dtype=dtype, requires_grad=True)
+    images = torch.randn(4, 6, 16, generator=generator, dtype=dtype, requires_grad=True)
+    packed = torch.randn(9, 16, generator=generator, dtype=dtype, requires_grad=True)
+    candidates = torch.tensor([[1, 3], [0, 0], [2, 1]])
+    options = dict(aggregation=aggregation, backend="cpu")
+    cases = {
+        "rerank": (lambda: aladin_fast.rerank_scores(text, images, candidates, **options), (text, images)),
+        "paired": (lambda: aladin_fast.paired_scores(text, images[:3], **options), (text, images)),
+        "packed": (lambda: aladin_fast.alignment_scores(packed, images, text_cu_seqlens=torch.tensor([0, 5, 5, 9]),
+                                                        **options), (packed, images)),
+    }
+    for name, (call, leaves) in cases.items():
+        shape = call().shape
+        strided = torch.randn(*shape[:-1], 3 * shape[-1], generator=generator, dtype=dtype)[..., ::3]
+        assert not strided.is_contiguous()
+        got = torch.autograd.grad(call(), leaves, grad_outputs=strided)
+        expected = torch.autograd.grad(call(), leaves, grad_outputs=strided.contiguous())
+        for g, e in zip(got, expected):
+            assert g.dtype == dtype and torch.equal(g, e), name
 
 
 def test_missing_argmax_is_recomputed_in_backward(generator):
