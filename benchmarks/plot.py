@@ -22,7 +22,7 @@ PROVIDER_STYLE = {  # colour, marker
     "torch_einsum_fp32": ("tab:gray", "s"),
     "torch_matmul_reshape_fp32": ("tab:blue", "^"),
     "torch_compile_fp32": ("tab:green", "v"),
-    "torch_eager_fp32": ("tab:gray", "s"),
+    "torch_eager_fp32": ("tab:brown", "s"),
     "fast_maxsim_fp32": ("tab:purple", "P"),
 }
 
@@ -32,6 +32,8 @@ def _style(provider: str):
 
 
 def _speedup_panel(axis, rows: list[dict], provider: str) -> None:
+    from matplotlib.ticker import FuncFormatter
+
     subset = [r for r in rows if r["provider"] == provider and r.get("speedup_vs")]
     baselines = sorted({b for r in subset for b in r["speedup_vs"]})
     height = 0.8 / max(1, len(baselines))
@@ -48,9 +50,12 @@ def _speedup_panel(axis, rows: list[dict], provider: str) -> None:
     axis.invert_yaxis()
     axis.axvline(1.0, color="black", linewidth=0.8)
     axis.set_xscale("log")
-    axis.set_xlabel(f"speed-up of {provider} (log; higher is better)", fontsize=8)
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    axis.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}x" if value in (0.5, 2, 3, 5, 20) else ""))
+    axis.tick_params(axis="x", which="both", labelsize=7)
+    axis.set_xlabel(f"speed-up of {provider} over each baseline (log; higher is better)", fontsize=8)
     axis.set_title(provider, fontsize=9)
-    axis.legend(fontsize=6, loc="lower right")
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
 
 
 def _roofline_panel(axis, rows: list[dict], peaks: dict) -> None:
@@ -73,13 +78,16 @@ def _roofline_panel(axis, rows: list[dict], peaks: dict) -> None:
         seen.add(row["provider"])
         axis.scatter(row["intensity_flop_per_byte"], row["gflops"], color=colour, marker=marker, s=28, label=label,
                      zorder=3, alpha=0.85)
+        if row["provider"].endswith("cpu_fp32") or row["provider"].endswith("triton_fp32"):
+            axis.annotate(row["shape"], (row["intensity_flop_per_byte"], row["gflops"]), fontsize=5,
+                          xytext=(4, 2), textcoords="offset points", color=colour)
     axis.set_xscale("log")
     axis.set_yscale("log")
     axis.set_xlim(low, high)
     axis.set_xlabel("arithmetic intensity (FLOP / byte, each input read once)", fontsize=8)
     axis.set_ylabel("achieved GFLOP/s", fontsize=8)
     axis.set_title("roofline of this run", fontsize=9)
-    axis.legend(fontsize=6, loc="lower right")
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     axis.grid(True, which="both", linewidth=0.3)
 
 
@@ -90,10 +98,11 @@ def plot_results(result: dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    aladin = sorted({r["provider"] for r in rows if r["provider"].startswith("aladin_fast") and r.get("speedup_vs")})
+    aladin = sorted({r["provider"] for r in rows if r["provider"].startswith("aladin_fast") and r.get("speedup_vs")},
+                    key=lambda name: (not name.endswith("fp32"), name))
     shapes = max([len({r["shape"] for r in rows if r["provider"] == p}) for p in aladin] or [1])
     panels = len(aladin) + 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, max(4.5, 0.55 * shapes + 1.5)), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, max(5.5, 0.6 * shapes + 3)), squeeze=False)
     for axis, provider in zip(axes[0], aladin):
         _speedup_panel(axis, rows, provider)
     _roofline_panel(axes[0][-1], rows, result.get("peaks", {}))

@@ -33,10 +33,14 @@ BASELINE_PROVIDERS = ["torch_einsum_fp32", "torch_matmul_reshape_fp32", "torch_c
 PROVIDERS = ALADIN_PROVIDERS + BASELINE_PROVIDERS
 BLOCK_BYTES = 256 << 20
 FULL_ENV = "ALADIN_FAST_BENCH_FULL"  # full shapes and inductor even with --benchmark-disable
+SMOKE_ENV = "ALADIN_FAST_BENCH_SMOKE"  # smoke shapes even when timing (a quick check of make bench)
 
 
 def full_run(benchmark) -> bool:
-    """True when timing for real (or forced by ALADIN_FAST_BENCH_FULL=1); smoke otherwise."""
+    """True when timing for real (or forced by ALADIN_FAST_BENCH_FULL=1); smoke shapes when
+    benchmarks are disabled (or forced by ALADIN_FAST_BENCH_SMOKE=1)."""
+    if os.environ.get(SMOKE_ENV):
+        return False
     return not getattr(benchmark, "disabled", False) or bool(os.environ.get(FULL_ENV))
 
 
