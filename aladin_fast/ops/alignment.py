@@ -26,6 +26,7 @@ from .._inputs import (
 )
 from .alignment_op import score_tokens
 from .backends import resolve_backend
+from .limits import check_index_limits
 
 __all__ = ["alignment_scores", "paired_scores", "rerank_scores"]
 
@@ -63,6 +64,8 @@ def _score(
         candidates = torch.arange(text_batch.count, device=device)[:, None]
     elif candidates is not None:
         candidates = check_candidates(candidates, text_batch.count, image_batch.count, device)
+    num_candidates = image_batch.count if candidates is None else int(candidates.shape[1])
+    check_index_limits(text_batch, image_batch, num_candidates, chosen)
     if normalize:
         text_batch, image_batch = normalized(text_batch), normalized(image_batch)
     zero_padding = padding == "zero"
