@@ -9,8 +9,13 @@ matrices themselves may hold more than 2^31 elements. What stays 32-bit:
   ``padding="zero"`` mode): the padded length of either side must be at most
   ``INT32_MAX``;
 * Triton (kernels/alignment.py):
-  - the 1-D grid (captions x candidate blocks) must fit CUDA's grid.x limit,
-    ``2^31 - 1`` programs, and the program id arithmetic is int32;
+  - the 1-D grid must fit CUDA's grid.x limit, ``2^31 - 1`` programs, and
+    program ids are int32. A program scores at most 64 pairs (per-pair kernel:
+    up to 16 candidates of one caption; packed kernel, kernels/alignment_packed.py:
+    up to 8 captions x 8 images), so ``ceil(Nt * K / 64) > 2^31 - 1`` can never
+    launch and is refused here; between that and the heuristics' real grid the
+    launcher is the one that knows (a grid past the limit fails at launch, it
+    does not compute wrong scores);
   - the running argmax uses ``1 << 30`` as its "no winner yet" marker, so a
     region index must stay below it: ``image_pad <= 2^30``; the word / region
     block loops count up to the padded lengths in int32: ``text_pad <= 2^30``;
@@ -25,7 +30,8 @@ from __future__ import annotations
 INT32_MAX = (1 << 31) - 1
 TRITON_MAX_PAD = 1 << 30           # kernels/alignment.py: _NO_INDEX = 1 << 30
 TRITON_MAX_PROGRAMS = INT32_MAX    # CUDA grid.x limit; program ids are int32
-TRITON_MAX_BLOCK_K = 16            # largest BLOCK_K of alignment_launch_config
+TRITON_MAX_BLOCK_K = 16            # largest BLOCK_K of alignment_launch_config (candidates per program)
+TRITON_MAX_PAIRS_PER_PROGRAM = 64  # max over both kernels (packed: 8 captions x 8 images)
 TRITON_MAX_CANDIDATES = INT32_MAX - TRITON_MAX_BLOCK_K
 
 __all__ = ["check_index_limits", "INT32_MAX", "TRITON_MAX_PAD", "TRITON_MAX_PROGRAMS", "TRITON_MAX_CANDIDATES"]
@@ -67,13 +73,12 @@ def check_index_limits(text, images, num_candidates: int, backend: str) -> None:
             f"candidates: K = {num_candidates} per caption exceeds the Triton kernel's limit "
             f"{TRITON_MAX_CANDIDATES} (2^31 - 17); score the candidates in chunks"
         )
-    # grid = captions x ceil(K / BLOCK_K); at sizes near the limit BLOCK_K is min(16, next_pow2(K))
-    if num_candidates:
-        block_k = min(TRITON_MAX_BLOCK_K, 1 << (num_candidates - 1).bit_length())
-        programs = text.count * (-(-num_candidates // block_k))
-        if programs > TRITON_MAX_PROGRAMS:
-            raise ValueError(
-                f"text: {text.count} captions x {num_candidates} candidates need {programs} Triton programs, above "
-                f"the grid limit {TRITON_MAX_PROGRAMS} (2^31 - 1); score the captions in chunks "
-                "(e.g. aladin_fast.full_scores)"
-            )
+    # any launch needs at least ceil(pairs / TRITON_MAX_PAIRS_PER_PROGRAM) programs
+    pairs = text.count * num_candidates
+    programs = -(-pairs // TRITON_MAX_PAIRS_PER_PROGRAM)
+    if programs > TRITON_MAX_PROGRAMS:
+        raise ValueError(
+            f"text: {text.count} captions x {num_candidates} candidates = {pairs} pairs need at least {programs} "
+            f"Triton programs, above the grid limit {TRITON_MAX_PROGRAMS} (2^31 - 1); score the captions in chunks "
+            "(e.g. aladin_fast.full_scores)"
+        )
