@@ -51,9 +51,11 @@ info: $(VENV)/.installed
 SANITIZE_DIR := build/sanitize
 SANITIZE_DEPS ?= $(VENV)/.installed
 SANITIZE_TESTS ?= tests/test_cpu_kernel_raw.py tests/test_alignment.py tests/test_autograd.py \
-	tests/test_nonfinite.py tests/test_large_inputs.py tests/test_validation.py
+	tests/test_nonfinite.py tests/test_large_inputs.py tests/test_validation.py tests/test_determinism.py \
+	tests/test_fuzz.py
 SANITIZE_K ?= not peak_memory and not triton and not compile
-SANITIZE_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
+SANITIZE_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH=$(CURDIR)/$(SANITIZE_DIR)/pkg
 
 $(SANITIZE_DIR)/.built: setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
@@ -67,7 +69,7 @@ sanitize: $(SANITIZE_DEPS) $(SANITIZE_DIR)/.built
 	cp $(SANITIZE_DIR)/lib/aladin_fast/_C*.so $(SANITIZE_DIR)/pkg/aladin_fast/
 	cd $(SANITIZE_DIR) && $(SANITIZE_ENV) $(abspath $(PY)) -c "import aladin_fast._C as c; \
 		assert '/$(SANITIZE_DIR)/pkg/' in c.__file__, c.__file__; print('instrumented extension:', c.__file__)"
-	$(SANITIZE_ENV) $(VENV)/bin/pytest -q -p no:cacheprovider $(SANITIZE_TESTS) -k "$(SANITIZE_K)"
+	$(SANITIZE_ENV) $(VENV)/bin/pytest -q -p no:cacheprovider --capture=sys $(SANITIZE_TESTS) -k "$(SANITIZE_K)"
 
 clean:
 	rm -rf build *.egg-info aladin_fast/_C*.so $(VENV)
