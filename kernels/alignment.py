@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .alignment_packed import _packed_alignment_kernel, packed_fits, packed_launch_config
+
 # aggregation codes (docs/kernel_contract.md)
 MRSW, MRAVGW, MWSR, SYMM, SUM, MEAN = 0, 1, 2, 3, 4, 5
 
@@ -391,6 +393,15 @@ def launch_alignment(text, text_offsets, text_lengths, images, image_offsets, im
     if num_texts == 0 or num_candidates == 0:
         return
     dim = text.shape[1]
+    config = dict(config or {})
+    kernel = config.pop("kernel", None)
+    if kernel is None:  # explicit per-pair block sizes select the per-pair kernel
+        pair_keys = {"BLOCK_W", "BLOCK_R", "BLOCK_D"}
+        kernel = "pair" if pair_keys & set(config) or not packed_fits(text_pad, image_pad) else "packed"
+    if kernel == "packed":
+        _launch_packed(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+                       aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax, config)
+        return
     cfg = alignment_launch_config(num_texts=num_texts, num_candidates=num_candidates, dim=dim,
                                   text_pad=text_pad, image_pad=image_pad, element_size=text.element_size(),
                                   all_pairs=candidates is None, num_sms=_num_sms(text.device), override=config)
@@ -406,6 +417,28 @@ def launch_alignment(text, text_offsets, text_lengths, images, image_offsets, im
         WRITE_ARGMAX=argmax is not None, WRITE_REGION_ARGMAX=region_argmax is not None,
         SINGLE_TILE=cfg.single_tile, QUERY_RESIDENT=cfg.query_resident,
         BLOCK_W=cfg.BLOCK_W, BLOCK_R=cfg.BLOCK_R, BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K,
+        GROUP_SIZE=cfg.GROUP_SIZE, DOT_IN_FP32=_INTERPRETED and text.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=_FP_FUSION,
+    )
+
+
+def _launch_packed(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, aggregation,
+                   zero_padding, text_pad, image_pad, out, argmax, region_argmax, config):
+    num_texts = text_offsets.shape[0]
+    num_candidates = image_offsets.shape[0] if candidates is None else candidates.shape[1]
+    cfg = packed_launch_config(num_texts=num_texts, num_candidates=num_candidates, text_pad=text_pad,
+                               image_pad=image_pad, element_size=text.element_size(), all_pairs=candidates is None,
+                               override=config)
+    _packed_alignment_kernel[cfg.grid](
+        text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+        text_offsets if candidates is None else candidates, out,
+        text_lengths if argmax is None else argmax,
+        text_lengths if region_argmax is None else region_argmax,
+        num_texts, num_candidates, text.shape[1], text_pad, image_pad,
+        AGGREGATION=int(aggregation), ZERO_PADDING=bool(zero_padding), HAS_CANDIDATES=candidates is not None,
+        WRITE_ARGMAX=argmax is not None, WRITE_REGION_ARGMAX=region_argmax is not None,
+        IMGS=cfg.IMGS, CAPS=cfg.CAPS, IMGS_P2=triton.next_power_of_2(cfg.IMGS),
+        CAPS_P2=triton.next_power_of_2(cfg.CAPS), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         GROUP_SIZE=cfg.GROUP_SIZE, DOT_IN_FP32=_INTERPRETED and text.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=_FP_FUSION,
     )

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .alignment import _INTERPRETED, _pow2_block
+from .alignment_packed import _packed_backward_kernel, packed_backward_config, packed_fits
 
 STRATEGIES = ("segmented", "atomic")
 
@@ -274,6 +275,29 @@ def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, im
     if aggregation in (2, 3) and region_argmax is None:
         raise ValueError("region_argmax is required for MwSr / symm")
     dim = text.shape[1]
+    config = dict(config or {})
+    kernel = config.pop("kernel", None)
+    if kernel is None:
+        kernel = "packed" if candidates is None and packed_fits(text_pad, image_pad) and not (
+            {"BLOCK_W", "BLOCK_R", "BLOCK_K"} & set(config)) else "pair"
+    if kernel == "packed":
+        if candidates is not None:
+            raise ValueError("the packed backward covers all-pairs scores only (candidates must be None)")
+        cfg = packed_backward_config(num_texts=num_texts, num_images=num_images, dim=dim, text_pad=text_pad,
+                                     image_pad=image_pad, element_size=text.element_size(), override=config)
+        placeholder = text_lengths
+        for text_side, out, owners in ((True, grad_text, triton.cdiv(num_texts, cfg["CAPS"])),
+                                       (False, grad_images, triton.cdiv(num_images, cfg["IMGS"]))):
+            _packed_backward_kernel[(owners, triton.cdiv(dim, cfg["BLOCK_D"]))](
+                grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+                placeholder if argmax is None else argmax, placeholder if region_argmax is None else region_argmax,
+                out, num_texts, num_images, dim, text_pad, image_pad,
+                AGGREGATION=int(aggregation), ZERO_PADDING=bool(zero_padding), TEXT_SIDE=text_side,
+                IMGS=cfg["IMGS"], CAPS=cfg["CAPS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_D=cfg["BLOCK_D"], SPLIT=cfg["SPLIT"],
+                DOT_IN_FP32=_INTERPRETED and text.dtype == torch.bfloat16,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return
     blocks = backward_launch_blocks(text_pad=text_pad, image_pad=image_pad, dim=dim,
                                     element_size=text.element_size(), override=config)
     placeholder = text_lengths  # never read by a specialisation that does not need it
