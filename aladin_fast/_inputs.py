@@ -114,7 +114,7 @@ def _lengths_from(name: str, lengths, count: int, max_len: int, device: torch.de
     if lengths.ndim != 1 or lengths.shape[0] != count:
         raise ValueError(f"{name} must have shape [{count}], got {list(lengths.shape)}")
     if count and not tracing():  # re-checked by the op implementation when compiled
-        low, high = int(lengths.min()), int(lengths.max())
+        low, high = value_range(lengths)
         if low < 0 or high > max_len:
             raise ValueError(f"{name} must lie in [0, {max_len}] (the padded length), got values in [{low}, {high}]")
     return lengths.to(torch.int32)
@@ -226,6 +226,12 @@ def check_pair(text: TokenBatch, images: TokenBatch) -> None:
         )
 
 
+def value_range(values: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty integer tensor with one device-to-host copy (one sync on a GPU)."""
+    low, high = torch.stack(torch.aminmax(values)).tolist()
+    return int(low), int(high)
+
+
 def check_candidates(candidates, text_count: int, image_count: int, device: torch.device) -> torch.Tensor:
     """Candidates: int [Nt, K] ids into the image batch."""
     candidates = _as_index_tensor("candidates", candidates, device)
@@ -233,7 +239,7 @@ def check_candidates(candidates, text_count: int, image_count: int, device: torc
         raise ValueError(f"candidates must have shape [{text_count}, K] (one row per text), got {list(candidates.shape)}")
     candidates = candidates.long().contiguous()
     if candidates.numel() and not tracing():  # re-checked by the op implementation when compiled
-        low, high = int(candidates.min()), int(candidates.max())
+        low, high = value_range(candidates)
         if low < 0 or high >= image_count:
             raise IndexError(
                 f"candidates must be image ids in [0, {image_count - 1}] (images has {image_count} rows), "

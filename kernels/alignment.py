@@ -398,7 +398,7 @@ def launch_alignment(text, text_offsets, text_lengths, images, image_offsets, im
     if kernel is None:  # explicit per-pair block sizes select the per-pair kernel
         pair_keys = {"BLOCK_W", "BLOCK_R", "BLOCK_D"}
         kernel = "pair" if pair_keys & set(config) or not packed_fits(text_pad, image_pad) else "packed"
-    if kernel == "packed":
+    if kernel == "packed" and packed_fits(text_pad, image_pad):
         _launch_packed(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                        aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax, config)
         return

@@ -280,9 +280,7 @@ def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, im
     if kernel is None:
         kernel = "packed" if candidates is None and packed_fits(text_pad, image_pad) and not (
             {"BLOCK_W", "BLOCK_R", "BLOCK_K"} & set(config)) else "pair"
-    if kernel == "packed":
-        if candidates is not None:
-            raise ValueError("the packed backward covers all-pairs scores only (candidates must be None)")
+    if kernel == "packed" and candidates is None and packed_fits(text_pad, image_pad):
         cfg = packed_backward_config(num_texts=num_texts, num_images=num_images, dim=dim, text_pad=text_pad,
                                      image_pad=image_pad, element_size=text.element_size(), override=config)
         placeholder = text_lengths

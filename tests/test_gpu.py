@@ -195,3 +195,27 @@ def test_peak_memory_far_below_pairs_words_regions(aggregation):
     gradients = (128 * 32 + 128 * 36) * 1024 * 4  # the .grad tensors themselves (35.7 MB)
     print(f"peak extra {extra / 2**20:.1f} MiB (gradients {gradients / 2**20:.1f} MiB)")
     assert extra - gradients < full_similarity / 4, f"{extra / 2**20:.1f} MiB extra"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", ["all_pairs", "rerank"])
+def test_per_pair_kernel_forward_and_backward(dtype, mode, monkeypatch):
+    """The per-pair kernels (forced; the launchers pick packed tiles for these sizes) vs the reference."""
+    monkeypatch.setenv("ALADIN_FAST_TRITON_KERNEL", "pair")
+    shape = (4, 5, 9, 36, 48)
+    text0, images0, t_len, v_len, candidates = _case(5, shape)
+    text0, images0 = text0.clamp(-2, 2).to(dtype).double(), images0.clamp(-2, 2).to(dtype).double()
+    for aggregation in AGGREGATIONS:
+        for padding in PADDINGS:
+            results = []
+            for backend, device, compute in (("reference", "cpu", torch.float64), ("triton", "cuda", dtype)):
+                text = text0.to(device, compute).detach().clone().requires_grad_()
+                images = images0.to(device, compute).detach().clone().requires_grad_()
+                scores = _call(mode, text, images, t_len.to(device), v_len.to(device), aggregation, padding, backend,
+                               candidates.to(device))
+                scores.float().sum().backward()
+                results.append((scores.detach().cpu().double(), text.grad.cpu().double(), images.grad.cpu().double()))
+            atol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=_tolerance(shape, dtype))
+            for got, want in zip(results[1][1:], results[0][1:]):
+                torch.testing.assert_close(got, want, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=atol)

@@ -77,7 +77,7 @@ def run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets,
         _check_metadata(text_lengths, text_pad, image_lengths, image_pad, candidates, image_offsets.shape[0])
         triton_kernels().launch_alignment(
             text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
-            aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax,
+            aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax, config=_triton_kernel_choice(),
         )
     else:  # pragma: no cover - the op layer only passes kernel backends here
         raise RuntimeError(f"score_tokens runs kernel backends only, got {backend!r}")
@@ -85,15 +85,20 @@ def run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets,
 
 def _check_metadata(text_lengths, text_pad, image_lengths, image_pad, candidates, image_count):
     """Value-range checks the op layer skips under ``torch.compile`` (the C++ bindings do their own)."""
-    for name, lengths, pad in (("text_lengths", text_lengths, text_pad), ("image_lengths", image_lengths, image_pad)):
-        if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > pad):
-            raise ValueError(f"{name} must lie in [0, {pad}] (the padded length), got values in "
-                             f"[{int(lengths.min())}, {int(lengths.max())}]")
-    if candidates is None or not candidates.numel():
+    checks = [("text_lengths", text_lengths, text_pad), ("image_lengths", image_lengths, image_pad)]
+    if candidates is not None:
+        checks.append(("candidates", candidates, image_count - 1))
+    checks = [check for check in checks if check[1].numel()]
+    if not checks:
         return
-    if int(candidates.min()) < 0 or int(candidates.max()) >= image_count:
-        raise IndexError(f"candidates must be image ids in [0, {image_count - 1}], got values in "
-                         f"[{int(candidates.min())}, {int(candidates.max())}]")
+    # every range in one device-to-host copy (one sync on a GPU)
+    ranges = torch.stack([torch.stack(torch.aminmax(values)).long() for _, values, _ in checks]).tolist()
+    for (name, _, high), (low_seen, high_seen) in zip(checks, ranges):
+        if low_seen < 0 or high_seen > high:
+            if name == "candidates":
+                raise IndexError(f"candidates must be image ids in [0, {high}], got values in [{low_seen}, {high_seen}]")
+            raise ValueError(f"{name} must lie in [0, {high}] (the padded length), got values in "
+                             f"[{low_seen}, {high_seen}]")
 
 
 @torch.library.custom_op("aladin_fast::score_tokens", mutates_args=())
@@ -284,6 +289,17 @@ def cpu_backward(grad, text, text_offsets, text_lengths, images, image_offsets, 
     return grad_text, grad_images
 
 
+def _triton_kernel_choice():
+    """``ALADIN_FAST_TRITON_KERNEL=pair|packed`` forces one Triton kernel family (benchmarks, tuning); unset:
+    the launchers choose (packed tiles whenever a whole caption and image fit one tile)."""
+    kernel = os.environ.get("ALADIN_FAST_TRITON_KERNEL")
+    if kernel is None:
+        return None
+    if kernel not in ("pair", "packed"):
+        raise ValueError(f"ALADIN_FAST_TRITON_KERNEL must be 'pair' or 'packed', got {kernel!r}")
+    return {"kernel": kernel}
+
+
 def triton_backward_strategy() -> str:
     """Image-side reduction of the Triton backward: "segmented" (deterministic, the default) or "atomic".
 
@@ -307,7 +323,8 @@ def triton_backward(grad, text, text_offsets, text_lengths, images, image_offset
     triton_kernels().launch_alignment_backward(
         grad.float().contiguous(), text, text_offsets, text_lengths, images, image_offsets, image_lengths,
         candidates, argmax if word_term else None, region_argmax if region_term else None, aggregation,
-        zero_padding, text_pad, image_pad, grad_text, grad_images, strategy=triton_backward_strategy())
+        zero_padding, text_pad, image_pad, grad_text, grad_images, strategy=triton_backward_strategy(),
+        config=_triton_kernel_choice())
     return grad_text, grad_images
 
 

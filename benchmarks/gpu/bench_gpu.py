@@ -119,6 +119,23 @@ def plain_rerank(text, gallery, candidates):
 
 
 _COMPILED = {}
+PAIR = {"ALADIN_FAST_TRITON_KERNEL": "pair"}
+
+
+def with_env(env, fn):
+    """fn run with extra environment variables (the op layer reads them at each call)."""
+    def run():
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return run
 
 
 def compiled(fn):
@@ -164,6 +181,9 @@ def suite_training(peer, dims, quick):
         ours = aladin_fast.alignment_scores(text, images, backend="triton")
         record("train_fwd", shape, "aladin_triton", lambda: aladin_fast.alignment_scores(text, images, backend="triton"),
                flops=flops, bytes_moved=bytes_in)
+        pair_fwd = with_env(PAIR, lambda: aladin_fast.alignment_scores(text, images, backend="triton"))
+        record("train_fwd", shape, "aladin_triton_pair_kernel", pair_fwd, flops=flops, bytes_moved=bytes_in,
+               check=lambda: close(pair_fwd(), ours, "pair kernel", atol_scale=1e-4))
         record("train_fwd", shape, "torch_einsum", lambda: plain_einsum(text, images), flops=flops,
                bytes_moved=bytes_in, check=lambda: close(plain_einsum(text, images), ours, "einsum"))
         record("train_fwd", shape, "torch_matmul_reshape", lambda: plain_matmul(text, images), flops=flops,
@@ -193,20 +213,21 @@ def suite_training(peer, dims, quick):
         def ours_fn(t, v):
             return aladin_fast.alignment_scores(t, v, backend="triton")
 
-        for strategy in ("segmented", "atomic"):
-            os.environ["ALADIN_FAST_TRITON_BACKWARD"] = strategy
-            record("train_fwd_bwd", shape, f"aladin_triton_{strategy}", step(ours_fn), flops=bwd_flops,
-                   bytes_moved=2 * bytes_in)
-        os.environ["ALADIN_FAST_TRITON_BACKWARD"] = "segmented"
-        step(ours_fn)()
-        want_t, want_v = t_leaf.grad.float().clone(), v_leaf.grad.float().clone()
-
         def grad_check(score_fn, name):
             def check():
                 step(score_fn)()
                 close(t_leaf.grad, want_t, name + " d text", atol_scale=3e-2)
                 close(v_leaf.grad, want_v, name + " d images", atol_scale=3e-2)
             return check
+
+        step(ours_fn)()
+        want_t, want_v = t_leaf.grad.float().clone(), v_leaf.grad.float().clone()
+        record("train_fwd_bwd", shape, "aladin_triton", step(ours_fn), flops=bwd_flops, bytes_moved=2 * bytes_in)
+        for strategy in ("segmented", "atomic"):
+            env = dict(PAIR, ALADIN_FAST_TRITON_BACKWARD=strategy)
+            record("train_fwd_bwd", shape, f"aladin_triton_pair_kernel_{strategy}", with_env(env, step(ours_fn)),
+                   flops=bwd_flops, bytes_moved=2 * bytes_in,
+                   check=with_env(env, grad_check(ours_fn, f"pair kernel {strategy}")))
 
         record("train_fwd_bwd", shape, "torch_matmul_reshape", step(plain_matmul), flops=bwd_flops,
                bytes_moved=2 * bytes_in, check=grad_check(plain_matmul, "matmul"))
@@ -258,7 +279,11 @@ def suite_rerank(peer, quick):
         record("rerank", shape, "torch_compile", lambda: compiled(plain_rerank)(text, gallery, candidates),
                flops=flops, bytes_moved=bytes_moved,
                check=lambda: close(compiled(plain_rerank)(text, gallery, candidates), ours, "compile"))
-        if "late-interaction-kernels" in peer:
+        pair_fn = with_env(PAIR, lambda: aladin_fast.rerank_scores(text, gallery, candidates, backend="triton"))
+        record("rerank", shape, "aladin_triton_pair_kernel", pair_fn, flops=flops, bytes_moved=bytes_moved,
+               check=lambda: close(pair_fn(), ours, "pair kernel", atol_scale=1e-4))
+        if "late-interaction-kernels" in peer and queries * k * r * d < 2**31:
+            # (64 x 1000 x 36 x 1024 >= 2^31 elements: its KD kernel hit an illegal address there in run 1)
             lik = peer["late-interaction-kernels"]
             fn = lambda: lik.maxsim(text, gallery[candidates])  # noqa: E731  (KD layout needs gathered docs)
             record("rerank", shape, "late-interaction-kernels(+gather)", fn, flops=flops, bytes_moved=bytes_moved,
