@@ -236,14 +236,16 @@ def packed_launch_config(*, num_texts: int, num_candidates: int, text_pad: int, 
     block_m = override.pop("BLOCK_M", min(128, triton.next_power_of_2(max(16, image_pad * MAX_PACKED))))
     imgs = override.pop("IMGS", max(1, min(block_m // image_pad, MAX_PACKED, num_candidates)))
     if all_pairs:
-        block_n = override.pop("BLOCK_N", min(128, triton.next_power_of_2(max(16, text_pad * MAX_PACKED))))
+        # 128 x 64 tiles: 128 x 128 ones spill registers in the pooling epilogue (sm_90 AOT: 255 regs + stack)
+        block_n = override.pop("BLOCK_N", max(triton.next_power_of_2(text_pad),
+                                              min(64, triton.next_power_of_2(max(16, text_pad * MAX_PACKED)))))
         caps = override.pop("CAPS", max(1, min(block_n // text_pad, MAX_PACKED, num_texts)))
     else:
         block_n = override.pop("BLOCK_N", triton.next_power_of_2(max(16, text_pad)))
         caps = override.pop("CAPS", 1)
     block_k = override.pop("BLOCK_K", 64 if element_size <= 2 else 32)
     group_size = override.pop("GROUP_SIZE", 8)
-    num_warps = override.pop("num_warps", 8 if block_m * block_n >= 128 * 128 else 4)
+    num_warps = override.pop("num_warps", 8 if block_m * block_n >= 128 * 64 else 4)
     num_stages = override.pop("num_stages", 3 if element_size <= 2 else 2)
     if override:
         raise KeyError(f"unknown packed launch override(s): {sorted(override)}")
@@ -399,8 +401,7 @@ def packed_backward_config(*, num_texts: int, num_images: int, dim: int, text_pa
                                override={key: override.pop(key) for key in ("BLOCK_M", "BLOCK_N", "IMGS", "CAPS")
                                          if key in override})
     cfg = dict(IMGS=fwd.IMGS, CAPS=fwd.CAPS, BLOCK_M=fwd.BLOCK_M, BLOCK_N=fwd.BLOCK_N,
-               BLOCK_D=override.pop("BLOCK_D", min(128 if element_size <= 2 else 64,
-                                                   triton.next_power_of_2(max(16, dim)))),
+               BLOCK_D=override.pop("BLOCK_D", min(64, triton.next_power_of_2(max(16, dim)))),
                SPLIT=override.pop("SPLIT", element_size <= 2),
                num_warps=override.pop("num_warps", 8), num_stages=override.pop("num_stages", 2))
     if override:

@@ -75,8 +75,8 @@ def _score(
 
     needs_grad = torch.is_grad_enabled() and (text_batch.tokens.requires_grad or image_batch.tokens.requires_grad)
     want_argmax = return_argmax or (needs_grad and aggregation in ("MrSw", "MrAVGw", "symm"))
-    # the C++ forward emits the region -> word argmax for the MwSr-type backward in the same pass
-    want_region_argmax = needs_grad and chosen == "cpu" and aggregation in ("MwSr", "symm")
+    # both kernel backends emit the region -> word argmax for the MwSr-type backward in the same pass
+    want_region_argmax = needs_grad and chosen in ("cpu", "triton") and aggregation in ("MwSr", "symm")
     scores, argmax, _ = score_tokens(
         text_batch.tokens, text_batch.offsets, text_batch.lengths,
         image_batch.tokens, image_batch.offsets, image_batch.lengths,

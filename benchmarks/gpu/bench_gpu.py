@@ -345,6 +345,93 @@ def suite_peer_headline(peer):
                check=lambda: close(fm.flash_maxsim(q[0], docs_t)[None], ours, "flash"))
 
 
+def profile_overhead():
+    """Host-side cost of one small rerank call (cProfile, 200 calls): where fixed per-call time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    gallery = torch.randn(5000, 36, 1024, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(1, 32, 1024, device="cuda", dtype=torch.bfloat16)
+    candidates = torch.randint(0, 5000, (1, 100), device="cuda")
+    for _ in range(10):
+        aladin_fast.rerank_scores(text, gallery, candidates, backend="triton")
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(200):
+        aladin_fast.rerank_scores(text, gallery, candidates, backend="triton")
+    torch.cuda.synchronize()
+    profiler.disable()
+    per_call_us = (time.perf_counter() - start) / 200 * 1e6
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(18)
+    print(f"rerank Q1 K100 host loop: {per_call_us:.1f} us per call", flush=True)
+    print(stream.getvalue()[-6000:], flush=True)
+    ROWS.append(dict(suite="overhead", shape="Q1_K100", provider="aladin_triton", host_us_per_call=per_call_us))
+
+
+def suite_sweep():
+    """Kernel-level launch configurations at the training shape (bf16, D=1024): forward MrSw and the packed
+    all-pairs backward, each checked against the default configuration's output."""
+    from aladin_fast import kernels
+
+    nt = ni = 128
+    w, r, d = 32, 36, 1024
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    text = torch.randn(nt * w, d, device="cuda", generator=gen).bfloat16()
+    images = torch.randn(ni * r, d, device="cuda", generator=gen).bfloat16()
+    t_off = torch.arange(nt, device="cuda") * w
+    v_off = torch.arange(ni, device="cuda") * r
+    t_len = torch.full((nt, ), w, device="cuda", dtype=torch.int32)
+    v_len = torch.full((ni, ), r, device="cuda", dtype=torch.int32)
+    flops = 2 * nt * ni * w * r * d
+    shape = f"B{nt}x{ni}_W{w}_R{r}_D{d}"
+
+    def forward(config, argmax=None):
+        out = torch.empty(nt, ni, device="cuda")
+        kernels.launch_alignment(text, t_off, t_len, images, v_off, v_len, None, 0, False, w, r, out, argmax,
+                                 config=config)
+        return out
+
+    want = forward(None)
+    for config in ({"kernel": "packed", "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+                   {"kernel": "packed", "BLOCK_N": 64, "num_warps": 8, "num_stages": 4},
+                   {"kernel": "packed", "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                   {"kernel": "packed", "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+                   {"kernel": "packed", "BLOCK_N": 32, "num_warps": 4, "num_stages": 4}):
+        name = "fwd " + ",".join(f"{k}={v}" for k, v in config.items() if k != "kernel")
+        record("sweep_fwd", shape, name, lambda: forward(config), flops=flops, bytes_moved=0,
+               check=lambda: close(forward(config), want, name, atol_scale=1e-4))
+    argmax = torch.full((nt, ni, w), -1, device="cuda", dtype=torch.int32)
+    forward(None, argmax)
+    grad = torch.randn(nt, ni, device="cuda", generator=gen)
+
+    def backward(config):
+        gt = torch.zeros(text.shape, device="cuda")
+        gv = torch.zeros(images.shape, device="cuda")
+        kernels.launch_alignment_backward(grad, text, t_off, t_len, images, v_off, v_len, None, argmax, None, 0,
+                                          False, w, r, gt, gv, config=config)
+        return gt, gv
+
+    want_t, want_v = backward({"kernel": "pair"})
+    for config in ({"kernel": "packed"},
+                   {"kernel": "packed", "SPLIT": False},
+                   {"kernel": "packed", "BLOCK_D": 128, "SPLIT": False},
+                   {"kernel": "packed", "BLOCK_N": 128, "BLOCK_D": 64},
+                   {"kernel": "packed", "num_warps": 4},
+                   {"kernel": "pair"}):
+        name = "bwd " + ",".join(f"{k}={v}" for k, v in config.items())
+
+        def check(config=config, name=name):
+            gt, gv = backward(config)
+            close(gt, want_t, name + " d text", atol_scale=1e-2)
+            close(gv, want_v, name + " d images", atol_scale=1e-2)
+        record("sweep_bwd", shape, name, lambda config=config: backward(config), flops=2 * flops, bytes_moved=0,
+               check=check)
+
+
 def machine_peaks():
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -397,7 +484,7 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--budget-s", type=float, default=300)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--suites", default="training,rerank,full_gallery,peer_headline")
+    parser.add_argument("--suites", default="profile,sweep,training,rerank,full_gallery,peer_headline")
     args = parser.parse_args()
     DEADLINE[0] = time.time() + args.budget_s
     info = environment()
@@ -408,7 +495,8 @@ def main():
     info["peers"] = {name: getattr(module, "__version__", "?") for name, module in peer.items()}
     suites = args.suites.split(",")
     started = time.time()
-    runs = {"training": lambda: suite_training(peer, (1024, 768), args.quick),
+    runs = {"profile": profile_overhead, "sweep": suite_sweep,
+            "training": lambda: suite_training(peer, (1024, 768), args.quick),
             "rerank": lambda: suite_rerank(peer, args.quick),
             "full_gallery": lambda: suite_full_gallery(args.quick),
             "peer_headline": lambda: suite_peer_headline(peer)}
