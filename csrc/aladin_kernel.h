@@ -4,7 +4,7 @@
 // the pybind11 bindings, the (ISA-independent) OpenMP driver and the per-ISA
 // translation units (kernel_scalar.cpp, kernel_avx2.cpp, kernel_avx512.cpp).
 // It must stay free of anything that is compiled with ISA-specific target
-// options: only plain declarations, POD structs and two integer helpers live here.
+// options: only plain declarations, POD structs and a few integer helpers live here.
 #pragma once
 
 #include <cstddef>
@@ -28,6 +28,18 @@ inline int resolve_threads(int requested) {
     (void)requested;
     return 1;
 #endif
+}
+
+// Threads worth waking for `work` units: one per `min_work_per_thread` units (at least 1), at
+// most resolve_threads(requested) and at most `max_parts` (the number of independent items).
+// Waking a team costs far more than a tiny job on a loaded machine (a descheduled worker
+// delays the join by a whole time slice), so small jobs run on fewer threads, 1 when tiny.
+inline int threads_for_work(int requested, int64_t work, int64_t min_work_per_thread, int64_t max_parts) {
+    int64_t t = resolve_threads(requested);
+    const int64_t by_work = min_work_per_thread > 0 ? work / min_work_per_thread : t;
+    if (by_work < t) t = by_work;
+    if (max_parts < t) t = max_parts;
+    return t > 1 ? static_cast<int>(t) : 1;
 }
 
 // Part `part` of `parts` contiguous, near-equal pieces of [0, n): the static split of every
@@ -141,7 +153,8 @@ const IsaKernels* avx2_kernels();
 const IsaKernels* avx512_kernels();
 #endif
 
-// Driver (kernel_driver.cpp): runs `job` with `isa` on `num_threads` threads (0 = OpenMP default).
+// Driver (kernel_driver.cpp): runs `job` with `isa` on at most `num_threads` threads (0 = OpenMP
+// default), fewer for small jobs (threads_for_work); the results do not depend on the count.
 // Returns 0 on success, otherwise a negative error code:
 //   -1 candidate id out of range.
 int run_job(const Job& job, const IsaKernels* isa, int num_threads);

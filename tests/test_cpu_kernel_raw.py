@@ -336,6 +336,34 @@ def test_deterministic_across_threads():
         assert np.array_equal(am_a, am_b) and np.array_equal(am_a, am_c)
 
 
+# (W, R, D, nt, ni, mode, k).  The forward driver picks fewer threads than asked for small jobs
+# (~2M FMA-equivalents per thread, work ~ pairs * (W * R * (D + 8) + 1500)): the first two cases
+# stay on 1 thread, the others are large enough for 3 threads, so 1 vs 2 vs 3 vs the default
+# compares real splits there (ragged lengths, candidates with repeats, packed rows).
+THREAD_CASES = [
+    (32, 36, 64, 1, 50, "rerank", 10),      # the tiny serving rerank: one thread whatever is asked
+    (5, 6, 16, 3, 4, "all", None),
+    (32, 36, 128, 3, 60, "rerank", 40),     # ~19M FMA-eq
+    (1, 1, 1, 40, 600, "all", None),        # 24000 near-empty pairs: per-pair cost only, ~36M
+    (37, 36, 100, 9, 11, "all", None),      # 99 pairs, ~13M
+]
+
+
+@pytest.mark.parametrize("case", THREAD_CASES, ids=lambda c: "x".join(map(str, c[:5])) + c[5])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bitwise_identical_for_any_thread_count(case, dtype):
+    W, R, D, nt, ni, mode, k = case
+    rng = np.random.default_rng(11)
+    kin, _ = make_case(rng, W=W, R=R, D=D, nt=nt, ni=ni, mode=mode, dtype=dtype, data="random", k=k)
+    for isa in ISAS:
+        for agg, zero in ((0, False), (3, True), (5, False)):
+            runs = [run_kernel(kin, agg, zero, isa, num_threads=n) for n in (1, 2, 3, 0)]
+            first_out, first_am = runs[0]
+            for n, (out, am) in zip((2, 3, 0), runs[1:]):
+                assert out.tobytes() == first_out.tobytes(), (isa, agg, zero, n)
+                assert np.array_equal(am, first_am), (isa, agg, zero, n)
+
+
 def test_empty_inputs():
     D = 4
     kin = dict(text=np.zeros((0, D), np.float32), toff=np.zeros(0, np.int64), tlen=np.zeros(0, np.int32),
