@@ -24,7 +24,8 @@ from .._inputs import (
     normalized,
     token_batch,
 )
-from .alignment_op import score_tokens
+from .._inputs import tracing
+from .alignment_op import score_tokens, score_tokens_eager
 from .backends import resolve_backend
 from .limits import check_index_limits
 
@@ -77,7 +78,9 @@ def _score(
     want_argmax = return_argmax or (needs_grad and aggregation in ("MrSw", "MrAVGw", "symm"))
     # both kernel backends emit the region -> word argmax for the MwSr-type backward in the same pass
     want_region_argmax = needs_grad and chosen in ("cpu", "triton") and aggregation in ("MwSr", "symm")
-    scores, argmax, _ = score_tokens(
+    # torch.compile traces the registered op; eager calls skip its dispatch (validated above)
+    op = score_tokens if tracing() else score_tokens_eager
+    scores, argmax, _ = op(
         text_batch.tokens, text_batch.offsets, text_batch.lengths,
         image_batch.tokens, image_batch.offsets, image_batch.lengths,
         candidates, AGGREGATION_CODES[aggregation], zero_padding, text_batch.pad, image_batch.pad,

@@ -57,7 +57,7 @@ def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
 
 
 def run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
-               aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax=None):
+               aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax=None, validated=False):
     """Launch one backend kernel on kernel-layout tensors (writes ``out``, ``argmax``, ``region_argmax``).
 
     ``region_argmax [Nt, K, image_pad]`` (region -> winning word, pre-filled with -1) or None.
@@ -74,7 +74,8 @@ def run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets,
             None if region_argmax is None else region_argmax.numpy(),
         )
     elif backend == "triton":
-        _check_metadata(text_lengths, text_pad, image_lengths, image_pad, candidates, image_offsets.shape[0])
+        if not validated:  # value ranges (the eager op layer has checked them already: no second device sync)
+            _check_metadata(text_lengths, text_pad, image_lengths, image_pad, candidates, image_offsets.shape[0])
         triton_kernels().launch_alignment(
             text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
             aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax, config=_triton_kernel_choice(),
@@ -101,12 +102,12 @@ def _check_metadata(text_lengths, text_pad, image_lengths, image_pad, candidates
                              f"[{low_seen}, {high_seen}]")
 
 
-@torch.library.custom_op("aladin_fast::score_tokens", mutates_args=())
-def score_tokens(
+def _score_tokens_impl(
     text: torch.Tensor, text_offsets: torch.Tensor, text_lengths: torch.Tensor,
     images: torch.Tensor, image_offsets: torch.Tensor, image_lengths: torch.Tensor,
     candidates: Optional[torch.Tensor], aggregation: int, zero_padding: bool,
     text_pad: int, image_pad: int, backend: str, want_argmax: bool, want_region_argmax: bool = False,
+    validated: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused scores ``[Nt, K]`` float32, word -> region argmax ``[Nt, K, text_pad]`` int32 and
     region -> word argmax ``[Nt, K, image_pad]`` int32 (each ``[0]`` when not wanted)."""
@@ -122,11 +123,25 @@ def score_tokens(
     text, images = text.contiguous(), images.contiguous()
     run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                aggregation, zero_padding, text_pad, image_pad, out, argmax if want_argmax else None,
-               region_argmax if emit_region else None)
+               region_argmax if emit_region else None, validated)
     if want_region_argmax and not emit_region:
         region_argmax = _region_argmax(text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                        candidates, zero_padding, text_pad, image_pad, backend)
     return out, argmax, region_argmax
+
+
+@torch.library.custom_op("aladin_fast::score_tokens", mutates_args=())
+def score_tokens(
+    text: torch.Tensor, text_offsets: torch.Tensor, text_lengths: torch.Tensor,
+    images: torch.Tensor, image_offsets: torch.Tensor, image_lengths: torch.Tensor,
+    candidates: Optional[torch.Tensor], aggregation: int, zero_padding: bool,
+    text_pad: int, image_pad: int, backend: str, want_argmax: bool, want_region_argmax: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused scores ``[Nt, K]``, word -> region argmax ``[Nt, K, text_pad]`` int32 and region -> word argmax
+    ``[Nt, K, image_pad]`` int32 (each ``[0]`` when not wanted): the op ``torch.compile`` sees."""
+    return _score_tokens_impl(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+                              aggregation, zero_padding, text_pad, image_pad, backend, want_argmax,
+                              want_region_argmax)
 
 
 @score_tokens.register_fake
@@ -328,8 +343,7 @@ def triton_backward(grad, text, text_offsets, text_lengths, images, image_offset
     return grad_text, grad_images
 
 
-@torch.library.custom_op("aladin_fast::score_tokens_backward", mutates_args=())
-def score_tokens_backward(
+def _score_tokens_backward_impl(
     grad: torch.Tensor, text: torch.Tensor, text_offsets: torch.Tensor, text_lengths: torch.Tensor,
     images: torch.Tensor, image_offsets: torch.Tensor, image_lengths: torch.Tensor,
     candidates: Optional[torch.Tensor], argmax: torch.Tensor, region_argmax: torch.Tensor, aggregation: int,
@@ -349,7 +363,7 @@ def score_tokens_backward(
     missing_region = region_term and region_argmax.numel() != count * k * image_pad
     rerun_region = missing_region and backend in KERNEL_REGION_ARGMAX
     if missing_word or rerun_region:
-        _, new_argmax, new_region_argmax = score_tokens(
+        _, new_argmax, new_region_argmax = _score_tokens_impl(
             text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, aggregation,
             zero_padding, text_pad, image_pad, backend, missing_word, rerun_region)
         argmax = new_argmax if missing_word else argmax
@@ -367,6 +381,19 @@ def score_tokens_backward(
                                                  image_lengths, candidates, argmax, region_argmax, aggregation,
                                                  zero_padding, text_pad, image_pad, backend)
     return grad_text.to(text.dtype), grad_images.to(images.dtype)
+
+
+@torch.library.custom_op("aladin_fast::score_tokens_backward", mutates_args=())
+def score_tokens_backward(
+    grad: torch.Tensor, text: torch.Tensor, text_offsets: torch.Tensor, text_lengths: torch.Tensor,
+    images: torch.Tensor, image_offsets: torch.Tensor, image_lengths: torch.Tensor,
+    candidates: Optional[torch.Tensor], argmax: torch.Tensor, region_argmax: torch.Tensor, aggregation: int,
+    zero_padding: bool, text_pad: int, image_pad: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(d text, d images)`` in the inputs' dtype (see ``_score_tokens_backward_impl``)."""
+    return _score_tokens_backward_impl(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+                                       candidates, argmax, region_argmax, aggregation, zero_padding, text_pad,
+                                       image_pad, backend)
 
 
 def _add_to_tokens(out, per_sequence, offsets, lengths):
@@ -388,11 +415,7 @@ def _(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengt
 
 
 def _double_backward(ctx, grad_grad_text, grad_grad_images):
-    raise NotImplementedError(
-        "double backward (differentiating the gradients of aladin_fast alignment scores, e.g. "
-        "autograd.grad(..., create_graph=True) then backward again) is not implemented; "
-        "use backend='reference' for higher-order gradients"
-    )
+    raise NotImplementedError(_DOUBLE_BACKWARD_MESSAGE)
 
 
 torch.library.register_autograd("aladin_fast::score_tokens_backward", _double_backward)
@@ -418,3 +441,63 @@ def _backward(ctx, grad_scores, grad_argmax, grad_region_argmax):
 
 
 torch.library.register_autograd("aladin_fast::score_tokens", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- eager fast path
+
+
+_DOUBLE_BACKWARD_MESSAGE = (
+    "double backward (differentiating the gradients of aladin_fast alignment scores, e.g. "
+    "autograd.grad(..., create_graph=True) then backward again) is not implemented; "
+    "use backend='reference' for higher-order gradients"
+)
+
+
+class _EagerScore(torch.autograd.Function):
+    """The same forward / backward as the registered ops, without torch.library dispatch (eager calls only)."""
+
+    @staticmethod
+    def forward(ctx, text, images, text_offsets, text_lengths, image_offsets, image_lengths, candidates, aggregation,
+                zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax):
+        scores, argmax, region_argmax = _score_tokens_impl(
+            text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, aggregation,
+            zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax, validated=True)
+        ctx.save_for_backward(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+                              argmax, region_argmax)
+        ctx.options = (aggregation, zero_padding, text_pad, image_pad, backend)
+        ctx.mark_non_differentiable(argmax, region_argmax)
+        return scores, argmax, region_argmax
+
+    @staticmethod
+    def backward(ctx, grad_scores, grad_argmax, grad_region_argmax):
+        # create_graph=True records the backward as a node whose own backward raises (like the registered op)
+        grad_text, grad_images = _EagerScoreBackward.apply(grad_scores, *ctx.saved_tensors, *ctx.options)
+        return (grad_text if ctx.needs_input_grad[0] else None, grad_images if ctx.needs_input_grad[1] else None,
+                *([None] * 12))
+
+
+class _EagerScoreBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad_scores, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+                argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad, backend):
+        return _score_tokens_backward_impl(grad_scores, text, text_offsets, text_lengths, images, image_offsets,
+                                           image_lengths, candidates, argmax, region_argmax, aggregation,
+                                           zero_padding, text_pad, image_pad, backend)
+
+    @staticmethod
+    def backward(ctx, grad_grad_text, grad_grad_images):
+        raise NotImplementedError(_DOUBLE_BACKWARD_MESSAGE)
+
+
+def score_tokens_eager(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+                       aggregation, zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax=False):
+    """``score_tokens`` for eager calls whose inputs the op layer has validated: same results and gradients,
+    without the torch.library dispatch and the second value-range check (each a host cost per call, large
+    next to a small rerank on a GPU). ``torch.compile`` traces the registered op instead."""
+    if torch.is_grad_enabled() and (text.requires_grad or images.requires_grad):
+        return _EagerScore.apply(text, images, text_offsets, text_lengths, image_offsets, image_lengths, candidates,
+                                 aggregation, zero_padding, text_pad, image_pad, backend, want_argmax,
+                                 want_region_argmax)
+    return _score_tokens_impl(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+                              aggregation, zero_padding, text_pad, image_pad, backend, want_argmax,
+                              want_region_argmax, validated=True)
