@@ -396,7 +396,7 @@ def launch_alignment(text, text_offsets, text_lengths, images, image_offsets, im
     config = dict(config or {})
     kernel = config.pop("kernel", None)
     if kernel is None:  # explicit per-pair block sizes select the per-pair kernel
-        pair_keys = {"BLOCK_W", "BLOCK_R", "BLOCK_D"}
+        pair_keys = {"BLOCK_W", "BLOCK_R", "BLOCK_D", "BLOCK_K"}  # (the packed kernel's keys need kernel="packed")
         kernel = "pair" if pair_keys & set(config) or not packed_fits(text_pad, image_pad) else "packed"
     if kernel == "packed" and packed_fits(text_pad, image_pad):
         _launch_packed(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,

@@ -47,3 +47,16 @@ def load_kernels(alias: str, interpret: bool):
         else:
             os.environ["TRITON_INTERPRET"] = saved
     return module
+
+
+def thin(values, keep: int = 1):
+    """Parametrize values with all but the first ``keep`` marked ``slow``: the Triton interpreter runs
+    each case in Python, so the default run takes a representative sample and ``-m slow`` the rest
+    (a child interpreter run inherits the marker expression through ALADIN_FAST_PYTEST_MARKERS)."""
+    import pytest
+
+    out = []
+    for index, value in enumerate(values):
+        args = value if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], tuple) else (value, )
+        out.append(value if index < keep else pytest.param(*args, marks=pytest.mark.slow))
+    return out
