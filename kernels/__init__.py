@@ -5,12 +5,13 @@ validation, no autograd (see aladin_fast/ops/ and docs/kernel_contract.md).
 """
 from .alignment import LaunchConfig, alignment_launch_config, launch_alignment
 from .alignment import aot_specs as _forward_aot_specs
+from .alignment_packed import packed_aot_specs
 from .alignment_backward import STRATEGIES, backward_aot_specs, backward_launch_blocks, launch_alignment_backward
 
 
 def aot_specs() -> list:
     """Forward and backward specialisations for ahead-of-time compilation (see ``alignment.aot_specs``)."""
-    return _forward_aot_specs() + backward_aot_specs()
+    return _forward_aot_specs() + packed_aot_specs() + backward_aot_specs()
 
 
 __all__ = ["LaunchConfig", "STRATEGIES", "alignment_launch_config", "aot_specs", "backward_launch_blocks",

@@ -410,3 +410,52 @@ def packed_backward_config(*, num_texts: int, num_images: int, dim: int, text_pa
     if override:
         raise KeyError(f"unknown packed backward override(s): {sorted(override)}")
     return cfg
+
+
+# --------------------------------------------------------------------------- ahead-of-time specialisations
+
+
+def _aot_spec(name, kernel, dtype_name, constexprs, options, dim=1024):
+    from .alignment import _FP_FUSION, AotSpec
+
+    element = "*" + dtype_name
+    pointer_types = {"text_ptr": element, "images_ptr": element, "out_ptr": "*fp32", "grad_ptr": "*fp32",
+                     "text_offsets_ptr": "*i64", "image_offsets_ptr": "*i64", "candidates_ptr": "*i64"}
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = pointer_types.get(arg, "*i32")
+        else:
+            signature[arg] = "i32"
+    aligned = [key for key, kind in signature.items() if kind.startswith("*")] + (["D"] if dim % 16 == 0 else [])
+    attrs = {(kernel.arg_names.index(key), ): [["tt.divisibility", 16]] for key in aligned}
+    return AotSpec(name, kernel, signature, constexprs, dict(options, enable_fp_fusion=_FP_FUSION), attrs)
+
+
+def packed_aot_specs() -> list:
+    """Packed-tile forward and backward at the training / rerank shapes (W=32, R=36, D=1024)."""
+    specs = []
+    for name, dtype_name, size, all_pairs, aggregation, argmax, region in (
+            ("packed_all_pairs_bf16_MrSw", "bf16", 2, True, 0, False, False),
+            ("packed_all_pairs_bf16_symm_argmaxes", "bf16", 2, True, 3, True, True),
+            ("packed_rerank_fp16_MrSw_argmax", "fp16", 2, False, 0, True, False),
+            ("packed_all_pairs_fp32_mean", "fp32", 4, True, 5, False, False)):
+        cfg = packed_launch_config(num_texts=128, num_candidates=128 if all_pairs else 1000, text_pad=32,
+                                   image_pad=36, element_size=size, all_pairs=all_pairs)
+        constexprs = dict(AGGREGATION=aggregation, ZERO_PADDING=False, HAS_CANDIDATES=not all_pairs,
+                          WRITE_ARGMAX=argmax, WRITE_REGION_ARGMAX=region, IMGS=cfg.IMGS, CAPS=cfg.CAPS,
+                          IMGS_P2=triton.next_power_of_2(cfg.IMGS), CAPS_P2=triton.next_power_of_2(cfg.CAPS),
+                          BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_SIZE=cfg.GROUP_SIZE,
+                          DOT_IN_FP32=False)
+        specs.append(_aot_spec(name, _packed_alignment_kernel, dtype_name, constexprs,
+                               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
+    bwd = packed_backward_config(num_texts=128, num_images=128, dim=1024, text_pad=32, image_pad=36, element_size=2)
+    for side in (True, False):
+        constexprs = dict(AGGREGATION=3, ZERO_PADDING=True, TEXT_SIDE=side, IMGS=bwd["IMGS"], CAPS=bwd["CAPS"],
+                          BLOCK_M=bwd["BLOCK_M"], BLOCK_N=bwd["BLOCK_N"], BLOCK_D=bwd["BLOCK_D"], SPLIT=bwd["SPLIT"],
+                          DOT_IN_FP32=False)
+        specs.append(_aot_spec(f"packed_bwd_{'text' if side else 'images'}_bf16_symm_zero", _packed_backward_kernel,
+                               "bf16", constexprs, {"num_warps": bwd["num_warps"], "num_stages": bwd["num_stages"]}))
+    return specs

@@ -111,5 +111,5 @@ def test_specs_are_well_formed():
         assert set(constexprs) <= set(signature) and all(signature[key] == "constexpr" for key in constexprs)
         assert set(signature) == set(fn.arg_names)
     assert len(set(names)) == len(names)
-    for required in ("all_pairs_bf16", "all_pairs_fp32", "rerank_bf16", "rerank_fp32"):
+    for required in ("all_pairs_bf16", "all_pairs_fp32", "rerank_bf16", "rerank_fp32", "packed_all_pairs", "packed_bwd"):
         assert any(name.startswith(required) for name in names), required
