@@ -1,4 +1,4 @@
-"""Command line: ``python -m aladin_fast {info,demo,train,evaluate,index,search,serve}``."""
+"""Command line: ``python -m aladin_fast {info,demo,train,acceptance,evaluate,index,search,serve}``."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,8 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.add_parser("evaluate", help="evaluate a checkpoint on precomputed features (see `evaluate --help`)",
                         add_help=False)
     commands.add_parser("train", help="train a teacher and distil a student (see `train --help`)", add_help=False)
+    commands.add_parser("acceptance", add_help=False,
+                        help="teacher vs global baseline at equal training time, distilled student (see `acceptance --help`)")
     from .retrieval.cli import add_index_arguments, add_search_arguments
 
     add_index_arguments(commands.add_parser("index", help="build a retriever directory from .npy features"))
@@ -34,6 +36,10 @@ def main(argv=None) -> int:
         from .training.command import main as train_main
 
         return train_main(argv)
+    if argv[:1] == ["acceptance"]:
+        from .acceptance import main as acceptance_main
+
+        return acceptance_main(argv[1:])
     if argv[:1] == ["evaluate"]:
         from .evaluate import evaluate_main
 

@@ -83,7 +83,7 @@ def plot_training(history: List[Dict[str, Any]], path: str) -> None:
     """Training loss per logged step and validation rsum per evaluation, per stage."""
     plt = _pyplot()
     figure, (loss_axis, eval_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for stage, color in (("teacher", "tab:red"), ("student", "tab:blue")):
+    for stage, color in (("teacher", "tab:red"), ("student", "tab:blue"), ("baseline", "tab:gray")):
         train = [r for r in history if r["kind"] == "train" and r["stage"] == stage]
         evals = [r for r in history if r["kind"] == "eval" and r["stage"] == stage]
         if train:

@@ -154,6 +154,33 @@ def test_fine_grained_alignment_beats_global_pooling(scenes):
     assert raw_metrics["t2i_r10"] > 40 and raw_metrics["i2t_r10"] > 40  # chance is 10%
 
 
+def test_caption_phrases_are_the_mentioned_objects(scenes):
+    for j, (phrases, mentioned) in enumerate(zip(scenes.caption_phrases, scenes.caption_objects)):
+        scene = scenes.scenes[j // 5]
+        assert len(phrases) == len(mentioned)
+        words = set(tokenize(scenes.captions[j]))
+        for concepts, k in zip(phrases, mentioned):
+            obj = scene.objects[k]
+            assert concepts[0] == obj.noun and set(concepts[1:]) <= {obj.colour, obj.size, obj.material}
+            # every concept of the phrase is named in the caption (by one of its words)
+            assert all(any(WORD_CONCEPT.get(w, (None, None))[1] == c for w in words) for c in concepts)
+    features, lengths = scenes.oracle_phrase_features(range(10))
+    assert features.shape[0] == 10 and lengths.tolist() == [len(p) for p in scenes.caption_phrases[:10]]
+    assert torch.allclose(features.sum(-1)[torch.arange(features.shape[1])[None] < lengths[:, None]], torch.tensor(1.0))
+
+
+def test_hard_negatives_need_binding(scenes):
+    """Attribute values repeat inside a scene, so only phrase-level (binding) alignment tells most variants apart."""
+    from aladin_fast.acceptance import oracle_checks
+
+    checks = oracle_checks(scenes)
+    phrases, words = checks["oracle phrases MrSw (binding)"], checks["oracle words MrSw (bag of words)"]
+    best_global = max(checks["oracle global mean-pooled cosine"]["rsum"], checks["oracle global max-pooled cosine"]["rsum"])
+    assert phrases["rsum"] > best_global + 20 and phrases["rsum"] > words["rsum"] + 20
+    best_group = max(m["group_accuracy"] for name, m in checks.items() if "phrases" not in name)
+    assert phrases["group_accuracy"] > best_group + 5
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"regions": 10}, "regions"), ({"group_size": 0}, "group_size"), ({"min_regions": 40}, "min_regions"),

@@ -105,15 +105,16 @@ def test_teacher_errors_name_the_argument(teacher):
         Teacher(VOCAB, FEATURES, DIM, heads=3)
 
 
-@pytest.mark.parametrize("backbone", ["shared", "separate"])
-def test_student_embeddings(teacher, backbone):
+@pytest.mark.parametrize("backbone, pooling", [("shared", "first"), ("separate", "first"), ("separate", "mean"),
+                                               ("separate", "max")])
+def test_student_embeddings(teacher, backbone, pooling):
     torch.manual_seed(2)
     if backbone == "shared":
-        student = Student.for_teacher(teacher, embed_dim=12, heads=2, dropout=0.0).eval()
+        student = Student.for_teacher(teacher, embed_dim=12, heads=2, dropout=0.0, pooling=pooling).eval()
         kwargs = {"teacher": teacher}
     else:
         student = Student(12, DIM, heads=2, dropout=0.0, backbone="separate", vocab_size=VOCAB,
-                          feature_dim=FEATURES).eval()
+                          feature_dim=FEATURES, pooling=pooling).eval()
         kwargs = {}
     regions, image_lengths, ids, caption_lengths = make_batch()
     images, captions = student(regions, image_lengths, ids, caption_lengths, **kwargs)
@@ -126,9 +127,16 @@ def test_student_embeddings(teacher, backbone):
     # padding invariance: a caption alone embeds like in the batch
     alone = student.encode_captions(ids[1:2, :2], caption_lengths[1:2], **kwargs)
     torch.testing.assert_close(alone[0], captions[1], atol=1e-5, rtol=1e-5)
-    # empty rows still embed to finite unit vectors (the learned first token)
+    # empty rows still embed to finite vectors (the learned first token; zeros pooled by mean / max)
     empty = student.encode_images(regions[:1], torch.tensor([0]), **kwargs)
     assert torch.isfinite(empty).all()
+    if pooling != "first":  # the pooled embedding ignores padded regions
+        tokens, lengths = student.image_tokens(regions, image_lengths, **kwargs)
+        valid = (torch.arange(tokens.shape[1])[None, :] < lengths[:, None])[..., None]
+        hidden = student.image_head.transformer(student.image_head.input_norm(tokens), lengths)
+        pooled = hidden.sum(1) / lengths[:, None] if pooling == "mean" else hidden.masked_fill(~valid, -1e9).amax(1)
+        expected = torch.nn.functional.normalize(student.image_head.output(pooled), dim=-1)
+        torch.testing.assert_close(images, expected, atol=1e-5, rtol=1e-5)
     (images.sum() + captions.sum()).backward()
     assert all(p.grad is not None for n, p in student.named_parameters())
     rebuilt = Student(**student.hparams)
@@ -146,5 +154,7 @@ def test_student_errors(teacher):
         Student(8, DIM, heads=2, backbone="separate")
     with pytest.raises(ValueError, match="backbone"):
         Student(8, DIM, heads=2, backbone="both")
+    with pytest.raises(ValueError, match="pooling"):
+        Student(8, DIM, heads=2, pooling="sum")
     with pytest.raises(ValueError, match="image_tokens must have shape"):
         student.embed_image_tokens(torch.zeros(2, 3, DIM + 1))

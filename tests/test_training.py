@@ -109,11 +109,14 @@ def test_resume_is_deterministic(tmp_path):
     resumed.fit()
     assert_same_parameters(parameters(straight.teacher), parameters(resumed.teacher))
     assert_same_parameters(parameters(straight.student), parameters(resumed.student))
-    strip = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]  # noqa: E731
+    clocks = ("seconds", "cpu_seconds", "wall_start", "wall_end")
+    strip = lambda history: [{k: v for k, v in r.items() if k not in clocks} for r in history]  # noqa: E731
     assert strip(resumed.history) == strip(straight.history)
     kinds = {(r["kind"], r["stage"]) for r in straight.history}
-    assert kinds == {("train", "teacher"), ("eval", "teacher"), ("train", "student"), ("eval", "student")}
-    assert {"hinge", "listnet", "concept", "context", "lr"} <= set(straight.history[-2])
+    assert kinds == {(kind, stage) for kind in ("train", "eval", "stage") for stage in ("teacher", "student")}
+    teacher_stage = [r for r in resumed.history if r["kind"] == "stage"][0]
+    assert (teacher_stage["epochs"], teacher_stage["steps"]) == (2, 6)  # stage totals across the resume
+    assert {"hinge", "listnet", "concept", "context", "lr"} <= set(straight.history[-3])
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["kind"] == "eval"
     teacher, student, vocabulary = load_models(path)
@@ -217,3 +220,87 @@ def test_teacher_learns_and_student_recovers_it():
     assert teacher["rsum"] > 3.5 * chance_rsum, teacher
     assert teacher["i2t_r1"] > 5 and teacher["t2i_r1"] > 4, teacher
     assert student["rsum"] > 0.4 * teacher["rsum"] and student["rsum"] > 2 * chance_rsum, (student, teacher)
+
+
+# ------------------------------------------------- baseline and time budgets
+@pytest.mark.parametrize("loss", ["hinge", "infonce"])
+def test_baseline_stage_trains_without_teacher(loss):
+    config = TrainConfig(**{**TINY, "lr": 3e-3}, stages=("baseline",), baseline_epochs=2, baseline_loss=loss)
+    trainer = Trainer(config, tiny_scenes(), tiny_scenes(8, seed=1))
+    teacher_before = parameters(trainer.teacher)
+    baseline_before = parameters(trainer.baseline)
+    trainer.fit()
+    assert trainer.baseline.backbone == "separate" and trainer.baseline.token_dim == config.teacher_dim
+    assert_same_parameters(parameters(trainer.teacher), teacher_before)  # the teacher takes no part
+    changed = parameters(trainer.baseline)
+    assert any(not torch.equal(changed[k], baseline_before[k]) for k in changed)
+    losses = [r for r in trainer.history if r["kind"] == "train"]
+    assert losses and all(r["stage"] == "baseline" and ("infonce" if loss == "infonce" else "hinge") in r for r in losses)
+    evaluation = [r for r in trainer.history if r["kind"] == "eval"][-1]
+    assert evaluation["model"] == "baseline" and evaluation["rsum"] >= 0
+    assert set(trainer.evaluate(model="baseline")) >= {"i2t_r1", "t2i_r1", "rsum"}
+    with pytest.raises(ValueError, match="no baseline"):
+        Trainer(TrainConfig(**TINY), tiny_scenes(), tiny_scenes(8, seed=1)).evaluate(model="baseline")
+
+
+def test_baseline_checkpoint_round_trip(tmp_path):
+    config = TrainConfig(**TINY, stages=("teacher", "baseline"), baseline_epochs=1, output_dir=str(tmp_path))
+    trainer = Trainer(config, tiny_scenes(), None)
+    trainer.fit()
+    payload = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert payload["baseline"]["hparams"]["backbone"] == "separate"
+    restored = Trainer(config, tiny_scenes(), None).resume(str(tmp_path / "checkpoint.pt"))
+    assert_same_parameters(parameters(restored.baseline), parameters(trainer.baseline))
+    assert restored.progress["completed_stages"] == ["teacher", "baseline"]
+
+
+def test_time_budget_stops_the_stage_and_drives_the_schedule():
+    config = TrainConfig(**{**TINY, "teacher_epochs": 1, "warmup_steps": 1}, stages=("teacher",), teacher_seconds=1.0)
+    trainer = Trainer(config, tiny_scenes(), None)
+    started = time.perf_counter()
+    trainer.fit()
+    wall = time.perf_counter() - started
+    stage = [r for r in trainer.history if r["kind"] == "stage"]
+    assert len(stage) == 1 and stage[0]["stage"] == "teacher" and stage[0]["budget_seconds"] == 1.0
+    assert 1.0 <= stage[0]["seconds"] < 1.0 + 5.0 and stage[0]["seconds"] <= wall
+    assert stage[0]["steps"] == trainer.progress["global_step"] > 0 and stage[0]["cpu_seconds"] > 0
+    # epochs are not bounded by teacher_epochs=1 (24 captions / batch 8 = 3 steps an epoch) ...
+    assert stage[0]["epochs"] >= 1
+    # ... and the cosine schedule follows the clock: at the end the learning rate is near its floor
+    last_lr = trainer._optimizer.param_groups[0]["lr"]
+    assert last_lr < 0.2 * config.lr, last_lr
+    assert trainer.progress["completed_stages"] == ["teacher"]
+
+
+def test_budget_fields_are_validated():
+    with pytest.raises(ValueError, match="teacher_seconds"):
+        TrainConfig(teacher_seconds=0).validate()
+    with pytest.raises(ValueError, match="baseline_loss"):
+        TrainConfig(baseline_loss="triplet").validate()
+    with pytest.raises(ValueError, match="stages"):
+        TrainConfig(stages=("teacher", "extra")).validate()
+
+
+def test_acceptance_tiny(tmp_path):
+    from aladin_fast.acceptance import main as acceptance_main
+    from aladin_fast.acceptance import run_acceptance
+
+    sizes = dict(train_images=24, test_images=12, feature_dim=32, regions=20, teacher_dim=16, teacher_heads=2,
+                 teacher_ff_dim=32, student_dim=8, student_heads=2, batch_size=8, warmup_steps=1,
+                 seconds=0.5, student_seconds=0.5)
+    results = run_acceptance(out=str(tmp_path), sizes_override=sizes)
+    assert set(results["metrics"]) == {"teacher", "baseline", "student"}
+    for stage in ("teacher", "baseline", "student"):
+        record = results["stages"][stage]
+        assert record["seconds"] >= 0.5 and record["steps"] > 0 and "mean_1min" in record["load"]
+    assert set(results["oracles"]) == {"oracle words MrSw (bag of words)", "oracle phrases MrSw (binding)",
+                                       "oracle global mean-pooled cosine", "oracle global max-pooled cosine"}
+    assert isinstance(results["verdict"]["teacher_clearly_beats_baseline"], bool)
+    assert results["machine"]["torch"] == torch.__version__
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["metrics"]["teacher"]["rsum"] == pytest.approx(results["metrics"]["teacher"]["rsum"])
+    report = (tmp_path / "report.md").read_text()
+    assert "global-embedding baseline" in report and "Verdict" in report and "load average" in report
+    code = acceptance_main(["--seconds", "0.3", "--student-seconds", "0.3", "--train-images", "24", "--test-images", "8",
+                            "--no-checks", "--out", str(tmp_path / "cli")])
+    assert code in (0, 1) and (tmp_path / "cli" / "results.json").is_file()

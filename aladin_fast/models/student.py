@@ -39,28 +39,47 @@ __all__ = ["Student", "PoolingHead"]
 BACKBONES = ("shared", "separate")
 
 
-class PoolingHead(nn.Module):
-    """Tokens ``[B, L, token_dim]`` -> embedding ``[B, embed_dim]`` (unit norm) via a first-token transformer.
+POOLINGS = ("first", "mean", "max")
 
-    A learned token is prepended, the sequence runs through ``layers``
-    pre-norm transformer layers (padding masked), and the first position is
-    projected to ``embed_dim`` and L2-normalised. An empty sequence still has
-    the learned token, so every row gets a finite embedding.
+
+class PoolingHead(nn.Module):
+    """Tokens ``[B, L, token_dim]`` -> embedding ``[B, embed_dim]`` (unit norm).
+
+    ``pooling="first"`` (ALADIN): a learned token is prepended, the sequence
+    runs through ``layers`` pre-norm transformer layers (padding masked), and
+    the first position is projected to ``embed_dim`` and L2-normalised; an
+    empty sequence still has the learned token, so every row gets a finite
+    embedding. ``"mean"`` / ``"max"`` (VSE-style): the tokens run through the
+    layers and their mean / element-wise max over valid positions is projected
+    and normalised (an empty sequence pools to zeros: a finite embedding too).
     """
 
     def __init__(self, token_dim: int, embed_dim: int, layers: int, heads: int, ff_dim: Optional[int] = None,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, pooling: str = "first"):
         super().__init__()
-        self.first_token = nn.Parameter(torch.randn(token_dim) * token_dim ** -0.5)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
+        if pooling == "first":
+            self.first_token = nn.Parameter(torch.randn(token_dim) * token_dim ** -0.5)
         self.input_norm = nn.LayerNorm(token_dim)
         self.transformer = TokenTransformer(token_dim, layers, heads, ff_dim, dropout)
         self.output = nn.Linear(token_dim, embed_dim)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        first = self.first_token.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
-        sequence = self.input_norm(torch.cat([first, tokens], dim=1))
-        hidden = self.transformer(sequence, lengths + 1)
-        return F.normalize(self.output(hidden[:, 0]), dim=-1)
+        if self.pooling == "first":
+            first = self.first_token.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+            sequence = self.input_norm(torch.cat([first, tokens], dim=1))
+            hidden = self.transformer(sequence, lengths + 1)
+            return F.normalize(self.output(hidden[:, 0]), dim=-1)
+        hidden = self.transformer(self.input_norm(tokens), lengths)  # padded outputs are zero
+        valid = (torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None])[..., None]
+        if self.pooling == "mean":
+            pooled = hidden.sum(dim=1) / lengths.clamp(min=1)[:, None].to(hidden.dtype)
+        else:
+            pooled = hidden.masked_fill(~valid, float("-inf")).amax(dim=1)
+            pooled = torch.where(lengths[:, None] > 0, pooled, torch.zeros_like(pooled))
+        return F.normalize(self.output(pooled), dim=-1)
 
 
 class Student(nn.Module):
@@ -74,6 +93,8 @@ class Student(nn.Module):
         layers: transformer layers of each pooling head.
         heads: attention heads (must divide ``token_dim``).
         ff_dim / dropout: of the heads (and own encoders).
+        pooling: how the heads pool tokens: ``"first"`` (ALADIN's first-token
+            transformer), ``"mean"`` or ``"max"`` (see :class:`PoolingHead`).
         backbone: ``"shared"`` (read a teacher's tokens) or ``"separate"``.
         vocab_size / feature_dim / backbone_layers / pad_id: the own encoders
             of ``backbone="separate"`` (``vocab_size`` is required there).
@@ -94,6 +115,7 @@ class Student(nn.Module):
         feature_dim: int = 2048,
         backbone_layers: int = 1,
         pad_id: int = 0,
+        pooling: str = "first",
     ):
         super().__init__()
         if backbone not in BACKBONES:
@@ -104,11 +126,11 @@ class Student(nn.Module):
         self.hparams: Dict[str, object] = dict(
             embed_dim=embed_dim, token_dim=token_dim, layers=layers, heads=heads, ff_dim=ff_dim, dropout=dropout,
             backbone=backbone, vocab_size=vocab_size, feature_dim=feature_dim, backbone_layers=backbone_layers,
-            pad_id=pad_id,
+            pad_id=pad_id, pooling=pooling,
         )
         self.embed_dim, self.token_dim, self.backbone = embed_dim, token_dim, backbone
-        self.image_head = PoolingHead(token_dim, embed_dim, layers, heads, ff_dim, dropout)
-        self.caption_head = PoolingHead(token_dim, embed_dim, layers, heads, ff_dim, dropout)
+        self.image_head = PoolingHead(token_dim, embed_dim, layers, heads, ff_dim, dropout, pooling)
+        self.caption_head = PoolingHead(token_dim, embed_dim, layers, heads, ff_dim, dropout, pooling)
         self.image_encoder: Optional[RegionEncoder] = None
         self.caption_encoder: Optional[CaptionEncoder] = None
         if backbone == "separate":
@@ -228,4 +250,5 @@ class Student(nn.Module):
                 module.train(mode)
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, token_dim={self.token_dim}, backbone={self.backbone!r}"
+        return (f"embed_dim={self.embed_dim}, token_dim={self.token_dim}, backbone={self.backbone!r}, "
+                f"pooling={self.image_head.pooling!r}")

@@ -9,8 +9,10 @@ only tensors and plain Python containers inside, no pickled classes)::
     vocabulary  list of words (ids 4, 5, ...) of the Vocabulary, or None
     teacher     {"hparams": ..., "state_dict": ...}
     student     {"hparams": ..., "state_dict": ...} or None
+    baseline    {"hparams": ..., "state_dict": ...} or None (a Student with its own encoders)
     extras      {name: state_dict} (e.g. SelfAlign prototypes)
-    progress    {"stage", "epoch", "global_step", "completed_stages"}
+    progress    {"stage", "epoch", "global_step", "completed_stages", "stage_seconds", "stage_cpu_seconds",
+                "stage_first_step", "stage_wall_start"} (the last four: totals of the stage in progress)
     optimizer / scheduler   state of the stage in progress (or None)
     rng         torch / CUDA / Python / NumPy generator states
     history     the training curve (list of dicts)
@@ -97,7 +99,7 @@ def model_state(model: Optional[torch.nn.Module]) -> Optional[Dict[str, Any]]:
 
 
 def build_model(kind: str, state: Optional[Dict[str, Any]]):
-    """Rebuild a ``"teacher"`` or ``"student"`` from :func:`model_state` output (None passes through)."""
+    """Rebuild a ``"teacher"``, ``"student"`` or ``"baseline"`` from :func:`model_state` output (None passes through)."""
     if state is None:
         return None
     model = (Teacher if kind == "teacher" else Student)(**state["hparams"])

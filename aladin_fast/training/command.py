@@ -7,6 +7,8 @@ Examples::
         --teacher-dim 256 --output-dir runs/small
     torchrun --nproc_per_node 2 -m aladin_fast.training train --config run.toml
     python -m aladin_fast.training train --config run.toml --resume runs/small/checkpoint.pt
+    # the global-embedding baseline (no teacher), for 270 s of training steps instead of epochs
+    python -m aladin_fast train --stages baseline --baseline-seconds 270 --output-dir runs/baseline
 
 The config file is TOML, JSON or YAML (PyYAML needed) with :class:`TrainConfig`
 fields at the top level or in a ``[train]`` table; flags override it. Metrics
@@ -27,7 +29,8 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aladin_fast.training",
-                                     description="train an aladin-fast teacher and distil a student")
+                                     description="train an aladin-fast teacher, distil a student, "
+                                                 "or train the global-embedding baseline")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="run the configured training stages")
     train.add_argument("--config", default=None, help="TOML / JSON / YAML file of TrainConfig fields")

@@ -2,7 +2,8 @@
 
 Every field has a default that trains the paper-sized models (D = 1024 teacher,
 D_s = 768 student); tests and the CPU demo shrink them. Fields are grouped by
-prefix: data, ``teacher_*``, ``student_*``, optimisation, losses, run control.
+prefix: data, ``teacher_*``, ``student_*``, ``baseline_*``, optimisation,
+losses, run control.
 :meth:`TrainConfig.validate` checks every field and names the bad one.
 """
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["TrainConfig", "load_config_file", "add_config_arguments", "config_from_arguments"]
 
-STAGES = ("teacher", "student")
+STAGES = ("teacher", "student", "baseline")
+DEFAULT_STAGES = ("teacher", "student")
+BASELINE_LOSSES = ("hinge", "infonce")
 SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("auto", "bf16", "off")
 DATA_KINDS = ("synthetic", "precomp")
@@ -59,12 +62,29 @@ class TrainConfig:
     student_heads: int = 8
     student_backbone: str = "shared"
     student_backbone_layers: int = 1
+    student_pooling: str = "first"  # "first" (ALADIN first-token head), "mean" or "max"
     freeze_teacher: bool = True
 
+    # global-embedding baseline (stage "baseline"): a Student with its own encoders (as wide and deep as
+    # the teacher's) and pooling heads, trained directly on the pairs with no teacher
+    baseline_dim: Optional[int] = None  # embedding size (default: student_dim)
+    baseline_layers: Optional[int] = None  # encoder layers (default: teacher_layers)
+    baseline_head_layers: Optional[int] = None  # transformer layers of each pooling head (default: student_layers)
+    baseline_pooling: str = "first"  # "first" (ALADIN first token), "mean" or "max" (VSE-style)
+    baseline_loss: str = "hinge"  # "hinge" (VSE++, as the teacher) or "infonce"
+    baseline_temperature: float = 0.05  # of "infonce"
+    baseline_lr: Optional[float] = None  # default: lr
+
     # stages and optimisation
-    stages: Tuple[str, ...] = STAGES
+    stages: Tuple[str, ...] = DEFAULT_STAGES
     teacher_epochs: int = 10
     student_epochs: int = 10
+    baseline_epochs: int = 10
+    # wall-clock budgets: a stage with one trains until its training steps have used this many seconds
+    # (its epochs are then unbounded, the cosine schedule follows elapsed time, evaluation is not counted)
+    teacher_seconds: Optional[float] = None
+    student_seconds: Optional[float] = None
+    baseline_seconds: Optional[float] = None
     batch_size: int = 128
     one_caption_per_image: bool = False  # an epoch visits each image once with a random caption (5x shorter)
     lr: float = 2e-4
@@ -114,7 +134,9 @@ class TrainConfig:
         choices = {"data": DATA_KINDS, "schedule": SCHEDULES, "amp": AMP_MODES,
                    "student_backbone": ("shared", "separate"), "hinge_reduction": ("sum", "mean"),
                    "aggregation": ("MrSw", "MrAVGw", "MwSr", "symm", "sum", "mean"),
-                   "padding": ("neg_inf", "zero"), "backend": ("auto", "cpu", "triton", "reference")}
+                   "padding": ("neg_inf", "zero"), "backend": ("auto", "cpu", "triton", "reference"),
+                   "baseline_loss": BASELINE_LOSSES, "baseline_pooling": ("first", "mean", "max"),
+                   "student_pooling": ("first", "mean", "max")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -129,20 +151,25 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("teacher_layers", "student_layers", "student_backbone_layers", "teacher_epochs", "hinge_warmup_epochs",
-                     "student_epochs", "warmup_steps", "num_workers", "seed"):
+                     "student_epochs", "baseline_epochs", "warmup_steps", "num_workers", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        for name in ("teacher_text_layers", "teacher_ff_dim", "eval_max_images"):
+        for name in ("teacher_text_layers", "teacher_ff_dim", "eval_max_images", "baseline_dim", "baseline_layers",
+                     "baseline_head_layers"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < (0 if name == "teacher_text_layers" else 1)):
-                raise ValueError(f"{name} must be None or a {'non-negative' if name == 'teacher_text_layers' else 'positive'} int, got {value!r}")
-        for name in ("lr", "distill_temperature", "sinkhorn_epsilon", "concept_temperature", "context_temperature"):
+            least = 0 if name in ("teacher_text_layers", "baseline_layers", "baseline_head_layers") else 1
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise ValueError(f"{name} must be None or a {'non-negative' if least == 0 else 'positive'} int, got {value!r}")
+        for name in ("lr", "distill_temperature", "sinkhorn_epsilon", "concept_temperature", "context_temperature",
+                     "baseline_temperature"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if self.student_lr is not None and not self.student_lr > 0:
-            raise ValueError(f"student_lr must be None or a positive number, got {self.student_lr!r}")
+        for name in ("student_lr", "baseline_lr", "teacher_seconds", "student_seconds", "baseline_seconds"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+                raise ValueError(f"{name} must be None or a positive number, got {value!r}")
         for name in ("weight_decay", "grad_clip", "margin", "student_hinge_weight", "distill_weight",
                      "teacher_hinge_weight", "concept_weight", "teacher_concept_weight", "context_weight"):
             value = getattr(self, name)
@@ -165,6 +192,14 @@ class TrainConfig:
         if self.data == "precomp" and not self.data_root:
             raise ValueError("data_root is required when data='precomp'")
         return self
+
+    def stage_epochs(self, stage: str) -> int:
+        """Configured epochs of ``stage`` ("teacher", "student" or "baseline")."""
+        return getattr(self, f"{stage}_epochs")
+
+    def stage_seconds(self, stage: str) -> Optional[float]:
+        """Wall-clock training budget of ``stage`` in seconds (None: train for its epochs)."""
+        return getattr(self, f"{stage}_seconds")
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain JSON-serialisable dict (tuples become lists)."""

@@ -10,6 +10,15 @@ Stages (``config.stages``):
    student's embeddings are trained with hinge + ListNet distillation towards
    the teacher's in-batch score distribution (+ optional SelfAlign concept and
    context losses).
+3. ``"baseline"`` (optional) — a global-embedding model trained directly on
+   the pairs with no teacher (VSE++ hinge or InfoNCE): a
+   :class:`~aladin_fast.models.Student` with its own encoders, as wide and deep
+   as the teacher's, kept in ``trainer.baseline``. It is what the teacher's
+   word-region alignment has to beat.
+
+A stage trains for its epochs, or, with ``{stage}_seconds`` set, for a
+wall-clock budget of training steps (the cosine schedule then follows elapsed
+time instead of steps), which is how teacher and baseline get equal compute.
 
 Everything else a run needs is here too: deterministic seeding, AdamW with
 warm-up and cosine decay, gradient clipping, bf16 autocast on CUDA, DDP
@@ -36,10 +45,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data import Tokenizer, Vocabulary
 from ..eval import retrieval_metrics
-from ..losses import ConceptAlignmentLoss, context_alignment_loss, hinge_loss, listnet_loss
+from ..losses import ConceptAlignmentLoss, context_alignment_loss, hinge_loss, infonce_loss, listnet_loss
 from ..models import Student, Teacher
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import STAGES, TrainConfig
 from .data import CaptionIndexDataset, PairCollator, TrainBatch, as_source, build_vocabulary, encode_captions
 from .distributed import all_gather_no_grad, all_gather_with_grad, barrier, current_context, reduce_mean
 
@@ -105,6 +114,47 @@ class _StudentStage(nn.Module):
         return (*teacher_tokens, image_tokens, caption_tokens, image_embeddings, caption_embeddings)
 
 
+class _BaselineStage(nn.Module):
+    """Baseline stage: a separate-backbone student's global embeddings, no teacher."""
+
+    def __init__(self, baseline: Student):
+        super().__init__()
+        self.baseline = baseline
+
+    def forward(self, regions, image_lengths, captions, caption_lengths):
+        return self.baseline.encode_images(regions, image_lengths), self.baseline.encode_captions(captions, caption_lengths)
+
+
+class _StageClock:
+    """Seconds spent in a stage's training steps (data loading included, evaluation and checkpoints not)."""
+
+    def __init__(self, budget: Optional[float], spent: float = 0.0):
+        self.budget, self.spent, self._since = budget, spent, None
+        self.cpu_spent, self._cpu_since = 0.0, None  # process CPU seconds (all threads) in the same intervals
+
+    def start(self) -> None:
+        self._since, self._cpu_since = time.perf_counter(), time.process_time()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self.spent += time.perf_counter() - self._since
+            self.cpu_spent += time.process_time() - self._cpu_since
+            self._since = self._cpu_since = None
+
+    @property
+    def elapsed(self) -> float:
+        return self.spent + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    @property
+    def expired(self) -> bool:
+        return self.budget is not None and self.elapsed >= self.budget
+
+    @property
+    def fraction(self) -> float:
+        """Share of the budget used, in [0, 1] (0 without a budget)."""
+        return 0.0 if self.budget is None else min(1.0, self.elapsed / self.budget)
+
+
 class Trainer:
     """Train a :class:`~aladin_fast.models.Teacher` and distil a :class:`~aladin_fast.models.Student`.
 
@@ -119,8 +169,11 @@ class Trainer:
     Usage::
 
         trainer = Trainer(TrainConfig(teacher_dim=128, ...), SyntheticScenes(600), SyntheticScenes(100, seed=1))
-        trainer.fit()                      # both stages
+        trainer.fit()                      # the configured stages (teacher, then student)
         trainer.evaluate(model="student")  # {"i2t_r1": ..., "rsum": ...}
+
+    ``trainer.baseline`` is the global-embedding baseline when ``"baseline"``
+    is one of ``config.stages`` (else None).
 
     Under ``torchrun`` (process group initialised, e.g. by
     :func:`~aladin_fast.training.init_distributed`) the stage models are
@@ -148,8 +201,18 @@ class Trainer:
         self.student = Student(
             config.student_dim, config.teacher_dim, config.student_layers, config.student_heads, None, config.dropout,
             config.student_backbone, len(self.tokenizer), self.train_source.feature_dim,
-            config.student_backbone_layers, self.tokenizer.pad_id,
+            config.student_backbone_layers, self.tokenizer.pad_id, config.student_pooling,
         ).to(self.device)
+        self.baseline: Optional[Student] = None
+        if "baseline" in config.stages:
+            self.baseline = Student(
+                config.baseline_dim or config.student_dim, config.teacher_dim,
+                config.student_layers if config.baseline_head_layers is None else config.baseline_head_layers,
+                config.student_heads, config.teacher_ff_dim, config.dropout, "separate", len(self.tokenizer),
+                self.train_source.feature_dim,
+                config.teacher_layers if config.baseline_layers is None else config.baseline_layers,
+                self.tokenizer.pad_id, config.baseline_pooling,
+            ).to(self.device)
         self.concept: Dict[str, ConceptAlignmentLoss] = {}
         for stage, weight in (("teacher", config.teacher_concept_weight), ("student", config.concept_weight)):
             if weight > 0:
@@ -168,6 +231,7 @@ class Trainer:
         self._pending_state: Optional[Dict[str, Any]] = None
         self._loader = self._sampler = self._dataset = None
         self._epoch = 0  # epoch within the current stage (selects the hinge warm-up)
+        self._clock = _StageClock(None)
 
     # ------------------------------------------------------------- plumbing
     def _autocast(self):
@@ -195,20 +259,27 @@ class Trainer:
 
     def begin_stage(self, stage: str) -> None:
         """Build the stage's trainable module (DDP-wrapped when distributed), optimiser and schedule."""
-        if stage not in ("teacher", "student"):
-            raise ValueError(f"stage must be 'teacher' or 'student', got {stage!r}")
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         config = self.config
         if stage == "teacher":
             self.teacher.requires_grad_(True)
             module = _TeacherStage(self.teacher, self.concept.get("teacher"))
-            lr, epochs = config.lr, config.teacher_epochs
-        else:
+            lr = config.lr
+        elif stage == "student":
             needs_teacher = config.distill_weight > 0 or not config.freeze_teacher or config.student_backbone == "shared"
             module = _StudentStage(self.student, self.teacher, config.freeze_teacher, needs_teacher,
                                    self.concept.get("student"))
-            lr, epochs = config.student_lr or config.lr, config.student_epochs
+            lr = config.student_lr or config.lr
+        else:
+            if self.baseline is None:
+                raise ValueError("stage 'baseline' needs 'baseline' in config.stages (the model is built for it)")
+            module = _BaselineStage(self.baseline)
+            lr = config.baseline_lr or config.lr
+        epochs, seconds = config.stage_epochs(stage), config.stage_seconds(stage)
         module.train()
         self.stage, self._module, self._epoch = stage, module, 0
+        clock = self._clock = _StageClock(seconds)
         if self.context.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self._stage_module = DistributedDataParallel(module, device_ids=device_ids)
@@ -217,14 +288,18 @@ class Trainer:
         parameters = [p for p in module.parameters() if p.requires_grad]
         self._optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
         total = max(1, epochs * len(self._loader if self._loader is not None else self._make_loader()))
-        warmup = min(config.warmup_steps, total // 2)
+        # a time-boxed stage does not know its step count: its warm-up is the configured one
+        warmup = config.warmup_steps if seconds is not None else min(config.warmup_steps, total // 2)
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / (warmup + 1)
             if config.schedule == "constant":
                 return 1.0
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            if clock.budget is not None:  # time-boxed stage: the schedule follows the clock
+                progress = clock.fraction
+            else:
+                progress = min(1.0, (step - warmup) / max(1, total - warmup))
             return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         self._scheduler = torch.optim.lr_scheduler.LambdaLR(self._optimizer, factor)
@@ -244,6 +319,14 @@ class Trainer:
         hardest = config.hardest_negative and self._epoch >= config.hinge_warmup_epochs
         hinge = dict(margin=config.margin, hardest_negative=hardest, reduction=config.hinge_reduction)
         parts: Dict[str, torch.Tensor] = {}
+        if self.stage == "baseline":
+            image_embeddings, caption_embeddings = outputs
+            scores = Student.scores(gather(caption_embeddings, True), gather(image_embeddings, True))
+            if config.baseline_loss == "infonce":
+                parts["infonce"] = infonce_loss(scores, config.baseline_temperature, positive_mask=positives)
+            else:
+                parts["hinge"] = hinge_loss(scores, positive_mask=positives, **hinge)
+            return parts
         if self.stage == "teacher":
             image_tokens, image_lengths, caption_tokens, caption_lengths = (
                 gather(outputs[0], True), gather(outputs[1], False), gather(outputs[2], True), gather(outputs[3], False))
@@ -280,7 +363,7 @@ class Trainer:
     def train_step(self, batch: TrainBatch) -> Dict[str, float]:
         """One optimisation step of the current stage on ``batch``; returns the loss terms as floats."""
         if self._stage_module is None:
-            raise RuntimeError("call begin_stage('teacher' or 'student') (or fit()) before train_step")
+            raise RuntimeError(f"call begin_stage(one of {STAGES}) (or fit()) before train_step")
         batch = batch.to(self.device)
         parts = self._losses(batch)
         loss = sum(parts.values())
@@ -322,31 +405,62 @@ class Trainer:
 
     def _run_stage(self, stage: str, budget: float) -> float:
         config = self.config
-        epochs = config.teacher_epochs if stage == "teacher" else config.student_epochs
+        timed = config.stage_seconds(stage) is not None
+        epochs = math.inf if timed else config.stage_epochs(stage)
         resuming = self.progress["stage"] == stage and self._pending_state is not None
-        start_epoch = self.progress["epoch"] if self.progress["stage"] == stage else 0
+        same_stage = self.progress["stage"] == stage
+        start_epoch = self.progress["epoch"] if same_stage else 0
         self.begin_stage(stage)
+        if not same_stage:  # a fresh stage: its totals start here (a resumed one keeps the checkpoint's)
+            self.progress.update(stage_seconds=0.0, stage_cpu_seconds=0.0, stage_first_step=self.progress["global_step"],
+                                 stage_wall_start=time.time())
+        self._clock.spent = self.progress.get("stage_seconds", 0.0)
+        self._clock.cpu_spent = self.progress.get("stage_cpu_seconds", 0.0)
         if resuming:
             self._optimizer.load_state_dict(self._pending_state["optimizer"])
             self._scheduler.load_state_dict(self._pending_state["scheduler"])
         self._pending_state = None
         self.progress.update(stage=stage, epoch=start_epoch)
-        for epoch in range(start_epoch, epochs):
+        epoch = start_epoch
+        while epoch < epochs and not (timed and self._expired()):
             if budget <= 0:
                 return budget
             self._train_epoch(stage, epoch)
             budget -= 1
-            self.progress["epoch"] = epoch + 1
-            last = epoch + 1 == epochs
+            epoch += 1
+            self.progress.update(epoch=epoch, stage_seconds=self._clock.spent, stage_cpu_seconds=self._clock.cpu_spent)
+            last = epoch == epochs or (timed and self._expired())
             if last:
                 self.progress["completed_stages"] = [*self.progress["completed_stages"], stage]
-            if self.val_source is not None and ((epoch + 1) % config.eval_every == 0 or last):
-                self._record_evaluation(stage, epoch)
-            if config.output_dir and ((epoch + 1) % config.checkpoint_every == 0 or last):
+                self._record_stage(stage)
+            if self.val_source is not None and (epoch % config.eval_every == 0 or last):
+                self._record_evaluation(stage, epoch - 1)
+            if config.output_dir and (epoch % config.checkpoint_every == 0 or last):
                 self.save_checkpoint(os.path.join(config.output_dir, "checkpoint.pt"))
         if stage not in self.progress["completed_stages"]:  # zero epochs configured
             self.progress["completed_stages"] = [*self.progress["completed_stages"], stage]
+            self._record_stage(stage)
         return budget
+
+    def _record_stage(self, stage: str) -> None:
+        """A ``{"kind": "stage"}`` record of a finished stage: epochs, steps, training and CPU seconds, wall times.
+
+        Totals over the whole stage, across resumes; ``seconds`` / ``cpu_seconds``
+        count training steps only (data loading included, evaluation not).
+        """
+        progress = self.progress
+        self._record({"kind": "stage", "stage": stage, "epochs": progress["epoch"],
+                      "steps": progress["global_step"] - progress.get("stage_first_step", 0),
+                      "step": progress["global_step"], "seconds": self._clock.spent, "cpu_seconds": self._clock.cpu_spent,
+                      "budget_seconds": self._clock.budget, "wall_start": progress.get("stage_wall_start"),
+                      "wall_end": time.time()})
+
+    def _expired(self) -> bool:
+        """Whether the stage's time budget is spent (on any rank: ranks stop at the same step)."""
+        expired = self._clock.expired
+        if self.context.distributed:
+            expired = reduce_mean([float(expired)])[0] > 0
+        return expired
 
     def _train_epoch(self, stage: str, epoch: int) -> None:
         config, main = self.config, self.context.is_main
@@ -359,15 +473,18 @@ class Trainer:
             bar = tqdm(total=len(self._loader), desc=f"{stage} epoch {epoch + 1}", leave=False, dynamic_ncols=True)
         sums: Dict[str, float] = {}
         count, started = 0, time.perf_counter()
+        timed = self._clock.budget is not None
+        self._clock.start()
         for index, batch in enumerate(self._loader):
             values = self.train_step(batch)
+            stop = timed and self._expired()
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + value
             count += 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
-            if count == config.log_every or index + 1 == len(self._loader):
+            if count == config.log_every or index + 1 == len(self._loader) or (stop and count):
                 names = sorted(sums)
                 means = reduce_mean([sums[n] / count for n in names])
                 record = {"kind": "train", "stage": stage, "epoch": epoch + 1, "step": self.progress["global_step"],
@@ -377,6 +494,9 @@ class Trainer:
                 if bar is None and main:
                     logger.info("%s epoch %d step %d loss %.4f", stage, epoch + 1, record["step"], record["loss"])
                 sums, count = {}, 0
+            if stop:
+                break
+        self._clock.stop()
         if bar is not None:
             bar.close()
 
@@ -404,18 +524,24 @@ class Trainer:
                      block: int = 256) -> torch.Tensor:
         """All-pairs scores ``[N_images, N_captions]`` float32 (CPU) of ``model`` on ``data`` (default: validation).
 
-        Images are fetched and encoded ``block`` at a time; the teacher scores
-        caption blocks against all image tokens with the fused op.
+        ``model`` is ``"teacher"``, ``"student"`` or ``"baseline"``. Images are
+        fetched and encoded ``block`` at a time; the teacher scores caption
+        blocks against all image tokens with the fused op, the global models by
+        cosine.
         """
-        if model not in ("teacher", "student"):
-            raise ValueError(f"model must be 'teacher' or 'student', got {model!r}")
+        if model not in STAGES:
+            raise ValueError(f"model must be one of {STAGES}, got {model!r}")
+        if model == "baseline" and self.baseline is None:
+            raise ValueError("this trainer has no baseline: add 'baseline' to config.stages")
         source = as_source(data) if data is not None else self.val_source
         if source is None:
             raise ValueError("data is required: this trainer has no validation data")
         count = min(source.num_images, max_images or self.config.eval_max_images or source.num_images)
         ids, lengths = encode_captions(self.tokenizer, source.captions[: count * source.captions_per_image])
-        modes = (self.teacher.training, self.student.training)
-        self.teacher.eval(), self.student.eval()
+        models = [m for m in (self.teacher, self.student, self.baseline) if m is not None]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
         try:
             with self._autocast():
                 image_parts = []
@@ -424,8 +550,10 @@ class Trainer:
                     regions, region_lengths = regions.to(self.device), region_lengths.to(self.device)
                     if model == "teacher":
                         image_parts.append(self.teacher.encode_images(regions, region_lengths))
-                    else:
+                    elif model == "student":
                         image_parts.append(self.student.encode_images(regions, region_lengths, teacher=self.teacher))
+                    else:
+                        image_parts.append(self.baseline.encode_images(regions, region_lengths))
                 out = torch.empty(count, ids.shape[0], dtype=torch.float32)
                 if model == "teacher":
                     image_tokens = torch.cat([p[0].float() for p in image_parts])
@@ -439,12 +567,16 @@ class Trainer:
                         tokens, token_lengths = self.teacher.encode_captions(caption_ids, caption_lengths)
                         scores = self.teacher.score(tokens.float(), token_lengths, image_tokens, image_lengths)
                     else:
-                        embeddings = self.student.encode_captions(caption_ids, caption_lengths, teacher=self.teacher)
+                        if model == "student":
+                            embeddings = self.student.encode_captions(caption_ids, caption_lengths, teacher=self.teacher)
+                        else:
+                            embeddings = self.baseline.encode_captions(caption_ids, caption_lengths)
                         scores = Student.scores(embeddings, image_embeddings)
                     out[:, start:start + caption_ids.shape[0]] = scores.T.float().cpu()
             return out
         finally:
-            self.teacher.train(modes[0]), self.student.train(modes[1])
+            for m, mode in zip(models, modes):
+                m.train(mode)
 
     def evaluate(self, data=None, model: str = "teacher", max_images: Optional[int] = None) -> Dict[str, float]:
         """Retrieval metrics (R@1/5/10 both directions, medr, meanr, rsum) of ``model`` on ``data``."""
@@ -462,6 +594,7 @@ class Trainer:
             "vocabulary": words,
             "teacher": ckpt.model_state(self.teacher),
             "student": ckpt.model_state(self.student),
+            "baseline": ckpt.model_state(self.baseline),
             "extras": {f"concept_{stage}": module.state_dict() for stage, module in self.concept.items()},
             "progress": dict(self.progress),
             "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
@@ -483,8 +616,8 @@ class Trainer:
         if words is not None and isinstance(self.tokenizer, Vocabulary) and self.tokenizer.itos[4:] != list(words):
             raise ValueError(f"checkpoint {path} was trained with a different vocabulary ({len(words) + 4} tokens "
                              f"vs {len(self.tokenizer)}); pass tokenizer=Vocabulary(words) from the checkpoint")
-        for name, model in (("teacher", self.teacher), ("student", self.student)):
-            if payload.get(name) is not None:
+        for name, model in (("teacher", self.teacher), ("student", self.student), ("baseline", self.baseline)):
+            if model is not None and payload.get(name) is not None:
                 if dict(payload[name]["hparams"]) != dict(model.hparams):
                     raise ValueError(f"checkpoint {path}: {name} hparams {payload[name]['hparams']} differ from this "
                                      f"config's {model.hparams}")
