@@ -440,7 +440,7 @@ def _launch_packed(text, text_offsets, text_lengths, images, image_offsets, imag
         IMGS=cfg.IMGS, CAPS=cfg.CAPS, IMGS_P2=triton.next_power_of_2(cfg.IMGS),
         CAPS_P2=triton.next_power_of_2(cfg.CAPS), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         GROUP_SIZE=cfg.GROUP_SIZE, DOT_IN_FP32=_INTERPRETED and text.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=_FP_FUSION,
+        NAN_VIA_FLAG=_INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=_FP_FUSION,
     )
 
 

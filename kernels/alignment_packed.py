@@ -44,6 +44,19 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _nan_max(x, axis: tl.constexpr, NAN_VIA_FLAG: tl.constexpr):
+    """Max along ``axis`` that returns NaN where any element is NaN.
+
+    Compiled: one reduction with a NaN-propagating combine. Interpreted: ``tl.max`` plus an
+    any-NaN flag (the interpreter runs a custom combine in Python, ~200x slower).
+    """
+    if NAN_VIA_FLAG:
+        best = tl.max(x, axis)
+        return tl.where(tl.max((x != x).to(tl.int32), axis) > 0, float("nan"), best)
+    return tl.reduce(x, axis, _max_nan)
+
+
+@triton.jit
 def _put(tile, ci, gi, c: tl.constexpr, g: tl.constexpr, value):
     """tile[c, g] += value (a scalar) on a small [CAPS_P2, IMGS_P2] register tile."""
     return tile + tl.where((ci[:, None] == c) & (gi[None, :] == g), value, 0.0)
@@ -59,7 +72,7 @@ def _packed_alignment_kernel(
     WRITE_ARGMAX: tl.constexpr, WRITE_REGION_ARGMAX: tl.constexpr,
     IMGS: tl.constexpr, CAPS: tl.constexpr, IMGS_P2: tl.constexpr, CAPS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr = False,
+    DOT_IN_FP32: tl.constexpr = False, NAN_VIA_FLAG: tl.constexpr = False,
 ):
     NEED_ROWMAX: tl.constexpr = (AGGREGATION == 0) or (AGGREGATION == 1) or (AGGREGATION == 3) or WRITE_ARGMAX
     NEED_COLMAX: tl.constexpr = (AGGREGATION == 2) or (AGGREGATION == 3) or WRITE_REGION_ARGMAX
@@ -138,7 +151,7 @@ def _packed_alignment_kernel(
             n_r = tl.load(image_lengths_ptr + img_g)
             if NEED_ROWMAX:
                 masked = tl.where(in_g[:, None], acc, float("-inf"))
-                best = tl.reduce(masked, 0, _max_nan)  # [BLOCK_N]: max over image g's regions, NaN-propagating
+                best = _nan_max(masked, 0, NAN_VIA_FLAG)  # [BLOCK_N]: max over image g's regions, NaN-propagating
                 hit = in_g[:, None] & (masked == best[None, :])
                 arg = tl.min(tl.where(hit, r_m[:, None], _NO_INDEX), axis=0)
                 empty = n_r == 0
@@ -165,7 +178,7 @@ def _packed_alignment_kernel(
             in_c = col_ok & (c_n == c)
             n_w = tl.load(text_lengths_ptr + tl.minimum(text0 + c, num_texts - 1))  # past the end: never stored
             masked = tl.where(in_c[None, :], acc, float("-inf"))
-            best = tl.reduce(masked, 1, _max_nan)  # [BLOCK_M]: max over caption c's words
+            best = _nan_max(masked, 1, NAN_VIA_FLAG)  # [BLOCK_M]: max over caption c's words
             hit = in_c[None, :] & (masked == best[:, None])
             arg = tl.min(tl.where(hit, w_n[None, :], _NO_INDEX), axis=1)
             empty = n_w == 0
@@ -448,7 +461,7 @@ def packed_aot_specs() -> list:
                           WRITE_ARGMAX=argmax, WRITE_REGION_ARGMAX=region, IMGS=cfg.IMGS, CAPS=cfg.CAPS,
                           IMGS_P2=triton.next_power_of_2(cfg.IMGS), CAPS_P2=triton.next_power_of_2(cfg.CAPS),
                           BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_SIZE=cfg.GROUP_SIZE,
-                          DOT_IN_FP32=False)
+                          DOT_IN_FP32=False, NAN_VIA_FLAG=False)
         specs.append(_aot_spec(name, _packed_alignment_kernel, dtype_name, constexprs,
                                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
     bwd = packed_backward_config(num_texts=128, num_images=128, dim=1024, text_pad=32, image_pad=36, element_size=2)

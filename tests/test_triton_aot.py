@@ -17,10 +17,9 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 
 import pytest
-from triton_modes import load_kernels, triton_interpreted  # noqa: E402
+from triton_modes import load_kernels, run_suite_in_child, triton_interpreted  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHES = (80, 90)
@@ -55,13 +54,7 @@ TOOLS, NO_TOOLS = _nvidia_tools() if IN_PROCESS else (None, None)
 
 @pytest.mark.skipif(IN_PROCESS, reason="triton is compiled in this process: the AOT tests run in-process")
 def test_aot_suite_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    command = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
-               "--rootdir", ROOT]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    print(output[-3000:])
-    assert result.returncode == 0, f"AOT suite failed (exit {result.returncode}):\n{output[-12000:]}"
+    run_suite_in_child(__file__, interpret=False)
 
 
 def _resource_usage(cubin: bytes, cuobjdump: str | None, tmp_path) -> dict:

@@ -11,13 +11,11 @@ of the 1/n_w and 1/cells scales.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from test_triton_interpreter import AGGREGATIONS, make_case
-from triton_modes import load_kernels, thin, triton_interpreted
+from triton_modes import load_kernels, run_suite_in_child, thin, triton_interpreted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_PROCESS = triton_interpreted()
@@ -31,13 +29,7 @@ SMALL_BLOCKS = {"BLOCK_W": 16, "BLOCK_R": 16, "BLOCK_D": 16}
 
 @pytest.mark.skipif(IN_PROCESS, reason="triton is interpreted in this process: the suite runs in-process")
 def test_backward_suite_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    command = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
-               "--rootdir", ROOT, "-m", os.environ.get("ALADIN_FAST_PYTEST_MARKERS", "not slow")]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    print(output[-3000:])
-    assert result.returncode == 0, f"interpreter suite failed (exit {result.returncode}):\n{output[-12000:]}"
+    run_suite_in_child(__file__, interpret=True)
 
 
 # --------------------------------------------------------------------------- oracle

@@ -22,12 +22,10 @@ index must win).  A continuous-random test checks tolerances scaled by dtype.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from triton_modes import load_kernels, thin, triton_interpreted  # noqa: E402
+from triton_modes import load_kernels, run_suite_in_child, thin, triton_interpreted  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,13 +39,7 @@ pytestmark = pytest.mark.interpreter
 
 @pytest.mark.skipif(IN_PROCESS, reason="triton is interpreted in this process: the suite runs in-process")
 def test_interpreter_suite_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    command = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider",
-               "--rootdir", ROOT, "-m", os.environ.get("ALADIN_FAST_PYTEST_MARKERS", "not slow")]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    print(output[-3000:])
-    assert result.returncode == 0, f"interpreter suite failed (exit {result.returncode}):\n{output[-12000:]}"
+    run_suite_in_child(__file__, interpret=True)
 
 
 AGGREGATIONS = {"MrSw": 0, "MrAVGw": 1, "MwSr": 2, "symm": 3, "sum": 4, "mean": 5}
@@ -190,7 +182,7 @@ def check(case, candidates, aggregation, zero, *, config=None, exact=True, with_
     if exact:  # dyadic inputs: exact up to the final division of MrAVGw / mean
         torch.testing.assert_close(out.double()[~nan], expected[~nan], rtol=1e-6, atol=1e-6)
     else:
-        text, images, dim = case[0], case[3], case[0].shape[1]
+        text, dim = case[0], case[0].shape[1]
         atol = TOL[text.dtype] * dim ** 0.5 * (case[6] * case[7] + 1)
         torch.testing.assert_close(out.double()[~nan], expected[~nan], rtol=1e-5, atol=atol)
     if with_argmax:

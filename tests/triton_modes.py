@@ -60,3 +60,20 @@ def thin(values, keep: int = 1):
         args = value if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], tuple) else (value, )
         out.append(value if index < keep else pytest.param(*args, marks=pytest.mark.slow))
     return out
+
+
+def run_suite_in_child(path: str, interpret: bool, timeout: int = 1200) -> None:
+    """Run one test file in a child pytest whose triton is in the other mode; fail with its output tail.
+
+    The child keeps the default marker expression (or ALADIN_FAST_PYTEST_MARKERS, e.g. "slow or not slow").
+    """
+    import subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="1" if interpret else "0")
+    command = [sys.executable, "-m", "pytest", os.path.abspath(path), "-q", "-p", "no:cacheprovider",
+               "--rootdir", ROOT, "-m", os.environ.get("ALADIN_FAST_PYTEST_MARKERS", "not slow")]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    print(output[-3000:])
+    assert result.returncode == 0, f"{os.path.basename(path)} failed in a child (exit {result.returncode}):\n" \
+                                   f"{output[-12000:]}"
