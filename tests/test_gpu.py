@@ -65,7 +65,7 @@ def test_forward_matches_reference(shape, dtype, mode):
                                        msg=lambda m: f"{aggregation} {padding}: {m}")
 
 
-@pytest.mark.parametrize("strategy", ["segmented", "atomic"])
+@pytest.mark.parametrize("strategy", ["dense", "segmented", "atomic"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_backward_matches_reference(dtype, mode, strategy, monkeypatch):
@@ -90,8 +90,9 @@ def test_backward_matches_reference(dtype, mode, strategy, monkeypatch):
                                            msg=lambda m: f"d {name} {aggregation} {padding}: {m}")
 
 
-def test_forward_and_segmented_backward_bitwise_deterministic(monkeypatch):
-    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", "segmented")
+@pytest.mark.parametrize("strategy", ["dense", "segmented"])
+def test_forward_and_backward_bitwise_deterministic(monkeypatch, strategy):
+    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", strategy)
     gen = torch.Generator().manual_seed(0)
     text = torch.randn(64, 32, 256, generator=gen).bfloat16().cuda()
     images = torch.randn(64, 36, 256, generator=gen).bfloat16().cuda()

@@ -15,7 +15,10 @@ and the region -> word argmax (int32 ``[pairs, R]``, MwSr / symm):
 
 Backend "cpu" runs all of it in C++ (``_C.score_backward``: grad_text rows
 owned by the thread owning the caption, grad_images rows by the thread owning
-the image, no atomics, deterministic). Backend "triton" runs the Triton
+the image, no atomics, deterministic). Backend "triton", for all pairs with an
+argmax aggregation and finite tokens, runs :mod:`.dense_backward` by default
+(the winners scattered into a dense chunk of the word x region-row matrix,
+then two GEMMs on the tensor cores). Otherwise it runs the Triton
 backward kernels (``kernels/alignment_backward.py``): text rows owned by a
 caption's program; image rows either owned by an image's program walking its
 pairs ("segmented", deterministic, the default) or accumulated with fp32
@@ -41,6 +44,7 @@ import torch
 
 from .. import reference
 from .._inputs import TokenBatch
+from . import dense_backward
 from .backends import cpu_kernels, triton_kernels
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -315,30 +319,48 @@ def _triton_kernel_choice():
     return {"kernel": kernel}
 
 
-def triton_backward_strategy() -> str:
-    """Image-side reduction of the Triton backward: "segmented" (deterministic, the default) or "atomic".
+TRITON_BACKWARD_STRATEGIES = ("dense", "segmented", "atomic")
 
-    ``torch.use_deterministic_algorithms(True)`` always gives "segmented"; otherwise the
-    environment variable ``ALADIN_FAST_TRITON_BACKWARD`` may choose "atomic".
+
+def triton_backward_strategy() -> str:
+    """Backward of the Triton backend: "dense", "segmented" or "atomic".
+
+    * "dense" (the default): all pairs with an argmax aggregation and finite tokens run
+      :func:`dense_backward.dense_backward` (two GEMMs per chunk of captions); everything
+      else runs the "segmented" kernels.
+    * "segmented": the argmax kernels, image rows owned by an image's program (deterministic).
+    * "atomic": the argmax kernels, image rows accumulated with fp32 atomics (order-dependent bits).
+
+    ``torch.use_deterministic_algorithms(True)`` always gives "segmented" (cuBLAS and
+    atomics are not covered by its guarantee); otherwise ``ALADIN_FAST_TRITON_BACKWARD`` chooses.
     """
     if torch.are_deterministic_algorithms_enabled():
         return "segmented"
-    strategy = os.environ.get("ALADIN_FAST_TRITON_BACKWARD", "segmented")
-    if strategy not in ("segmented", "atomic"):
-        raise ValueError(f"ALADIN_FAST_TRITON_BACKWARD must be 'segmented' or 'atomic', got {strategy!r}")
+    strategy = os.environ.get("ALADIN_FAST_TRITON_BACKWARD", "dense")
+    if strategy not in TRITON_BACKWARD_STRATEGIES:
+        raise ValueError(f"ALADIN_FAST_TRITON_BACKWARD must be one of {TRITON_BACKWARD_STRATEGIES}, got {strategy!r}")
     return strategy
 
 
 def triton_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                     argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad):
     """The Triton backward kernels (``kernels/alignment_backward.py``): ``(d text, d images)`` float32."""
+    strategy = triton_backward_strategy()
+    if strategy == "dense":
+        if dense_backward.dense_backward_supported(candidates, aggregation):
+            grads = dense_backward.dense_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
+                                                  image_lengths, argmax, region_argmax, aggregation, zero_padding,
+                                                  text_pad, image_pad)
+            if grads is not None:  # None: a non-finite token (exact zeros of G would meet it)
+                return grads
+        strategy = "segmented"
     grad_text = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
     grad_images = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
     word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
     triton_kernels().launch_alignment_backward(
         grad.float().contiguous(), text, text_offsets, text_lengths, images, image_offsets, image_lengths,
         candidates, argmax if word_term else None, region_argmax if region_term else None, aggregation,
-        zero_padding, text_pad, image_pad, grad_text, grad_images, strategy=triton_backward_strategy(),
+        zero_padding, text_pad, image_pad, grad_text, grad_images, strategy=strategy,
         config=_triton_kernel_choice())
     return grad_text, grad_images
 

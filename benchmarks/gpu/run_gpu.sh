@@ -18,7 +18,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 python3 -c "import torch, triton, aladin_fast; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0), 'aladin_fast', aladin_fast.__file__)" | tee "$OUT/versions.txt"
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 BENCH_BUDGET=${BENCH_BUDGET:-200}
-timeout "$TEST_TIMEOUT" python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -n 8 -rfE -s 2>&1 | tail -n 60 > "$OUT/gpu_tests.log"
+# TEST_FILES / TEST_K pick tests (e.g. TEST_K="backward or memory"), TEST_WORKERS the xdist processes
+TEST_FILES=${TEST_FILES:-tests/test_gpu.py}
+timeout "$TEST_TIMEOUT" python3 -m pytest $TEST_FILES -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" -rfE -s \
+  ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -n 80 > "$OUT/gpu_tests.log"
 echo "gpu tests exit: ${PIPESTATUS[0]}" >> "$OUT/gpu_tests.log"
 timeout $((BENCH_BUDGET + 150)) python3 benchmarks/gpu/bench_gpu.py --out "$OUT/gpu_bench.json" --budget-s "$BENCH_BUDGET" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.log" | tail -n 70
 cat "$OUT/gpu_tests.log" | tail -n 25
