@@ -217,3 +217,106 @@ def test_packed_all_pairs_backward():
     case = make_case(61, 3, 4, 7, 9, 20, torch.float32, packed=True)
     for zero in (False, True):
         check_case(case, None, zero, config={"kernel": "packed"}, strategies=("segmented", ))
+
+
+def winner_gemm(case, aggregation, grad, argmax, region_argmax):
+    text, t_off, t_len, images, i_off, i_len, w_pad, r_pad = case
+    grad_text = torch.zeros(text.shape, dtype=torch.float32)
+    grad_images = torch.zeros(images.shape, dtype=torch.float32)
+    kernels.launch_winner_gemm_backward(grad, text, t_off, t_len, images, i_off, i_len, argmax, region_argmax,
+                                        aggregation, w_pad, r_pad, grad_text, grad_images)
+    return grad_text, grad_images
+
+
+@in_process
+@pytest.mark.parametrize("zero", [False, True], ids=["neg_inf", "zero"])
+@pytest.mark.parametrize("dtype", thin([torch.float32, torch.bfloat16, torch.float16]), ids=str)
+def test_winner_gemm_all_pairs(dtype, zero):
+    """The all-pairs tile-GEMM backward vs the loop oracle: awkward lengths (37 words, empty sequences, a
+    partial caption block), packed and padded layouts, every argmax aggregation, both paddings."""
+    cases = [make_case(71, 5, 4, 37, 20, 24, dtype, packed=dtype == torch.float16),
+             make_case(73, 3, 3, 9, 40, 20, dtype, text_lengths=[9, 0, 4], image_lengths=[40, 17, 0])]
+    for case in cases:
+        for aggregation in (0, 1, 2, 3):
+            _, argmax, region_argmax = forward(case, None, aggregation, zero)
+            grad = upstream(case, None, aggregation)
+            want_text, want_images = oracle_gradients(case, None, aggregation, zero, grad)
+            got_text, got_images = winner_gemm(case, aggregation, grad, argmax, region_argmax)
+            for got, want, name in ((got_text, want_text, "text"), (got_images, want_images, "images")):
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"d {name}, aggregation {aggregation}: {m}")
+            again = winner_gemm(case, aggregation, grad, argmax, region_argmax)
+            assert torch.equal(again[0], got_text) and torch.equal(again[1], got_images)
+
+
+@in_process
+def test_winner_gemm_bad_arguments():
+    case = make_case(79, 2, 2, 5, 5, 16, torch.float32)
+    _, argmax, region_argmax = forward(case, None, 3, False)
+    grad = torch.ones(2, 2)
+    with pytest.raises(ValueError, match="MrSw / MrAVGw / MwSr / symm"):
+        winner_gemm(case, 4, grad, argmax, region_argmax)
+    with pytest.raises(ValueError, match="region_argmax"):
+        winner_gemm(case, 2, grad, argmax, None)
+    text, t_off, t_len, images, i_off, i_len, _, _ = case
+    with pytest.raises(ValueError, match="padded lengths"):
+        kernels.launch_winner_gemm_backward(grad, text, t_off, t_len, images, i_off, i_len, argmax, region_argmax,
+                                            0, 129, 5, torch.zeros(text.shape), torch.zeros(images.shape))
+
+
+@in_process
+@pytest.mark.parametrize("strategy", thin(["dense", "segmented"]))
+def test_op_gradients_through_autograd(strategy, monkeypatch):
+    """``alignment_scores(..., backend="triton")`` backward (the op layer's strategy choice) vs float64 autograd
+    of the reference: padded and packed all pairs, a NaN token (dense falls back to the argmax kernels)."""
+    import aladin_fast
+    from aladin_fast.ops import alignment_op
+
+    monkeypatch.setattr(alignment_op, "triton_kernels", lambda: kernels)
+    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", strategy)
+    gen = torch.Generator().manual_seed(83)
+    text0 = torch.randn(3, 5, 16, generator=gen, dtype=torch.float64)
+    images0 = torch.randn(4, 6, 16, generator=gen, dtype=torch.float64)
+    t_len, v_len = torch.tensor([5, 0, 2]), torch.tensor([6, 1, 0, 4])
+    upstream = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    for aggregation in ("MrSw", "MrAVGw", "MwSr", "symm", "mean"):
+        for padding in ("neg_inf", "zero"):
+            grads = []
+            for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+                text = text0.to(dtype).detach().clone().requires_grad_()
+                images = images0.to(dtype).detach().clone().requires_grad_()
+                scores = aladin_fast.alignment_scores(text, images, t_len, v_len, aggregation, padding,
+                                                      backend=backend)
+                (scores * upstream.to(dtype)).sum().backward()
+                grads.append((text.grad.double(), images.grad.double()))
+            for got, want in zip(grads[1], grads[0]):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{aggregation}: {m}")
+    poisoned = images0.float().clone()
+    poisoned[3, 1, 0] = float("nan")  # a valid token: a dense weight tile would spread 0 * NaN to every caption
+    results = []
+    for chosen in (strategy, "segmented"):
+        monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", chosen)
+        text = text0.float().requires_grad_()
+        images = poisoned.clone().requires_grad_()
+        aladin_fast.alignment_scores(text, images, t_len, v_len, backend="triton").sum().backward()
+        results.append((text.grad, images.grad))
+    assert torch.isfinite(results[0][0][0, :2]).any()  # not every text row poisoned
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_backward_strategy_choice(monkeypatch):
+    from aladin_fast.ops.alignment_op import triton_backward_strategy
+
+    monkeypatch.delenv("ALADIN_FAST_TRITON_BACKWARD", raising=False)
+    assert triton_backward_strategy() == "dense"
+    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", "fastest")
+    with pytest.raises(ValueError, match="ALADIN_FAST_TRITON_BACKWARD"):
+        triton_backward_strategy()
+    for chosen, deterministic in (("dense", "dense"), ("segmented", "segmented"), ("atomic", "segmented")):
+        monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", chosen)
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert triton_backward_strategy() == deterministic
+        finally:
+            torch.use_deterministic_algorithms(False)

@@ -16,9 +16,10 @@ and the region -> word argmax (int32 ``[pairs, R]``, MwSr / symm):
 Backend "cpu" runs all of it in C++ (``_C.score_backward``: grad_text rows
 owned by the thread owning the caption, grad_images rows by the thread owning
 the image, no atomics, deterministic). Backend "triton", for all pairs with an
-argmax aggregation and finite tokens, runs :mod:`.dense_backward` by default
-(the winners scattered into a dense chunk of the word x region-row matrix,
-then two GEMMs on the tensor cores). Otherwise it runs the Triton
+argmax aggregation and finite tokens, runs the winner-GEMM kernels by default
+(``kernels/alignment_winner_gemm.py``: tiles of the word x region-row weight
+matrix built from the argmax in registers, times the tokens on tensor cores).
+Otherwise it runs the per-pair Triton
 backward kernels (``kernels/alignment_backward.py``): text rows owned by a
 caption's program; image rows either owned by an image's program walking its
 pairs ("segmented", deterministic, the default) or accumulated with fp32
@@ -44,7 +45,6 @@ import torch
 
 from .. import reference
 from .._inputs import TokenBatch
-from . import dense_backward
 from .backends import cpu_kernels, triton_kernels
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -325,38 +325,50 @@ TRITON_BACKWARD_STRATEGIES = ("dense", "segmented", "atomic")
 def triton_backward_strategy() -> str:
     """Backward of the Triton backend: "dense", "segmented" or "atomic".
 
-    * "dense" (the default): all pairs with an argmax aggregation and finite tokens run
-      :func:`dense_backward.dense_backward` (two GEMMs per chunk of captions); everything
-      else runs the "segmented" kernels.
+    * "dense" (the default): all pairs with an argmax aggregation, padded lengths <= 128 and
+      finite tokens run the winner-GEMM kernels (``kernels/alignment_winner_gemm.py``: the
+      word x region-row weight matrix built tile by tile from the argmax, times the tokens,
+      on tensor cores); everything else runs the "segmented" kernels.
     * "segmented": the argmax kernels, image rows owned by an image's program (deterministic).
     * "atomic": the argmax kernels, image rows accumulated with fp32 atomics (order-dependent bits).
 
-    ``torch.use_deterministic_algorithms(True)`` always gives "segmented" (cuBLAS and
-    atomics are not covered by its guarantee); otherwise ``ALADIN_FAST_TRITON_BACKWARD`` chooses.
+    ``ALADIN_FAST_TRITON_BACKWARD`` chooses; under ``torch.use_deterministic_algorithms(True)``
+    "atomic" becomes "segmented" ("dense" and "segmented" write each output row once, in a
+    fixed order: bitwise deterministic).
     """
-    if torch.are_deterministic_algorithms_enabled():
-        return "segmented"
     strategy = os.environ.get("ALADIN_FAST_TRITON_BACKWARD", "dense")
     if strategy not in TRITON_BACKWARD_STRATEGIES:
         raise ValueError(f"ALADIN_FAST_TRITON_BACKWARD must be one of {TRITON_BACKWARD_STRATEGIES}, got {strategy!r}")
+    if strategy == "atomic" and torch.are_deterministic_algorithms_enabled():
+        return "segmented"
     return strategy
+
+
+def _dense_applies(text, images, candidates, aggregation, text_pad, image_pad) -> bool:
+    """The winner-GEMM backward: all pairs, an argmax aggregation, padded lengths <= 128 and finite tokens
+    (a zero weight times an inf token would be NaN); the finiteness check is one device sync."""
+    if candidates is not None or aggregation not in (MRSW, MRAVGW, MWSR, SYMM):
+        return False
+    if not triton_kernels().winner_gemm_fits(text_pad, image_pad):
+        return False
+    return bool((torch.isfinite(text).all() & torch.isfinite(images).all()).item())
 
 
 def triton_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                     argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad):
     """The Triton backward kernels (``kernels/alignment_backward.py``): ``(d text, d images)`` float32."""
     strategy = triton_backward_strategy()
-    if strategy == "dense":
-        if dense_backward.dense_backward_supported(candidates, aggregation):
-            grads = dense_backward.dense_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
-                                                  image_lengths, argmax, region_argmax, aggregation, zero_padding,
-                                                  text_pad, image_pad)
-            if grads is not None:  # None: a non-finite token (exact zeros of G would meet it)
-                return grads
-        strategy = "segmented"
     grad_text = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
     grad_images = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
     word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
+    if strategy == "dense":
+        if _dense_applies(text, images, candidates, aggregation, text_pad, image_pad):
+            triton_kernels().launch_winner_gemm_backward(
+                grad.float().contiguous(), text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+                argmax if word_term else None, region_argmax if region_term else None, aggregation, text_pad,
+                image_pad, grad_text, grad_images)
+            return grad_text, grad_images
+        strategy = "segmented"
     triton_kernels().launch_alignment_backward(
         grad.float().contiguous(), text, text_offsets, text_lengths, images, image_offsets, image_lengths,
         candidates, argmax if word_term else None, region_argmax if region_term else None, aggregation,

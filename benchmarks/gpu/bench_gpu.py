@@ -29,7 +29,6 @@ import triton
 from triton.testing import do_bench
 
 import aladin_fast
-from aladin_fast.ops import dense_backward
 
 PUBLISHED = {  # dense (no sparsity) bf16 tensor-core TFLOP/s and HBM TB/s, SXM parts
     "H100": {"bf16_tflops": 989.4, "hbm_tbps": 3.35},
@@ -235,17 +234,6 @@ def suite_training(peer, dims, quick):
                    flops=bwd_flops, bytes_moved=2 * bytes_in)
         step(ours_fn)()
         want_t, want_v = t_leaf.grad.float().clone(), v_leaf.grad.float().clone()
-        for chunk_mib in (2, 32):  # the dense backward's chunk bound (default 8 MiB): speed vs memory
-            def chunked(chunk_mib=chunk_mib):
-                saved = dense_backward.DENSE_CHUNK_BYTES
-                dense_backward.DENSE_CHUNK_BYTES = chunk_mib << 20
-                try:
-                    step(ours_fn)()
-                finally:
-                    dense_backward.DENSE_CHUNK_BYTES = saved
-            record("train_fwd_bwd_variants", shape, f"aladin_triton_dense_chunk{chunk_mib}MiB", chunked,
-                   flops=bwd_flops,
-                   bytes_moved=2 * bytes_in)
         for strategy, env in (("segmented", {"ALADIN_FAST_TRITON_BACKWARD": "segmented"}),
                               ("pair_kernel_segmented", dict(PAIR, ALADIN_FAST_TRITON_BACKWARD="segmented"))):
             record("train_fwd_bwd", shape, f"aladin_triton_{strategy}", with_env(env, step(ours_fn)),
