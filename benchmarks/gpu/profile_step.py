@@ -21,8 +21,9 @@ def main():
     parser.add_argument("--dim", type=int, default=1024)
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    text = torch.randn(128, 32, args.dim, device="cuda", generator=gen).bfloat16().requires_grad_()
-    images = torch.randn(128, 36, args.dim, device="cuda", generator=gen).bfloat16().requires_grad_()
+    text = torch.nn.functional.normalize(torch.randn(128, 32, args.dim, device="cuda", generator=gen), dim=-1)
+    images = torch.nn.functional.normalize(torch.randn(128, 36, args.dim, device="cuda", generator=gen), dim=-1)
+    text, images = text.bfloat16().requires_grad_(), images.bfloat16().requires_grad_()
     for aggregation in args.aggregations.split(","):
         def forward_grad():
             return aladin_fast.alignment_scores(text, images, aggregation=aggregation, backend="triton")
