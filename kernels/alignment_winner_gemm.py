@@ -132,9 +132,13 @@ def winner_gemm_config(*, text_pad: int, image_pad: int, dim: int, element_size:
     """Tile shapes: text side CAPS * BLOCK_W ~ 128 rows, image side CAPS * BLOCK_W ~ 64 reduction columns."""
     block_w = max(16, triton.next_power_of_2(text_pad))
     block_r = max(16, triton.next_power_of_2(image_pad))
-    block_d = min(128 if element_size <= 2 else 64, max(16, triton.next_power_of_2(dim)))
-    return dict(BLOCK_W=block_w, BLOCK_R=block_r, BLOCK_D=block_d, TEXT_CAPS=max(1, 128 // block_w),
-                IMAGE_CAPS=max(1, 64 // block_w), num_stages=3 if element_size <= 2 else 2)
+    pow2_dim = max(16, triton.next_power_of_2(dim))
+    # the image side rebuilds its weight tiles once per D block: wider D blocks there (64-row tiles)
+    block_d = min(128 if element_size <= 2 else 64, pow2_dim)
+    image_block_d = min(256 if element_size <= 2 and block_r <= 64 else block_d, pow2_dim)
+    return dict(BLOCK_W=block_w, BLOCK_R=block_r, BLOCK_D=block_d, IMAGE_BLOCK_D=image_block_d,
+                TEXT_CAPS=max(1, 128 // block_w), IMAGE_CAPS=max(1, 64 // block_w),
+                num_stages=3 if element_size <= 2 else 2)
 
 
 def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
@@ -161,18 +165,20 @@ def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, 
     argmax = argmax if word else placeholder
     region_argmax = region_argmax if region else placeholder
     common = dict(WORD=word, REGION=region, MRAVGW=aggregation == 1, BLOCK_W=cfg["BLOCK_W"], BLOCK_R=cfg["BLOCK_R"],
-                  BLOCK_D=cfg["BLOCK_D"], DOT_IN_FP32=text.dtype != torch.bfloat16 or _INTERPRETED,
-                  num_stages=cfg["num_stages"])
-    d_blocks = triton.cdiv(dim, cfg["BLOCK_D"])
+                  DOT_IN_FP32=text.dtype != torch.bfloat16 or _INTERPRETED, num_stages=cfg["num_stages"])
     text_rows = cfg["TEXT_CAPS"] * cfg["BLOCK_W"]
-    _winner_gemm_text_kernel[(triton.cdiv(num_texts, cfg["TEXT_CAPS"]), d_blocks)](
+    _winner_gemm_text_kernel[(triton.cdiv(num_texts, cfg["TEXT_CAPS"]), triton.cdiv(dim, cfg["BLOCK_D"]))](
         grad, argmax, region_argmax, text_offsets, text_lengths, images, image_offsets, image_lengths, grad_text,
-        num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["TEXT_CAPS"],
-        num_warps=8 if text_rows * cfg["BLOCK_D"] >= 128 * 128 else 4, **common)
-    _winner_gemm_images_kernel[(num_images, d_blocks)](
+        num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["TEXT_CAPS"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=_warps(text_rows, cfg["BLOCK_D"]), **common)
+    _winner_gemm_images_kernel[(num_images, triton.cdiv(dim, cfg["IMAGE_BLOCK_D"]))](
         grad, argmax, region_argmax, text, text_offsets, text_lengths, image_offsets, image_lengths, grad_images,
-        num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["IMAGE_CAPS"],
-        num_warps=8 if cfg["BLOCK_R"] * cfg["BLOCK_D"] >= 128 * 128 else 4, **common)
+        num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["IMAGE_CAPS"], BLOCK_D=cfg["IMAGE_BLOCK_D"],
+        num_warps=_warps(cfg["BLOCK_R"], cfg["IMAGE_BLOCK_D"]), **common)
+
+
+def _warps(rows: int, block_d: int) -> int:
+    return 8 if rows * block_d >= 128 * 128 else 4
 
 
 # --------------------------------------------------------------------------- ahead-of-time specialisations
@@ -189,8 +195,9 @@ def winner_gemm_aot_specs() -> list:
         cfg = winner_gemm_config(text_pad=32, image_pad=36, dim=1024, element_size=size)
         for side, kernel, caps in (("text", _winner_gemm_text_kernel, cfg["TEXT_CAPS"]),
                                    ("images", _winner_gemm_images_kernel, cfg["IMAGE_CAPS"])):
+            block_d = cfg["BLOCK_D"] if side == "text" else cfg["IMAGE_BLOCK_D"]
             constexprs = dict(WORD=aggregation in (0, 1, 3), REGION=aggregation in (2, 3), MRAVGW=aggregation == 1,
-                              CAPS=caps, BLOCK_W=cfg["BLOCK_W"], BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"],
+                              CAPS=caps, BLOCK_W=cfg["BLOCK_W"], BLOCK_R=cfg["BLOCK_R"], BLOCK_D=block_d,
                               DOT_IN_FP32=dtype == torch.float32)
             pointer_types = {"grad_ptr": "*fp32", "out_ptr": "*fp32", "text_offsets_ptr": "*i64",
                              "image_offsets_ptr": "*i64", "text_ptr": "*" + _TRITON_DTYPE[dtype],
@@ -206,7 +213,7 @@ def winner_gemm_aot_specs() -> list:
             aligned = [key for key, kind in signature.items() if kind.startswith("*")] + ["D"]
             attrs = {(kernel.arg_names.index(key), ): [["tt.divisibility", 16]] for key in aligned}
             rows = (caps * cfg["BLOCK_W"]) if side == "text" else cfg["BLOCK_R"]
-            options = {"num_warps": 8 if rows * cfg["BLOCK_D"] >= 128 * 128 else 4, "num_stages": cfg["num_stages"],
+            options = {"num_warps": _warps(rows, block_d), "num_stages": cfg["num_stages"],
                        "enable_fp_fusion": _FP_FUSION}
             specs.append(AotSpec(f"winner_gemm_{side}_{name}", kernel, signature, constexprs, options, attrs))
     return specs
