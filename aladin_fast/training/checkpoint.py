@@ -142,7 +142,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     """Restore the generators saved by :func:`rng_state`."""
     torch.set_rng_state(state["torch"].cpu())
     numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].cpu().numpy().astype(np.uint32), numpy_state["position"],
                          numpy_state["has_gauss"], numpy_state["cached"]))
     python_state = state["python"]
     random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss"]))
