@@ -186,7 +186,8 @@ def _warps(rows: int, block_d: int) -> int:
 
 def winner_gemm_aot_specs() -> list:
     """Both kernels at the training shape (W=32, R=36, D=1024): bf16 MrSw and symm, fp32 MwSr."""
-    from .alignment import _FP_FUSION, _TRITON_DTYPE, AotSpec
+    from .alignment import _TRITON_DTYPE
+    from .alignment_packed import _aot_spec
 
     specs = []
     for name, dtype, aggregation in (("bf16_MrSw", torch.bfloat16, 0), ("bf16_symm", torch.bfloat16, 3),
@@ -196,24 +197,10 @@ def winner_gemm_aot_specs() -> list:
         for side, kernel, caps in (("text", _winner_gemm_text_kernel, cfg["TEXT_CAPS"]),
                                    ("images", _winner_gemm_images_kernel, cfg["IMAGE_CAPS"])):
             block_d = cfg["BLOCK_D"] if side == "text" else cfg["IMAGE_BLOCK_D"]
+            rows = (caps * cfg["BLOCK_W"]) if side == "text" else cfg["BLOCK_R"]
             constexprs = dict(WORD=aggregation in (0, 1, 3), REGION=aggregation in (2, 3), MRAVGW=aggregation == 1,
                               CAPS=caps, BLOCK_W=cfg["BLOCK_W"], BLOCK_R=cfg["BLOCK_R"], BLOCK_D=block_d,
                               DOT_IN_FP32=dtype == torch.float32)
-            pointer_types = {"grad_ptr": "*fp32", "out_ptr": "*fp32", "text_offsets_ptr": "*i64",
-                             "image_offsets_ptr": "*i64", "text_ptr": "*" + _TRITON_DTYPE[dtype],
-                             "images_ptr": "*" + _TRITON_DTYPE[dtype]}
-            signature = {}
-            for arg in kernel.arg_names:
-                if arg in constexprs:
-                    signature[arg] = "constexpr"
-                elif arg.endswith("_ptr"):
-                    signature[arg] = pointer_types.get(arg, "*i32")
-                else:
-                    signature[arg] = "i32"
-            aligned = [key for key, kind in signature.items() if kind.startswith("*")] + ["D"]
-            attrs = {(kernel.arg_names.index(key), ): [["tt.divisibility", 16]] for key in aligned}
-            rows = (caps * cfg["BLOCK_W"]) if side == "text" else cfg["BLOCK_R"]
-            options = {"num_warps": _warps(rows, block_d), "num_stages": cfg["num_stages"],
-                       "enable_fp_fusion": _FP_FUSION}
-            specs.append(AotSpec(f"winner_gemm_{side}_{name}", kernel, signature, constexprs, options, attrs))
+            specs.append(_aot_spec(f"winner_gemm_{side}_{name}", kernel, _TRITON_DTYPE[dtype], constexprs,
+                                   {"num_warps": _warps(rows, block_d), "num_stages": cfg["num_stages"]}))
     return specs
