@@ -40,19 +40,20 @@ MAX_BLOCK = 128  # BLOCK_W and BLOCK_R (padded caption / image lengths) this lay
 
 
 @triton.jit
-def _winner_tile(grad_ptr, argmax_ptr, region_argmax_ptr, t, w, i, r, t_ok, t_len, i_len, num_images, text_pad,
+def _winner_tile(grad_ptr, argmax_ptr, region_argmax_ptr, t, w, i, r, ok, t_len, i_len, num_images, text_pad,
                  image_pad, WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr):
-    """fp32 tile of ``G`` for broadcastable (caption t, word w) x (image i, region r) index tensors."""
+    """fp32 tile of ``G`` for broadcastable (caption t, word w) x (image i, region r) index tensors;
+    ``ok``: the (caption, image) pair exists."""
     pair = t.to(tl.int64) * num_images + i
-    c = tl.load(grad_ptr + pair, mask=t_ok, other=0.0)
+    c = tl.load(grad_ptr + pair, mask=ok, other=0.0)
     if MRAVGW:
         c = c / tl.maximum(t_len, 1).to(tl.float32)
     hits = (w < 0).to(tl.float32) * (r < 0).to(tl.float32)  # zeros of the broadcast shape
-    if WORD:  # the word's winning region (one load per word), a zero pad or beyond the image: nothing
-        winner = tl.load(argmax_ptr + pair * text_pad + w, mask=t_ok & (w < t_len), other=-1)
+    if WORD:  # the word's winning region (one load per word and image), a zero pad or beyond the image: nothing
+        winner = tl.load(argmax_ptr + pair * text_pad + w, mask=ok & (w < t_len), other=-1)
         hits += ((winner == r) & (winner < i_len)).to(tl.float32)
     if REGION:  # the region's winning word
-        winner = tl.load(region_argmax_ptr + pair * image_pad + r, mask=t_ok & (r < i_len), other=-1)
+        winner = tl.load(region_argmax_ptr + pair * image_pad + r, mask=ok & (r < i_len), other=-1)
         hits += ((winner == w) & (winner < t_len)).to(tl.float32)
     return hits * c
 
@@ -68,27 +69,38 @@ def _tile_dot(weights, tokens, acc, DOT_IN_FP32: tl.constexpr):
 def _winner_gemm_text_kernel(
     grad_ptr, argmax_ptr, region_argmax_ptr, text_offsets_ptr, text_lengths_ptr, images_ptr, image_offsets_ptr,
     image_lengths_ptr, out_ptr, num_texts, num_images, D, text_pad, image_pad,
-    WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr, CAPS: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr, CAPS: tl.constexpr, IMGS: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, REGULAR: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
 ):
+    """Rows: CAPS captions x BLOCK_W words; each step reduces over IMGS images x BLOCK_R regions.
+    REGULAR: image i starts at row i * image_pad (padded layout: no offset loads in the loop)."""
     m = tl.arange(0, CAPS * BLOCK_W)
     t = tl.program_id(0) * CAPS + m // BLOCK_W
     w = m % BLOCK_W
     t_ok = t < num_texts
     t_len = tl.load(text_lengths_ptr + t, mask=t_ok, other=0)
+    j = tl.arange(0, IMGS)
     r = tl.arange(0, BLOCK_R)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     acc = tl.zeros((CAPS * BLOCK_W, BLOCK_D), dtype=tl.float32)
-    for i in range(0, num_images):
-        i_len = tl.load(image_lengths_ptr + i)
-        i_row0 = tl.load(image_offsets_ptr + i)
-        weights = _winner_tile(grad_ptr, argmax_ptr, region_argmax_ptr, t[:, None], w[:, None], i, r[None, :],
-                               t_ok[:, None], t_len[:, None], i_len, num_images, text_pad, image_pad, WORD, REGION,
-                               MRAVGW)
-        v = tl.load(images_ptr + (i_row0 + r)[:, None] * D + offs_d[None, :],
-                    mask=(r < i_len)[:, None] & d_ok[None, :], other=0.0)
-        acc = _tile_dot(weights, v, acc, DOT_IN_FP32)
+    for i0 in range(0, num_images, IMGS):
+        i = i0 + j
+        i_ok = i < num_images
+        i_len = tl.load(image_lengths_ptr + i, mask=i_ok, other=0)
+        if REGULAR:
+            i_row0 = i.to(tl.int64) * image_pad
+        else:
+            i_row0 = tl.load(image_offsets_ptr + i, mask=i_ok, other=0)
+        weights = _winner_tile(grad_ptr, argmax_ptr, region_argmax_ptr, t[:, None, None], w[:, None, None],
+                               i[None, :, None], r[None, None, :], t_ok[:, None, None] & i_ok[None, :, None],
+                               t_len[:, None, None], i_len[None, :, None], num_images, text_pad, image_pad, WORD,
+                               REGION, MRAVGW)
+        weights = tl.reshape(weights, (CAPS * BLOCK_W, IMGS * BLOCK_R))
+        v = tl.load(images_ptr + (i_row0[:, None] + r[None, :])[:, :, None] * D + offs_d[None, None, :],
+                    mask=(r[None, :] < i_len[:, None])[:, :, None] & d_ok[None, None, :], other=0.0)
+        acc = _tile_dot(weights, tl.reshape(v, (IMGS * BLOCK_R, BLOCK_D)), acc, DOT_IN_FP32)
     rows = tl.load(text_offsets_ptr + t, mask=t_ok, other=0) + w
     tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], acc, mask=(t_ok & (w < t_len))[:, None] & d_ok[None, :])
 
@@ -98,8 +110,10 @@ def _winner_gemm_images_kernel(
     grad_ptr, argmax_ptr, region_argmax_ptr, text_ptr, text_offsets_ptr, text_lengths_ptr, image_offsets_ptr,
     image_lengths_ptr, out_ptr, num_texts, num_images, D, text_pad, image_pad,
     WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr, CAPS: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, REGULAR: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
+    """Rows: one image's BLOCK_R regions; each step reduces over CAPS captions x BLOCK_W words.
+    REGULAR: caption t starts at row t * text_pad."""
     i = tl.program_id(0)
     i_len = tl.load(image_lengths_ptr + i)
     r = tl.arange(0, BLOCK_R)
@@ -112,7 +126,10 @@ def _winner_gemm_images_kernel(
         w = k % BLOCK_W
         t_ok = t < num_texts
         t_len = tl.load(text_lengths_ptr + t, mask=t_ok, other=0)
-        t_row0 = tl.load(text_offsets_ptr + t, mask=t_ok, other=0)
+        if REGULAR:
+            t_row0 = t.to(tl.int64) * text_pad
+        else:
+            t_row0 = tl.load(text_offsets_ptr + t, mask=t_ok, other=0)
         weights = _winner_tile(grad_ptr, argmax_ptr, region_argmax_ptr, t[None, :], w[None, :], i, r[:, None],
                                t_ok[None, :], t_len[None, :], i_len, num_images, text_pad, image_pad, WORD, REGION,
                                MRAVGW)
@@ -128,26 +145,36 @@ def winner_gemm_fits(text_pad: int, image_pad: int) -> bool:
     return 0 < text_pad <= MAX_BLOCK and 0 < image_pad <= MAX_BLOCK
 
 
-def winner_gemm_config(*, text_pad: int, image_pad: int, dim: int, element_size: int) -> dict:
-    """Tile shapes: text side CAPS * BLOCK_W ~ 128 rows, image side CAPS * BLOCK_W ~ 64 reduction columns."""
+def winner_gemm_config(*, text_pad: int, image_pad: int, dim: int, element_size: int,
+                       override: dict | None = None) -> dict:
+    """Tile shapes. Text side: CAPS * BLOCK_W ~ 128 rows, IMGS images per reduction step; image side:
+    one image's regions, CAPS * BLOCK_W ~ 64 reduction columns. ``override`` (tuning, tests) replaces
+    any of TEXT_CAPS, IMGS, IMAGE_CAPS, BLOCK_D, IMAGE_BLOCK_D, num_stages."""
     block_w = max(16, triton.next_power_of_2(text_pad))
     block_r = max(16, triton.next_power_of_2(image_pad))
     pow2_dim = max(16, triton.next_power_of_2(dim))
     # the image side rebuilds its weight tiles once per D block: wider D blocks there (64-row tiles)
     block_d = min(128 if element_size <= 2 else 64, pow2_dim)
     image_block_d = min(256 if element_size <= 2 and block_r <= 64 else block_d, pow2_dim)
-    return dict(BLOCK_W=block_w, BLOCK_R=block_r, BLOCK_D=block_d, IMAGE_BLOCK_D=image_block_d,
-                TEXT_CAPS=max(1, 128 // block_w), IMAGE_CAPS=max(1, 64 // block_w),
-                num_stages=3 if element_size <= 2 else 2)
+    cfg = dict(BLOCK_W=block_w, BLOCK_R=block_r, BLOCK_D=block_d, IMAGE_BLOCK_D=image_block_d,
+               TEXT_CAPS=max(1, 128 // block_w), IMGS=1, IMAGE_CAPS=max(1, 64 // block_w),
+               num_stages=3 if element_size <= 2 else 2)
+    override = dict(override or {})
+    unknown = sorted(set(override) - set(cfg) - {"BLOCK_W", "BLOCK_R"})
+    if unknown:
+        raise KeyError(f"unknown winner GEMM override(s): {unknown}")
+    cfg.update(override)
+    return cfg
 
 
 def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                 argmax, region_argmax, aggregation: int, text_pad: int, image_pad: int, grad_text,
-                                grad_images) -> None:
+                                grad_images, *, regular: bool = False, config: dict | None = None) -> None:
     """Write the all-pairs ``d text`` / ``d images`` rows of every sequence (fp32; other rows untouched).
 
     ``grad`` float32 [Nt, Ni] contiguous; ``argmax`` int32 [Nt, Ni, text_pad] for
     MrSw / MrAVGw / symm, ``region_argmax`` int32 [Nt, Ni, image_pad] for MwSr / symm.
+    ``regular``: the caller guarantees the padded layout (sequence i at row i * pad, both sides).
     """
     if aggregation not in (0, 1, 2, 3):
         raise ValueError(f"the winner GEMM backward handles MrSw / MrAVGw / MwSr / symm, got code {aggregation}")
@@ -160,17 +187,19 @@ def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, 
     word, region = aggregation in (0, 1, 3), aggregation in (2, 3)
     if (word and argmax is None) or (region and region_argmax is None):
         raise ValueError("argmax is required for MrSw / MrAVGw / symm and region_argmax for MwSr / symm")
-    cfg = winner_gemm_config(text_pad=text_pad, image_pad=image_pad, dim=dim, element_size=text.element_size())
+    cfg = winner_gemm_config(text_pad=text_pad, image_pad=image_pad, dim=dim, element_size=text.element_size(),
+                             override=config)
     placeholder = text_lengths  # never read by a specialisation that does not need it
     argmax = argmax if word else placeholder
     region_argmax = region_argmax if region else placeholder
     common = dict(WORD=word, REGION=region, MRAVGW=aggregation == 1, BLOCK_W=cfg["BLOCK_W"], BLOCK_R=cfg["BLOCK_R"],
-                  DOT_IN_FP32=text.dtype != torch.bfloat16 or _INTERPRETED, num_stages=cfg["num_stages"])
+                  REGULAR=bool(regular), DOT_IN_FP32=text.dtype != torch.bfloat16 or _INTERPRETED,
+                  num_stages=cfg["num_stages"])
     text_rows = cfg["TEXT_CAPS"] * cfg["BLOCK_W"]
     _winner_gemm_text_kernel[(triton.cdiv(num_texts, cfg["TEXT_CAPS"]), triton.cdiv(dim, cfg["BLOCK_D"]))](
         grad, argmax, region_argmax, text_offsets, text_lengths, images, image_offsets, image_lengths, grad_text,
-        num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["TEXT_CAPS"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=_warps(text_rows, cfg["BLOCK_D"]), **common)
+        num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["TEXT_CAPS"], IMGS=cfg["IMGS"],
+        BLOCK_D=cfg["BLOCK_D"], num_warps=_warps(text_rows, cfg["BLOCK_D"]), **common)
     _winner_gemm_images_kernel[(num_images, triton.cdiv(dim, cfg["IMAGE_BLOCK_D"]))](
         grad, argmax, region_argmax, text, text_offsets, text_lengths, image_offsets, image_lengths, grad_images,
         num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["IMAGE_CAPS"], BLOCK_D=cfg["IMAGE_BLOCK_D"],
@@ -200,7 +229,9 @@ def winner_gemm_aot_specs() -> list:
             rows = (caps * cfg["BLOCK_W"]) if side == "text" else cfg["BLOCK_R"]
             constexprs = dict(WORD=aggregation in (0, 1, 3), REGION=aggregation in (2, 3), MRAVGW=aggregation == 1,
                               CAPS=caps, BLOCK_W=cfg["BLOCK_W"], BLOCK_R=cfg["BLOCK_R"], BLOCK_D=block_d,
-                              DOT_IN_FP32=dtype == torch.float32)
+                              REGULAR=aggregation == 0, DOT_IN_FP32=dtype == torch.float32)
+            if side == "text":
+                constexprs["IMGS"] = cfg["IMGS"]
             specs.append(_aot_spec(f"winner_gemm_{side}_{name}", kernel, _TRITON_DTYPE[dtype], constexprs,
                                    {"num_warps": _warps(rows, block_d), "num_stages": cfg["num_stages"]}))
     return specs

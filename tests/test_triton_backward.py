@@ -219,12 +219,16 @@ def test_packed_all_pairs_backward():
         check_case(case, None, zero, config={"kernel": "packed"}, strategies=("segmented", ))
 
 
-def winner_gemm(case, aggregation, grad, argmax, region_argmax):
+def winner_gemm(case, aggregation, grad, argmax, region_argmax, config=None):
     text, t_off, t_len, images, i_off, i_len, w_pad, r_pad = case
     grad_text = torch.zeros(text.shape, dtype=torch.float32)
     grad_images = torch.zeros(images.shape, dtype=torch.float32)
+    regular = (text.shape[0] == t_off.shape[0] * w_pad and torch.equal(t_off, torch.arange(t_off.shape[0]) * w_pad)
+               and images.shape[0] == i_off.shape[0] * r_pad
+               and torch.equal(i_off, torch.arange(i_off.shape[0]) * r_pad))
     kernels.launch_winner_gemm_backward(grad, text, t_off, t_len, images, i_off, i_len, argmax, region_argmax,
-                                        aggregation, w_pad, r_pad, grad_text, grad_images)
+                                        aggregation, w_pad, r_pad, grad_text, grad_images, regular=regular,
+                                        config=config)
     return grad_text, grad_images
 
 
@@ -234,18 +238,20 @@ def winner_gemm(case, aggregation, grad, argmax, region_argmax):
 def test_winner_gemm_all_pairs(dtype, zero):
     """The all-pairs tile-GEMM backward vs the loop oracle: awkward lengths (37 words, empty sequences, a
     partial caption block), packed and padded layouts, every argmax aggregation, both paddings."""
-    cases = [make_case(71, 5, 4, 37, 20, 24, dtype, packed=dtype == torch.float16),
+    cases = [make_case(71, 5, 5, 37, 20, 24, dtype, packed=dtype == torch.float16),
              make_case(73, 3, 3, 9, 40, 20, dtype, text_lengths=[9, 0, 4], image_lengths=[40, 17, 0])]
     for case in cases:
         for aggregation in (0, 1, 2, 3):
             _, argmax, region_argmax = forward(case, None, aggregation, zero)
             grad = upstream(case, None, aggregation)
             want_text, want_images = oracle_gradients(case, None, aggregation, zero, grad)
-            got_text, got_images = winner_gemm(case, aggregation, grad, argmax, region_argmax)
-            for got, want, name in ((got_text, want_text, "text"), (got_images, want_images, "images")):
-                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"d {name}, aggregation {aggregation}: {m}")
-            again = winner_gemm(case, aggregation, grad, argmax, region_argmax)
+            # default tiles, then several images per reduction step (a partial last step) and 4-caption steps
+            for config in (None, {"IMGS": 2, "IMAGE_CAPS": 4}, {"IMGS": 4, "TEXT_CAPS": 1}):
+                got_text, got_images = winner_gemm(case, aggregation, grad, argmax, region_argmax, config)
+                for got, want, name in ((got_text, want_text, "text"), (got_images, want_images, "images")):
+                    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5,
+                                               msg=lambda m: f"d {name}, aggregation {aggregation}, {config}: {m}")
+            again = winner_gemm(case, aggregation, grad, argmax, region_argmax, config)
             assert torch.equal(again[0], got_text) and torch.equal(again[1], got_images)
 
 
