@@ -55,6 +55,14 @@ enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
 enum Aggregation : int { MRSW = 0, MRAVGW = 1, MWSR = 2, SYMM = 3, SUM = 4, MEAN = 5 };
 
+// Forward micro-kernel layouts (both compute the same tile S[r][w]; docs/kernel_contract.md):
+//   WORDS: words in SIMD lanes, query transposed once to [D][lanes], region values broadcast;
+//          wastes lanes when W is not a multiple of the vector width (W = 20: 20 of 24).
+//   DOT:   D in SIMD lanes, word and region rows read in their natural [.][D] layout, one
+//          horizontal sum per (word, region) dot product; no lane is wasted for any W or R.
+// LAYOUT_AUTO is resolved by choose_layout() (kernel_driver.cpp), the one place that decides.
+enum Layout : int { LAYOUT_AUTO = 0, LAYOUT_WORDS = 1, LAYOUT_DOT = 2 };
+
 // Tunables shared by all ISAs (set once per call by the driver).
 struct Tuning {
     int64_t dc_f32 = 0;   // D chunk for fp32 input (0 = whole D)
@@ -90,6 +98,8 @@ struct Job {
     int32_t* argmax = nullptr;   // [nt, k, text_pad] or nullptr (word -> winning region)
     int32_t* region_argmax = nullptr;  // [nt, k, image_pad] or nullptr (region -> winning word)
 
+    int layout = LAYOUT_AUTO;  // requested by the caller; run_job resolves AUTO with choose_layout()
+
     // derived
     int64_t max_text_len = 0;
     int64_t max_image_len = 0;
@@ -98,7 +108,10 @@ struct Job {
 
 // Per-thread scratch memory handed to the ISA kernels (allocated by the driver).
 struct Workspace {
-    float* query = nullptr;    // [dim][wp_max]  transposed query caption
+    float* query = nullptr;    // [dim][wp_max]  transposed query caption (DOT: [nw][dim] fp32 rows, lowp only)
+    const float* qrows = nullptr;  // DOT layout: the query's fp32 word rows (row stride dim)
+    const float* next_rows = nullptr;  // fp32 rows of the next pair's image (prefetch target) or nullptr
+    int64_t next_nr = 0;
     float* tile = nullptr;     // [rt_max][wp_max] score tile s[r][w]
     float* scratch = nullptr;  // [max_image_len][dc] converted region rows (fp16/bf16)
     float* rowmax = nullptr;   // [wp_max]
@@ -158,6 +171,10 @@ const IsaKernels* avx512_kernels();
 // Returns 0 on success, otherwise a negative error code:
 //   -1 candidate id out of range.
 int run_job(const Job& job, const IsaKernels* isa, int num_threads);
+
+// The shape-aware layout choice (LAYOUT_WORDS or LAYOUT_DOT) for `job` on `isa`: the single place
+// where the forward layout is decided.  `job.layout` other than LAYOUT_AUTO is returned as is.
+int choose_layout(const Job& job, const IsaKernels* isa);
 
 // Backward driver (kernel_backward.cpp).  Deterministic whatever the thread count: every
 // grad_text row is accumulated by the thread owning its caption, every grad_images row by

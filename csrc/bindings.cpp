@@ -146,6 +146,25 @@ std::string resolve_isa(const std::string& requested) {
     return isa;
 }
 
+// Forward layout: `requested` ('auto', 'words', 'dot'); 'auto' defers to ALADIN_FAST_CPU_LAYOUT,
+// then to choose_layout() (kernel_driver.cpp) at run time.
+int resolve_layout(const std::string& requested) {
+    std::string layout = lower(requested);
+    if (layout.empty()) layout = "auto";
+    if (layout == "auto") {
+        const char* env = std::getenv("ALADIN_FAST_CPU_LAYOUT");
+        if (env && *env) {
+            layout = lower(env);
+            if (layout != "auto" && layout != "words" && layout != "dot")
+                throw py::value_error("ALADIN_FAST_CPU_LAYOUT must be 'auto', 'words' or 'dot', got '" + layout + "'");
+        }
+    }
+    if (layout == "auto") return LAYOUT_AUTO;
+    if (layout == "words") return LAYOUT_WORDS;
+    if (layout == "dot") return LAYOUT_DOT;
+    throw py::value_error("layout must be 'auto', 'words' or 'dot', got '" + layout + "'");
+}
+
 int64_t env_int(const char* name, int64_t dflt) {
     const char* v = std::getenv(name);
     if (!v || !*v) return dflt;
@@ -344,7 +363,7 @@ void score(const py::object& text_o, const py::object& text_offsets_o, const py:
            const py::object& images_o, const py::object& image_offsets_o, const py::object& image_lengths_o,
            const py::object& candidates_o, const std::string& dtype, int aggregation, bool zero_padding,
            int64_t text_pad, int64_t image_pad, const py::object& out_o, const py::object& argmax_o,
-           const std::string& isa, int num_threads, const py::object& region_argmax_o) {
+           const std::string& isa, int num_threads, const py::object& region_argmax_o, const std::string& layout) {
     ParsedInputs parsed = parse_inputs(text_o, text_offsets_o, text_lengths_o, images_o, image_offsets_o,
                                        image_lengths_o, candidates_o, dtype, aggregation, zero_padding, text_pad,
                                        image_pad, num_threads);
@@ -358,6 +377,7 @@ void score(const py::object& text_o, const py::object& text_offsets_o, const py:
     job.argmax = optional_index_output(argmax_o, "argmax", nt, k, text_pad);
     job.region_argmax = optional_index_output(region_argmax_o, "region_argmax", nt, k, image_pad);
     const IsaKernels* kern = kernels_for(resolve_isa(isa));
+    job.layout = resolve_layout(layout);
     if (nt * k == 0) return;
     int err = 0;
     if (parsed.float64) {
@@ -503,9 +523,11 @@ PYBIND11_MODULE(_C, m) {
           py::arg("image_offsets"), py::arg("image_lengths"), py::arg("candidates"), py::arg("dtype"),
           py::arg("aggregation"), py::arg("zero_padding"), py::arg("text_pad"), py::arg("image_pad"),
           py::arg("out"), py::arg("argmax"), py::arg("isa") = "auto", py::arg("num_threads") = 0,
-          py::arg("region_argmax") = py::none(),
+          py::arg("region_argmax") = py::none(), py::arg("layout") = "auto",
           "Fused alignment scores (see docs/kernel_contract.md); writes `out` (and `argmax`, "
-          "`region_argmax` [Nt, K, image_pad]: region -> winning word) in place.");
+          "`region_argmax` [Nt, K, image_pad]: region -> winning word) in place. `layout`: 'words' "
+          "(words in SIMD lanes), 'dot' (D in lanes) or 'auto' (ALADIN_FAST_CPU_LAYOUT, else the "
+          "shape-aware choice of layout_for).");
     m.def("score_backward", &score_backward, py::arg("grad"), py::arg("text"), py::arg("text_offsets"),
           py::arg("text_lengths"), py::arg("images"), py::arg("image_offsets"), py::arg("image_lengths"),
           py::arg("candidates"), py::arg("dtype"), py::arg("aggregation"), py::arg("zero_padding"),
@@ -539,6 +561,24 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bytes") = int64_t(256) << 20, py::arg("num_threads") = 0, py::arg("seconds") = 0.2,
         "Measured streaming-read memory bandwidth (GB/s, best pass) of `num_threads` threads over a "
         "`bytes` buffer: the bandwidth roof for benchmarks (use a buffer far larger than the LLC).");
+    m.def(
+        "layout_for",
+        [](int64_t words, int64_t regions, int64_t dim, const std::string& dtype, const std::string& isa,
+           const std::string& layout, int64_t captions) {
+            Job job;
+            job.nt = captions;
+            job.max_text_len = words;
+            job.max_image_len = regions;
+            job.dim = dim;
+            job.dtype = dtype == "float16" ? DType::F16 : dtype == "bfloat16" ? DType::BF16 : DType::F32;
+            job.layout = resolve_layout(layout);
+            return std::string(choose_layout(job, kernels_for(resolve_isa(isa))) == LAYOUT_DOT ? "dot" : "words");
+        },
+        py::arg("words"), py::arg("regions"), py::arg("dim"), py::arg("dtype") = "float32", py::arg("isa") = "auto",
+        py::arg("layout") = "auto", py::arg("captions") = 1,
+        "The forward layout ('words' or 'dot') that score() uses for `captions` captions of (at most) `words` "
+        "tokens against images of `regions` tokens of `dim` features: `layout` or ALADIN_FAST_CPU_LAYOUT when set, else "
+        "the shape-aware choice (choose_layout in kernel_driver.cpp).");
     m.def("available_isas", &available_isas, "Code paths usable on this CPU, best first.");
     m.def("best_isa", &best_isa, "The code path isa='auto' picks (ignoring ALADIN_FAST_ISA).");
     m.def("build_info", &build_info, "Compiler, OpenMP and ISA information of this build.");

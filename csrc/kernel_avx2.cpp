@@ -36,12 +36,22 @@ struct V {
     static constexpr int block_regions() {
         return NV == 1 ? 12 : NV == 2 ? 6 : NV == 3 ? 4 : 3;
     }
+    // DOT layout block: 2 words x 6 regions = 12 accumulators + 2 word vectors + 1 region vector
+    static constexpr int kDotWords = 2;
+    static constexpr int kDotRegions = 6;
 
     static inline f zero() { return _mm256_setzero_ps(); }
     static inline f set1(float x) { return _mm256_set1_ps(x); }
     static inline f load(const float* p) { return _mm256_loadu_ps(p); }
+    // first n (< W) lanes of p, the rest 0 (masked: nothing past p + n is touched)
+    static inline f loadn(const float* p, int n) {
+        const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), iota));
+    }
     static inline void store(float* p, f x) { _mm256_storeu_ps(p, x); }
     static inline f bcast(const float* p) { return _mm256_broadcast_ss(p); }
+    // an empty asm that pins x in a register: stops the compiler from re-loading it per use
+    static inline void in_register(f& x) { __asm__("" : "+x"(x)); }
     static inline f fma(f a, f b, f c) { return _mm256_fmadd_ps(a, b, c); }
     static inline f max(f a, f b) { return _mm256_max_ps(a, b); }
     static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
@@ -70,6 +80,11 @@ struct V {
         a = _mm_max_ps(a, _mm_movehl_ps(a, a));
         a = _mm_max_ss(a, _mm_shuffle_ps(a, a, 1));
         return _mm_cvtss_f32(a);
+    }
+    // o[0..3] = horizontal sums of a, b, c, d
+    static inline void hsum4(f a, f b, f c, f d, float* o) {
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+        _mm_storeu_ps(o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
     }
     static inline dacc dzero() { return dacc{_mm256_setzero_pd(), _mm256_setzero_pd()}; }
     static inline void dadd(dacc& a, f x) {

@@ -43,12 +43,19 @@ struct V {
     static constexpr int block_regions() {
         return NV == 1 ? 24 : NV == 2 ? 12 : NV == 3 ? 8 : 6;
     }
+    // DOT layout block: 4 words x 6 regions = 24 accumulators of 32 zmm
+    static constexpr int kDotWords = 4;
+    static constexpr int kDotRegions = 6;
 
     static inline f zero() { return _mm512_setzero_ps(); }
     static inline f set1(float x) { return _mm512_set1_ps(x); }
     static inline f load(const float* p) { return _mm512_loadu_ps(p); }
+    // first n (< W) lanes of p, the rest 0 (masked: nothing past p + n is touched)
+    static inline f loadn(const float* p, int n) { return _mm512_maskz_loadu_ps(first_n(n), p); }
     static inline void store(float* p, f x) { _mm512_storeu_ps(p, x); }
     static inline f bcast(const float* p) { return _mm512_set1_ps(*p); }
+    // an empty asm that pins x in a register: stops the compiler from re-loading it per use
+    static inline void in_register(f& x) { __asm__("" : "+v"(x)); }
     static inline f fma(f a, f b, f c) { return _mm512_fmadd_ps(a, b, c); }
     static inline f max(f a, f b) { return _mm512_max_ps(a, b); }
     static inline void prefetch(const float* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
@@ -70,6 +77,15 @@ struct V {
     static inline void storei(int32_t* p, i x) { _mm512_storeu_si512(reinterpret_cast<void*>(p), x); }
 
     static inline float hmax(f x) { return _mm512_reduce_max_ps(x); }
+    static inline __m256 half(f x) {  // lower + upper 256 bits
+        return _mm256_add_ps(_mm512_castps512_ps256(x),
+                             _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(x), 1)));
+    }
+    // o[0..3] = horizontal sums of a, b, c, d
+    static inline void hsum4(f a, f b, f c, f d, float* o) {
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(half(a), half(b)), _mm256_hadd_ps(half(c), half(d)));
+        _mm_storeu_ps(o, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    }
     static inline dacc dzero() { return dacc{_mm512_setzero_pd(), _mm512_setzero_pd()}; }
     static inline void dadd(dacc& a, f x) {
         const __m256 lo = _mm512_castps512_ps256(x);

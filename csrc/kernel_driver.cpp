@@ -42,6 +42,15 @@ inline void prefetch_image(const Job& job, int64_t p) {
         for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(base + r * row_bytes + l * 64, 0, 3);
 }
 
+// The DOT layout prefetches the next pair's first region block itself, spread over its last block.
+inline void next_image_rows(const Job& job, int64_t p, Workspace& ws) {
+    const int64_t kk = p % job.k;
+    const int64_t j = job.candidates ? job.candidates[p] : kk;
+    if (j < 0 || j >= job.ni || job.image_lengths[j] == 0) return;
+    ws.next_rows = static_cast<const float*>(job.images) + job.image_offsets[j] * job.dim;
+    ws.next_nr = job.image_lengths[j];
+}
+
 // Work model for the thread count, in FMA-equivalents per pair: W * R * (D + 8) + 1500.  Fitted
 // to single-thread avx2 fp32 timings (2-core machine): ~0.064 ns per FMA, ~0.57 ns per tile
 // element (max / argmax / pooling, ~9 FMAs) and ~100 ns fixed per pair (~1500 FMAs).
@@ -54,9 +63,31 @@ constexpr int64_t kWorkPerThread = int64_t(1) << 21;
 
 }  // namespace
 
-int run_job(const Job& job, const IsaKernels* isa, int num_threads) {
-    const int64_t pairs = job.nt * job.k;
+int choose_layout(const Job& job, const IsaKernels* isa) {
+    if (job.layout == LAYOUT_WORDS || job.layout == LAYOUT_DOT) return job.layout;
+    const int64_t lanes = isa->lanes;
+    if (lanes <= 1) return LAYOUT_WORDS;  // scalar: a "vector" of one word wastes nothing
+    // Words-in-lanes fills W of round_up(W, lanes) lanes; DOT fills every lane but pays one
+    // horizontal sum per dot product (~2-4% at D = 768-1024).  Measured on the 2-thread AVX2
+    // machine (benchmarks/results/cpu-amd-epyc-2threads.json, same-process A/B):
+    //   W = 20 (20 of 24 lanes): DOT +19% (rerank 1 x 5000, D 768), +22% (all pairs 100 x 1000),
+    //     +13% (bf16 gallery), +14% (cache-resident all pairs);
+    //   W = 32 (full lanes), one caption shared by all threads (rerank 1 x K, the SMT siblings
+    //     read the same word rows): DOT +6% (K = 1000, D 1024), +3% (Lq 32 x Ld 300, D 128);
+    //   W = 32, several captions (rerank 64 x 100, all pairs 128 x 128): words +4% to +17%
+    //     (D = 1024 rows are 4 KB apart, and two threads' DOT streams alias in the same L1 sets).
+    const int64_t w = job.max_text_len > 0 ? job.max_text_len : 1;
+    const int64_t filled = round_up(w, lanes);
+    if (w * 10 < filled * 9) return LAYOUT_DOT;  // words-in-lanes would waste more than 10% of its lanes
+    if (job.nt == 1 && job.dtype == DType::F32) return LAYOUT_DOT;
+    return LAYOUT_WORDS;
+}
+
+int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
+    const int64_t pairs = job_in.nt * job_in.k;
     if (pairs <= 0) return 0;
+    Job job = job_in;
+    job.layout = choose_layout(job_in, isa);
 
     const int64_t D = job.dim;
     const int64_t wp_max = round_up(job.max_text_len > 0 ? job.max_text_len : 1, 16);
@@ -115,7 +146,11 @@ int run_job(const Job& job, const IsaKernels* isa, int num_threads) {
                     isa->prepare_query(job, i, ws);
                     current = i;
                 }
-                if (job.tuning.prefetch_next > 0 && p + 1 < range.end) prefetch_image(job, p + 1);
+                ws.next_rows = nullptr;
+                if (job.tuning.prefetch_next > 0 && p + 1 < range.end) {
+                    prefetch_image(job, p + 1);
+                    if (job.layout == LAYOUT_DOT && job.dtype == DType::F32) next_image_rows(job, p + 1, ws);
+                }
                 isa->score_pair(job, i, j, p, ws);
             }
         }

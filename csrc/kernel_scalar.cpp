@@ -20,13 +20,17 @@ struct V {
     static constexpr int block_regions() {
         return NV == 1 ? 4 : NV == 2 ? 4 : NV == 3 ? 4 : 3;
     }
+    static constexpr int kDotWords = 3;
+    static constexpr int kDotRegions = 4;
 
     static inline f zero() { return 0.0f; }
     static inline f set1(float x) { return x; }
     static inline f load(const float* p) { return *p; }
+    static inline f loadn(const float* p, int n) { return n > 0 ? *p : 0.0f; }
     static inline void store(float* p, f x) { *p = x; }
     static inline f bcast(const float* p) { return *p; }
     // fp32 multiply-add (the compiler may contract it into an FMA where the target has one)
+    static inline void in_register(f&) {}
     static inline f fma(f a, f b, f c) { return c + a * b; }
     static inline f max(f a, f b) { return a > b ? a : b; }
     static inline void prefetch(const float*) {}
@@ -44,6 +48,12 @@ struct V {
     static inline i seti(int32_t x) { return x; }
     static inline void storei(int32_t* p, i x) { *p = x; }
     static inline float hmax(f x) { return x; }
+    static inline void hsum4(f a, f b, f c, f d, float* o) {
+        o[0] = a;
+        o[1] = b;
+        o[2] = c;
+        o[3] = d;
+    }
     static inline dacc dzero() { return 0.0; }
     static inline void dadd(dacc& a, f x) { a += static_cast<double>(x); }
     static inline double dsum(const dacc& a) { return a; }

@@ -1,0 +1,141 @@
+"""Every forward layout of the C++ CPU kernel against the float64 reference.
+
+The kernel has two micro-kernel layouts that fill the same score tile (csrc/aladin_kernel.h,
+docs/kernel_contract.md "CPU layouts"): ``words`` (words in SIMD lanes) and ``dot`` (D in SIMD
+lanes), and one shape-aware choice between them (``choose_layout`` in kernel_driver.cpp,
+exposed as ``_C.layout_for``).  The other raw-kernel tests run whichever layout the dispatch
+picks for their shapes; here each layout is forced, both with the ``layout=`` argument and with
+the ``ALADIN_FAST_CPU_LAYOUT`` environment variable, on the awkward shapes of
+test_cpu_kernel_raw (lengths 0 / 1 / 37, non-powers of two, D tails, all-masked rows, empty
+batches, NaN / inf, ties) for every code path this CPU can run.
+"""
+import numpy as np
+import pytest
+
+import test_cpu_kernel_raw as raw
+
+_C = raw._C
+LAYOUTS = ["words", "dot"]
+ISAS = raw.ISAS
+
+
+@pytest.fixture(params=LAYOUTS)
+def forced_layout(request, monkeypatch):
+    """Forces one layout for every _C.score call of the test (the env var is read per call)."""
+    monkeypatch.setenv("ALADIN_FAST_CPU_LAYOUT", request.param)
+    return request.param
+
+
+# a representative slice of raw.CASES x dtypes x padding: every shape, each dtype and padding
+# mode at least once (the full cross product already runs on the default layout)
+LAYOUT_CASES = [
+    (case, dtype, zero, data)
+    for n, case in enumerate(raw.CASES)
+    for dtype, zero, data in (
+        ("float32", n % 2 == 0, "exact"),
+        (("bfloat16", "float16")[n % 2], n % 2 == 1, "random"),
+    )
+]
+
+
+@pytest.mark.parametrize("case,dtype,zero,data", LAYOUT_CASES,
+                         ids=lambda v: f"{v}" if not isinstance(v, tuple) else "W{}R{}D{}-{}".format(*v[:3], v[5]))
+def test_layout_against_reference(forced_layout, case, dtype, zero, data):
+    raw.test_against_reference(case, dtype, zero, data)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layout_d_chunks_and_tails(forced_layout, monkeypatch, dtype):
+    """D chunks (accumulated across chunks in the tile), D tails shorter than a vector, word and
+    region block tails (W=70, R=29, D=131 with 48 / 32-column chunks)."""
+    monkeypatch.setenv("ALADIN_FAST_DC_F32", "48")
+    monkeypatch.setenv("ALADIN_FAST_DC_LOWP", "32")
+    rng = np.random.default_rng(3)
+    kin, vals = raw.make_case(rng, W=70, R=29, D=131, nt=3, ni=4, mode="all", dtype=dtype, data="exact")
+    for zero in (False, True):
+        ref = raw.ref_for(kin, vals, zero)
+        for isa in ISAS:
+            for agg in (0, 2, 3, 5):
+                out, am = raw.run_kernel(kin, agg, zero, isa)
+                raw.check(kin, ref, out, am, agg, True, f"{forced_layout} {isa} agg={agg} zero={zero}", zero)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_layout_nan_inf(forced_layout, dtype):
+    raw.test_nan_poisons_only_its_pairs(dtype)
+
+
+def test_layout_ties_and_empty(forced_layout):
+    raw.test_ties_first_index_and_zero_padding()
+    raw.test_empty_inputs()
+    raw.test_large_pads()
+
+
+@pytest.mark.parametrize("case", raw.THREAD_CASES[2:4], ids=lambda c: "x".join(map(str, c[:5])))
+def test_layout_bitwise_identical_for_any_thread_count(forced_layout, case):
+    raw.test_bitwise_identical_for_any_thread_count(case, "float32")
+
+
+def _score(kin, agg, zero, isa, layout, region_argmax=False):
+    nt = len(kin["toff"])
+    k = kin["cand"].shape[1] if kin["cand"] is not None else len(kin["ioff"])
+    out = np.full((nt, k), 12345.0, dtype=np.float32)
+    am = np.full((nt, k, kin["wpad"]), -7, dtype=np.int32)
+    ram = np.full((nt, k, kin["rpad"]), -7, dtype=np.int32) if region_argmax else None
+    _C.score(kin["text"], kin["toff"], kin["tlen"], kin["images"], kin["ioff"], kin["ilen"], kin["cand"],
+             kin["dtype"], agg, zero, kin["wpad"], kin["rpad"], out, am, isa=isa, region_argmax=ram,
+             layout=layout)
+    return out, am, ram
+
+
+@pytest.mark.parametrize("shape", [(20, 36, 768), (32, 300, 128), (1, 37, 5), (37, 1, 100), (9, 50, 1)],
+                         ids=lambda s: "W{}R{}D{}".format(*s))
+def test_layouts_agree_exactly_on_exact_data(shape):
+    """On data whose products and partial sums are exact, both layouts give the same bits,
+    the same word -> region argmax and the same region -> word argmax (first index wins)."""
+    W, R, D = shape
+    rng = np.random.default_rng(W * 1000 + R)
+    kin, _ = raw.make_case(rng, W=W, R=R, D=D, nt=3, ni=4, mode="rerank", dtype="float32", data="exact", k=6)
+    for isa in ISAS:
+        for agg, zero in ((0, False), (3, True), (2, False), (5, True)):
+            a = _score(kin, agg, zero, isa, "words", region_argmax=True)
+            b = _score(kin, agg, zero, isa, "dot", region_argmax=True)
+            assert a[0].tobytes() == b[0].tobytes(), (isa, agg, zero)
+            assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2]), (isa, agg, zero)
+
+
+def test_layout_argument_env_and_errors(monkeypatch):
+    rng = np.random.default_rng(1)
+    kin, vals = raw.make_case(rng, W=20, R=36, D=96, nt=2, ni=3, mode="all", dtype="float32", data="exact")
+    ref = raw.ref_for(kin, vals, False)
+    monkeypatch.setenv("ALADIN_FAST_CPU_LAYOUT", "words")
+    for layout in ("auto", "words", "dot", "DOT"):  # an explicit argument wins over the env var
+        out, am, _ = _score(kin, 0, False, ISAS[0], layout)
+        raw.check(kin, ref, out, am, 0, True, layout, False)
+    monkeypatch.setenv("ALADIN_FAST_CPU_LAYOUT", "regions")
+    with pytest.raises(ValueError, match="ALADIN_FAST_CPU_LAYOUT"):
+        _score(kin, 0, False, ISAS[0], "auto")
+    _score(kin, 0, False, ISAS[0], "dot")  # the env var is not consulted when the argument is explicit
+    with pytest.raises(ValueError, match="layout must be"):
+        _score(kin, 0, False, ISAS[0], "lanes")
+
+
+def test_layout_for_dispatch(monkeypatch):
+    """The one shape-aware choice: explicit requests pass through, 'auto' gives a real layout."""
+    monkeypatch.delenv("ALADIN_FAST_CPU_LAYOUT", raising=False)
+    for isa in ISAS:
+        for shape in ((20, 36, 768), (32, 36, 1024), (32, 300, 128), (8, 36, 768), (1, 1, 1)):
+            for dtype in ("float32", "bfloat16"):
+                for captions in (1, 64):
+                    got = _C.layout_for(*shape, dtype=dtype, isa=isa, captions=captions)
+                    assert got in LAYOUTS, (isa, shape, dtype, got)
+                assert _C.layout_for(*shape, dtype=dtype, isa=isa, layout="words") == "words"
+                assert _C.layout_for(*shape, dtype=dtype, isa=isa, layout="dot") == "dot"
+    if "avx2" in ISAS:  # the measured rules (kernel_driver.cpp): lane waste -> dot
+        assert _C.layout_for(20, 36, 768, isa="avx2", captions=64) == "dot"
+        assert _C.layout_for(32, 36, 1024, isa="avx2", captions=64) == "words"
+    assert _C.layout_for(20, 36, 768, isa="scalar") == "words"
+    monkeypatch.setenv("ALADIN_FAST_CPU_LAYOUT", "dot")
+    assert _C.layout_for(32, 36, 1024, captions=64) == "dot"
+    monkeypatch.setenv("ALADIN_FAST_CPU_LAYOUT", "words")
+    assert _C.layout_for(20, 36, 768) == "words"
