@@ -106,7 +106,7 @@ def test_teacher_errors_name_the_argument(teacher):
 
 
 @pytest.mark.parametrize("backbone, pooling", [("shared", "first"), ("separate", "first"), ("separate", "mean"),
-                                               ("separate", "max")])
+                                               ("shared", "max"), ("separate", "max")])
 def test_student_embeddings(teacher, backbone, pooling):
     torch.manual_seed(2)
     if backbone == "shared":
@@ -141,6 +141,40 @@ def test_student_embeddings(teacher, backbone, pooling):
     assert all(p.grad is not None for n, p in student.named_parameters())
     rebuilt = Student(**student.hparams)
     rebuilt.load_state_dict(student.state_dict())
+
+
+@pytest.mark.parametrize("pooling, hidden", [("max", None), ("max", 10), ("mean", None)])
+def test_student_heads_project_tokens_before_pooling(teacher, pooling, hidden):
+    torch.manual_seed(3)
+    student = Student.for_teacher(teacher, embed_dim=20, heads=2, dropout=0.0, pooling=pooling, project_tokens=True,
+                                  projection_hidden=hidden).eval()
+    regions, image_lengths, ids, caption_lengths = make_batch()
+    images, captions = student(regions, image_lengths, ids, caption_lengths, teacher=teacher)
+    assert images.shape == (3, 20) and captions.shape == (4, 20)
+    torch.testing.assert_close(captions.norm(dim=1), torch.ones(4))
+    # the projection of every valid token, then the pool (padding never projected nor pooled)
+    tokens, lengths = student.image_tokens(regions, image_lengths, teacher=teacher)
+    valid = (torch.arange(tokens.shape[1])[None, :] < lengths[:, None])[..., None]
+    projected = student.image_head.output(student.image_head.transformer(student.image_head.input_norm(tokens), lengths))
+    pooled = (projected * valid).sum(1) / lengths[:, None] if pooling == "mean" else \
+        projected.masked_fill(~valid, -1e9).amax(1)
+    torch.testing.assert_close(images, torch.nn.functional.normalize(pooled, dim=-1), atol=1e-5, rtol=1e-5)
+    alone = student.encode_captions(ids[1:2, :2], caption_lengths[1:2], teacher=teacher)
+    torch.testing.assert_close(alone[0], captions[1], atol=1e-5, rtol=1e-5)
+    empty = student.encode_images(regions[:1], torch.tensor([0]), teacher=teacher)
+    assert torch.isfinite(empty).all()
+    tokens = tokens.detach().requires_grad_()
+    embedded = student.embed_image_tokens(tokens, lengths)
+    (embedded.sum() + captions.sum()).backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert tokens.grad[~valid[..., 0]].abs().max() == 0 and tokens.grad[valid[..., 0]].abs().max() > 0
+    rebuilt = Student(**student.hparams)
+    rebuilt.load_state_dict(student.state_dict())
+    assert "project_tokens=True" in repr(student)
+    with pytest.raises(ValueError, match="project_tokens"):
+        Student(8, DIM, heads=2, pooling="first", project_tokens=True)
+    with pytest.raises(ValueError, match="projection_hidden"):
+        Student(8, DIM, heads=2, pooling="max", project_tokens=True, projection_hidden=0)
 
 
 def test_student_errors(teacher):

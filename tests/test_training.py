@@ -272,6 +272,45 @@ def test_time_budget_stops_the_stage_and_drives_the_schedule():
     assert trainer.progress["completed_stages"] == ["teacher"]
 
 
+def test_student_on_cached_teacher_tokens_matches_the_uncached_run(monkeypatch):
+    """cache_teacher_tokens: the same student as encoding the frozen teacher every step, without region features."""
+    config = TrainConfig(**{**TINY, "student_epochs": 2}, stages=("teacher", "student"), one_caption_per_image=True,
+                         student_pooling="max", student_project_tokens=True, student_hinge_weight=0.5,
+                         distill_teacher_temperature=0.5)
+    plain = Trainer(config, tiny_scenes(), None)
+    plain.fit()
+    cached = Trainer(config.replace(cache_teacher_tokens=True), tiny_scenes(), None)
+    cached.fit(max_epochs=2)  # the teacher stage only (same random state as the plain run's)
+    assert cached.progress["completed_stages"] == ["teacher"]
+    fetched = []
+    image_batch = cached.train_source.image_batch
+    monkeypatch.setattr(cached.train_source, "image_batch", lambda indices: fetched.append(len(indices))
+                        or image_batch(indices))
+    cached.fit()
+    # the cache encodes the training images once (in blocks); the steps themselves fetch no region features
+    assert sum(fetched) == cached.train_source.num_images
+    cache = cached._cache
+    batch = cached.collate([0, 7, 13, 22])
+    with torch.no_grad():
+        image_tokens, image_lengths = cached.teacher.encode_images(batch.regions, batch.image_lengths)
+        caption_tokens, caption_lengths = cached.teacher.encode_captions(batch.captions, batch.caption_lengths)
+    looked_up = cache.lookup(batch.image_indices, batch.caption_indices)
+    for got, want in zip(looked_up, (image_tokens, image_lengths, caption_tokens, caption_lengths)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_same_parameters(parameters(plain.teacher), parameters(cached.teacher))
+    assert_same_parameters(parameters(plain.student), parameters(cached.student), atol=1e-4, skip_key_bias=True)
+    stage = [r for r in cached.history if r["kind"] == "stage" and r["stage"] == "student"][0]
+    assert stage["cache_seconds"] > 0 and stage["seconds"] >= stage["cache_seconds"]
+    losses = [r for r in cached.history if r["kind"] == "train" and r["stage"] == "student"]
+    assert losses and {"listnet", "hinge"} <= set(losses[-1])
+    with pytest.raises(ValueError, match="cache_teacher_tokens"):
+        TrainConfig(cache_teacher_tokens=True, student_backbone="separate").validate()
+    with pytest.raises(ValueError, match="student_project_tokens"):
+        TrainConfig(student_project_tokens=True).validate()  # first-token pooling has one token
+    with pytest.raises(ValueError, match="distill_teacher_temperature"):
+        TrainConfig(distill_teacher_temperature=0).validate()
+
+
 def test_budget_fields_are_validated():
     with pytest.raises(ValueError, match="teacher_seconds"):
         TrainConfig(teacher_seconds=0).validate()

@@ -52,19 +52,39 @@ class PoolingHead(nn.Module):
     embedding. ``"mean"`` / ``"max"`` (VSE-style): the tokens run through the
     layers and their mean / element-wise max over valid positions is projected
     and normalised (an empty sequence pools to zeros: a finite embedding too).
+
+    ``project_tokens=True`` (``"mean"`` / ``"max"`` only) swaps the last two
+    steps: every valid token is projected to ``embed_dim`` first and the
+    projections are pooled (VSE-infinity style). With a max this matters: a
+    set of objects is summarised by ``embed_dim`` per-feature maxima instead of
+    ``token_dim`` ones, which on SyntheticScenes lifts a distilled student's
+    R@1 far more than a transformer layer in the head (docs/training.md).
+    Only valid tokens are projected (padding would be a third to a half of the
+    work). ``projection_hidden`` makes the projection an MLP with one GELU
+    hidden layer of that width (default: one linear layer).
     """
 
     def __init__(self, token_dim: int, embed_dim: int, layers: int, heads: int, ff_dim: Optional[int] = None,
-                 dropout: float = 0.1, pooling: str = "first"):
+                 dropout: float = 0.1, pooling: str = "first", project_tokens: bool = False,
+                 projection_hidden: Optional[int] = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.pooling = pooling
+        if project_tokens and pooling == "first":
+            raise ValueError("project_tokens=True needs pooling 'mean' or 'max' (the first token is one token)")
+        if projection_hidden is not None and (not isinstance(projection_hidden, int) or isinstance(
+                projection_hidden, bool) or projection_hidden < 1):
+            raise ValueError(f"projection_hidden must be None or a positive int, got {projection_hidden!r}")
+        self.pooling, self.project_tokens = pooling, bool(project_tokens)
         if pooling == "first":
             self.first_token = nn.Parameter(torch.randn(token_dim) * token_dim ** -0.5)
         self.input_norm = nn.LayerNorm(token_dim)
         self.transformer = TokenTransformer(token_dim, layers, heads, ff_dim, dropout)
-        self.output = nn.Linear(token_dim, embed_dim)
+        if projection_hidden is None:
+            self.output = nn.Linear(token_dim, embed_dim)
+        else:
+            self.output = nn.Sequential(nn.Linear(token_dim, projection_hidden), nn.GELU(),
+                                        nn.Linear(projection_hidden, embed_dim))
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.pooling == "first":
@@ -74,12 +94,27 @@ class PoolingHead(nn.Module):
             return F.normalize(self.output(hidden[:, 0]), dim=-1)
         hidden = self.transformer(self.input_norm(tokens), lengths)  # padded outputs are zero
         valid = (torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None])[..., None]
+        if self.project_tokens:
+            return F.normalize(self._pool_projected(hidden, lengths, valid[..., 0]), dim=-1)
         if self.pooling == "mean":
             pooled = hidden.sum(dim=1) / lengths.clamp(min=1)[:, None].to(hidden.dtype)
         else:
             pooled = hidden.masked_fill(~valid, float("-inf")).amax(dim=1)
             pooled = torch.where(lengths[:, None] > 0, pooled, torch.zeros_like(pooled))
         return F.normalize(self.output(pooled), dim=-1)
+
+    def _pool_projected(self, hidden: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Project the valid rows of ``hidden [B, L, token_dim]`` (``valid [B, L]``), then pool: ``[B, embed_dim]``."""
+        rows, positions = valid.nonzero(as_tuple=True)
+        projected = self.output(hidden[rows, positions])  # [P, embed_dim], padding never projected
+        count, width = hidden.shape[0], hidden.shape[1]
+        if self.pooling == "mean":
+            summed = projected.new_zeros(count, projected.shape[1]).index_add(0, rows, projected)
+            return summed / lengths.clamp(min=1)[:, None].to(summed.dtype)
+        # padded slots stay -inf so they never win; an empty row pools to zeros (a finite embedding)
+        grid = projected.new_full((count, width, projected.shape[1]), float("-inf"))
+        pooled = grid.index_put((rows, positions), projected).amax(dim=1)
+        return torch.where(lengths[:, None] > 0, pooled, torch.zeros_like(pooled))
 
 
 class Student(nn.Module):
@@ -95,6 +130,9 @@ class Student(nn.Module):
         ff_dim / dropout: of the heads (and own encoders).
         pooling: how the heads pool tokens: ``"first"`` (ALADIN's first-token
             transformer), ``"mean"`` or ``"max"`` (see :class:`PoolingHead`).
+        project_tokens / projection_hidden: project every token to
+            ``embed_dim`` before pooling (mean / max), with a linear layer or
+            an MLP of that hidden width (see :class:`PoolingHead`).
         backbone: ``"shared"`` (read a teacher's tokens) or ``"separate"``.
         vocab_size / feature_dim / backbone_layers / pad_id: the own encoders
             of ``backbone="separate"`` (``vocab_size`` is required there).
@@ -116,6 +154,8 @@ class Student(nn.Module):
         backbone_layers: int = 1,
         pad_id: int = 0,
         pooling: str = "first",
+        project_tokens: bool = False,
+        projection_hidden: Optional[int] = None,
     ):
         super().__init__()
         if backbone not in BACKBONES:
@@ -126,11 +166,11 @@ class Student(nn.Module):
         self.hparams: Dict[str, object] = dict(
             embed_dim=embed_dim, token_dim=token_dim, layers=layers, heads=heads, ff_dim=ff_dim, dropout=dropout,
             backbone=backbone, vocab_size=vocab_size, feature_dim=feature_dim, backbone_layers=backbone_layers,
-            pad_id=pad_id, pooling=pooling,
+            pad_id=pad_id, pooling=pooling, project_tokens=project_tokens, projection_hidden=projection_hidden,
         )
         self.embed_dim, self.token_dim, self.backbone = embed_dim, token_dim, backbone
-        self.image_head = PoolingHead(token_dim, embed_dim, layers, heads, ff_dim, dropout, pooling)
-        self.caption_head = PoolingHead(token_dim, embed_dim, layers, heads, ff_dim, dropout, pooling)
+        head = (token_dim, embed_dim, layers, heads, ff_dim, dropout, pooling, project_tokens, projection_hidden)
+        self.image_head, self.caption_head = PoolingHead(*head), PoolingHead(*head)
         self.image_encoder: Optional[RegionEncoder] = None
         self.caption_encoder: Optional[CaptionEncoder] = None
         if backbone == "separate":
@@ -251,4 +291,4 @@ class Student(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, token_dim={self.token_dim}, backbone={self.backbone!r}, "
-                f"pooling={self.image_head.pooling!r}")
+                f"pooling={self.image_head.pooling!r}, project_tokens={self.image_head.project_tokens}")

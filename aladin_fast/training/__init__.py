@@ -13,10 +13,10 @@ from .checkpoint import FORMAT_VERSION, load_checkpoint, load_models, save_check
 from .config import TrainConfig
 from .data import PairSource, TrainBatch, as_source, build_datasets
 from .distributed import DistributedContext, all_gather_with_grad, destroy_distributed, init_distributed
-from .trainer import Trainer, seed_everything
+from .trainer import TeacherTokenCache, Trainer, seed_everything
 
 __all__ = [
-    "Trainer", "TrainConfig", "seed_everything",
+    "Trainer", "TrainConfig", "TeacherTokenCache", "seed_everything",
     "save_checkpoint", "load_checkpoint", "load_models", "FORMAT_VERSION",
     "PairSource", "TrainBatch", "as_source", "build_datasets",
     "DistributedContext", "init_distributed", "destroy_distributed", "all_gather_with_grad",

@@ -63,7 +63,15 @@ class TrainConfig:
     student_backbone: str = "shared"
     student_backbone_layers: int = 1
     student_pooling: str = "first"  # "first" (ALADIN first-token head), "mean" or "max"
+    # mean / max pooling only: project every token to student_dim before pooling (VSE-infinity style), with a
+    # linear layer (student_projection_hidden None) or an MLP of that hidden width
+    student_project_tokens: bool = False
+    student_projection_hidden: Optional[int] = None
     freeze_teacher: bool = True
+    # student stage with a frozen shared-backbone teacher: encode every training image and caption once with the
+    # teacher when the stage starts (counted in its time) and train the heads on those tokens (no region
+    # features and no teacher encoders per step); the training set's tokens must fit in device memory
+    cache_teacher_tokens: bool = False
 
     # global-embedding baseline (stage "baseline"): a Student with its own encoders (as wide and deep as
     # the teacher's) and pooling heads, trained directly on the pairs with no teacher
@@ -71,6 +79,8 @@ class TrainConfig:
     baseline_layers: Optional[int] = None  # encoder layers (default: teacher_layers)
     baseline_head_layers: Optional[int] = None  # transformer layers of each pooling head (default: student_layers)
     baseline_pooling: str = "first"  # "first" (ALADIN first token), "mean" or "max" (VSE-style)
+    baseline_project_tokens: bool = False  # as student_project_tokens
+    baseline_projection_hidden: Optional[int] = None  # as student_projection_hidden
     baseline_loss: str = "hinge"  # "hinge" (VSE++, as the teacher) or "infonce"
     baseline_temperature: float = 0.05  # of "infonce"
     baseline_lr: Optional[float] = None  # default: lr
@@ -103,7 +113,8 @@ class TrainConfig:
     hinge_reduction: str = "sum"
     student_hinge_weight: float = 1.0
     distill_weight: float = 1.0
-    distill_temperature: float = 6.0
+    distill_temperature: float = 6.0  # ListNet: multiplies the student's cosines
+    distill_teacher_temperature: float = 1.0  # ListNet: divides the teacher's scores (< 1 sharpens the target)
     teacher_hinge_weight: float = 1.0  # student stage with freeze_teacher=False (joint training)
     concept_weight: float = 0.0
     teacher_concept_weight: float = 0.0
@@ -156,12 +167,12 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         for name in ("teacher_text_layers", "teacher_ff_dim", "eval_max_images", "baseline_dim", "baseline_layers",
-                     "baseline_head_layers"):
+                     "baseline_head_layers", "student_projection_hidden", "baseline_projection_hidden"):
             value = getattr(self, name)
             least = 0 if name in ("teacher_text_layers", "baseline_layers", "baseline_head_layers") else 1
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
                 raise ValueError(f"{name} must be None or a {'non-negative' if least == 0 else 'positive'} int, got {value!r}")
-        for name in ("lr", "distill_temperature", "sinkhorn_epsilon", "concept_temperature", "context_temperature",
+        for name in ("lr", "distill_temperature", "distill_teacher_temperature", "sinkhorn_epsilon", "concept_temperature", "context_temperature",
                      "baseline_temperature"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
@@ -189,6 +200,16 @@ class TrainConfig:
                 "concept_weight > 0 needs trainable tokens in the student stage: use student_backbone='separate' "
                 "or freeze_teacher=False (with a frozen shared backbone only the prototypes would learn)"
             )
+        for model in ("student", "baseline"):
+            if getattr(self, f"{model}_project_tokens") and getattr(self, f"{model}_pooling") == "first":
+                raise ValueError(f"{model}_project_tokens needs {model}_pooling 'mean' or 'max', "
+                                 f"got {getattr(self, f'{model}_pooling')!r}")
+        for name in ("student_project_tokens", "baseline_project_tokens", "cache_teacher_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.cache_teacher_tokens and not (self.freeze_teacher and self.student_backbone == "shared"):
+            raise ValueError("cache_teacher_tokens needs freeze_teacher=True and student_backbone='shared' "
+                             f"(got freeze_teacher={self.freeze_teacher!r}, student_backbone={self.student_backbone!r})")
         if self.data == "precomp" and not self.data_root:
             raise ValueError("data_root is required when data='precomp'")
         return self

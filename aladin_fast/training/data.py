@@ -137,15 +137,24 @@ class TrainBatch:
 
 
 class PairCollator:
-    """``collate_fn``: caption indices -> :class:`TrainBatch` (fetches image features, tokenises captions)."""
+    """``collate_fn``: caption indices -> :class:`TrainBatch` (fetches image features, tokenises captions).
 
-    def __init__(self, source: PairSource, tokenizer: Tokenizer):
-        self.source, self.tokenizer = source, tokenizer
+    With ``fetch_regions=False`` the batch carries no region features
+    (``regions [B, 0, F]``, ``image_lengths`` zeros): for a student stage that
+    reads the teacher's cached tokens by index instead.
+    """
+
+    def __init__(self, source: PairSource, tokenizer: Tokenizer, fetch_regions: bool = True):
+        self.source, self.tokenizer, self.fetch_regions = source, tokenizer, fetch_regions
 
     def __call__(self, caption_indices: Sequence[int]) -> TrainBatch:
         caption_indices = [int(j) for j in caption_indices]
         image_indices = [j // self.source.captions_per_image for j in caption_indices]
-        regions, image_lengths = self.source.image_batch(image_indices)
+        if self.fetch_regions:
+            regions, image_lengths = self.source.image_batch(image_indices)
+        else:
+            regions = torch.zeros(len(image_indices), 0, self.source.feature_dim)
+            image_lengths = torch.zeros(len(image_indices), dtype=torch.int64)
         ids, lengths = pad_ids([self.tokenizer.encode(self.source.captions[j]) for j in caption_indices],
                                self.tokenizer.pad_id)
         return TrainBatch(regions, image_lengths, ids, lengths, torch.tensor(image_indices, dtype=torch.int64),

@@ -9,7 +9,9 @@ Stages (``config.stages``):
 2. ``"student"`` — the teacher (frozen by default) scores the batch; the
    student's embeddings are trained with hinge + ListNet distillation towards
    the teacher's in-batch score distribution (+ optional SelfAlign concept and
-   context losses).
+   context losses). With ``cache_teacher_tokens`` the frozen teacher's tokens
+   of the whole training set are encoded once when the stage starts
+   (:class:`TeacherTokenCache`) and every step reads them by index.
 3. ``"baseline"`` (optional) — a global-embedding model trained directly on
    the pairs with no teacher (VSE++ hinge or InfoNCE): a
    :class:`~aladin_fast.models.Student` with its own encoders, as wide and deep
@@ -40,6 +42,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -57,7 +60,7 @@ try:  # optional: progress bars
 except ImportError:  # pragma: no cover - exercised only without tqdm
     tqdm = None
 
-__all__ = ["Trainer", "seed_everything"]
+__all__ = ["Trainer", "TeacherTokenCache", "seed_everything"]
 
 logger = logging.getLogger("aladin_fast.training")
 
@@ -86,10 +89,11 @@ class _StudentStage(nn.Module):
     """Student stage: teacher tokens (frozen or trainable) and the student's tokens and embeddings."""
 
     def __init__(self, student: Student, teacher: Teacher, freeze_teacher: bool, needs_teacher: bool,
-                 concept: Optional[ConceptAlignmentLoss]):
+                 concept: Optional[ConceptAlignmentLoss], cache: Optional["TeacherTokenCache"] = None):
         super().__init__()
         self.student, self.teacher, self.concept = student, teacher, concept
         self.freeze_teacher, self.needs_teacher = freeze_teacher, needs_teacher
+        self.cache = cache
         self.teacher.requires_grad_(not freeze_teacher)
 
     def train(self, mode: bool = True):
@@ -98,9 +102,11 @@ class _StudentStage(nn.Module):
             self.teacher.eval()  # a frozen teacher gives its deterministic scores
         return self
 
-    def forward(self, regions, image_lengths, captions, caption_lengths):
+    def forward(self, regions, image_lengths, captions, caption_lengths, image_indices=None, caption_indices=None):
         teacher_tokens = (None, image_lengths, None, caption_lengths)
-        if self.needs_teacher:
+        if self.cache is not None:  # the frozen teacher's tokens of these training images and captions
+            teacher_tokens = self.cache.lookup(image_indices, caption_indices)
+        elif self.needs_teacher:
             with torch.no_grad() if self.freeze_teacher else contextlib.nullcontext():
                 teacher_tokens = (*self.teacher.encode_images(regions, image_lengths),
                                   *self.teacher.encode_captions(captions, caption_lengths))
@@ -112,6 +118,53 @@ class _StudentStage(nn.Module):
         image_embeddings = self.student.embed_image_tokens(image_tokens, teacher_tokens[1])
         caption_embeddings = self.student.embed_caption_tokens(caption_tokens, teacher_tokens[3])
         return (*teacher_tokens, image_tokens, caption_tokens, image_embeddings, caption_embeddings)
+
+
+class TeacherTokenCache:
+    """The frozen teacher's tokens of every training image and caption, encoded once (``cache_teacher_tokens``).
+
+    ``image_tokens [N, R, D]`` / ``image_lengths [N]`` and ``caption_tokens
+    [N_captions, L, D]`` / ``caption_lengths [N_captions]`` on the training
+    device, in the encoders' output dtype (bf16 under CUDA autocast). Exact
+    for a frozen teacher in eval mode: training images have fixed features
+    (no augmentation), so the tokens a step would compute are the cached ones.
+    """
+
+    def __init__(self, teacher: Teacher, source, tokenizer: Tokenizer, device: torch.device, autocast,
+                 image_block: int = 256, caption_block: int = 1024):
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            with torch.no_grad(), autocast():
+                image_parts = []
+                for start in range(0, source.num_images, image_block):
+                    regions, lengths = source.image_batch(range(start, min(start + image_block, source.num_images)))
+                    image_parts.append(teacher.encode_images(regions.to(device), lengths.to(device)))
+                ids, lengths = encode_captions(tokenizer, source.captions)
+                caption_parts = [teacher.encode_captions(ids[start:start + caption_block].to(device),
+                                                         lengths[start:start + caption_block].to(device))
+                                 for start in range(0, ids.shape[0], caption_block)]
+        finally:
+            teacher.train(was_training)
+        width = max((tokens.shape[1] for tokens, _ in caption_parts), default=0)
+        self.image_tokens = torch.cat([tokens for tokens, _ in image_parts])
+        self.image_lengths = torch.cat([lengths for _, lengths in image_parts])
+        self.caption_tokens = torch.cat([F.pad(tokens, (0, 0, 0, width - tokens.shape[1])) for tokens, _ in caption_parts])
+        self.caption_lengths = torch.cat([lengths for _, lengths in caption_parts])
+
+    def lookup(self, image_indices: torch.Tensor, caption_indices: torch.Tensor):
+        """``(image_tokens, image_lengths, caption_tokens, caption_lengths)`` of a batch (captions cut to its longest)."""
+        if image_indices is None or caption_indices is None:
+            raise ValueError("a student stage with cached teacher tokens needs the batch's image and caption indices")
+        caption_lengths = self.caption_lengths[caption_indices]
+        width = int(caption_lengths.max()) if caption_lengths.numel() else 0
+        return (self.image_tokens[image_indices], self.image_lengths[image_indices],
+                self.caption_tokens[caption_indices, :width], caption_lengths)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.image_tokens, self.image_lengths,
+                                                          self.caption_tokens, self.caption_lengths))
 
 
 class _BaselineStage(nn.Module):
@@ -202,6 +255,7 @@ class Trainer:
             config.student_dim, config.teacher_dim, config.student_layers, config.student_heads, None, config.dropout,
             config.student_backbone, len(self.tokenizer), self.train_source.feature_dim,
             config.student_backbone_layers, self.tokenizer.pad_id, config.student_pooling,
+            config.student_project_tokens, config.student_projection_hidden,
         ).to(self.device)
         self.baseline: Optional[Student] = None
         if "baseline" in config.stages:
@@ -211,7 +265,8 @@ class Trainer:
                 config.student_heads, config.teacher_ff_dim, config.dropout, "separate", len(self.tokenizer),
                 self.train_source.feature_dim,
                 config.teacher_layers if config.baseline_layers is None else config.baseline_layers,
-                self.tokenizer.pad_id, config.baseline_pooling,
+                self.tokenizer.pad_id, config.baseline_pooling, config.baseline_project_tokens,
+                config.baseline_projection_hidden,
             ).to(self.device)
         self.concept: Dict[str, ConceptAlignmentLoss] = {}
         for stage, weight in (("teacher", config.teacher_concept_weight), ("student", config.concept_weight)):
@@ -232,6 +287,8 @@ class Trainer:
         self._loader = self._sampler = self._dataset = None
         self._epoch = 0  # epoch within the current stage (selects the hinge warm-up)
         self._clock = _StageClock(None)
+        self._cache: Optional[TeacherTokenCache] = None
+        self._cache_seconds = (0.0, 0.0)  # (wall, CPU) seconds the last cache build took
 
     # ------------------------------------------------------------- plumbing
     def _autocast(self):
@@ -268,8 +325,17 @@ class Trainer:
             lr = config.lr
         elif stage == "student":
             needs_teacher = config.distill_weight > 0 or not config.freeze_teacher or config.student_backbone == "shared"
+            self._cache = None
+            if config.cache_teacher_tokens:
+                wall, cpu = time.perf_counter(), time.process_time()
+                self._cache = TeacherTokenCache(self.teacher, self.train_source, self.tokenizer, self.device,
+                                                self._autocast)
+                self._cache_seconds = (time.perf_counter() - wall, time.process_time() - cpu)
+                logger.info("cached the teacher's tokens of %d images and %d captions: %.0f MB in %.1f s",
+                            self.train_source.num_images, self.train_source.num_captions, self._cache.nbytes / 2**20,
+                            self._cache_seconds[0])
             module = _StudentStage(self.student, self.teacher, config.freeze_teacher, needs_teacher,
-                                   self.concept.get("student"))
+                                   self.concept.get("student"), self._cache)
             lr = config.student_lr or config.lr
         else:
             if self.baseline is None:
@@ -277,6 +343,10 @@ class Trainer:
             module = _BaselineStage(self.baseline)
             lr = config.baseline_lr or config.lr
         epochs, seconds = config.stage_epochs(stage), config.stage_seconds(stage)
+        if self._loader is None:
+            self._make_loader()
+        # cached teacher tokens replace the region features: the loader need not fetch (render) them
+        self._loader.collate_fn.fetch_regions = not (stage == "student" and self._cache is not None)
         module.train()
         self.stage, self._module, self._epoch = stage, module, 0
         clock = self._clock = _StageClock(seconds)
@@ -287,7 +357,7 @@ class Trainer:
             self._stage_module = module
         parameters = [p for p in module.parameters() if p.requires_grad]
         self._optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=config.weight_decay)
-        total = max(1, epochs * len(self._loader if self._loader is not None else self._make_loader()))
+        total = max(1, epochs * len(self._loader))
         # a time-boxed stage does not know its step count: its warm-up is the configured one
         warmup = config.warmup_steps if seconds is not None else min(config.warmup_steps, total // 2)
 
@@ -312,8 +382,12 @@ class Trainer:
     # ----------------------------------------------------------------- losses
     def _losses(self, batch: TrainBatch) -> Dict[str, torch.Tensor]:
         config, gather = self.config, self._gather
+        indices = {}
+        if self.stage == "student" and self._cache is not None:
+            indices = dict(image_indices=batch.image_indices, caption_indices=batch.caption_indices)
         with self._autocast():
-            outputs = self._stage_module(batch.regions, batch.image_lengths, batch.captions, batch.caption_lengths)
+            outputs = self._stage_module(batch.regions, batch.image_lengths, batch.captions, batch.caption_lengths,
+                                         **indices)
         image_ids = gather(batch.image_indices, False)
         positives = image_ids[:, None] == image_ids[None, :]  # captions of one image are not negatives
         hardest = config.hardest_negative and self._epoch >= config.hinge_warmup_epochs
@@ -348,7 +422,7 @@ class Trainer:
                 teacher_scores = self.teacher.score(t_caption, caption_lengths, t_image, image_lengths)
             if config.distill_weight > 0:
                 parts["listnet"] = config.distill_weight * listnet_loss(
-                    student_scores, teacher_scores, config.distill_temperature)
+                    student_scores, teacher_scores, config.distill_temperature, config.distill_teacher_temperature)
             if joint and config.teacher_hinge_weight > 0:
                 parts["teacher_hinge"] = config.teacher_hinge_weight * hinge_loss(
                     teacher_scores, positive_mask=positives, **hinge)
@@ -413,9 +487,13 @@ class Trainer:
         self.begin_stage(stage)
         if not same_stage:  # a fresh stage: its totals start here (a resumed one keeps the checkpoint's)
             self.progress.update(stage_seconds=0.0, stage_cpu_seconds=0.0, stage_first_step=self.progress["global_step"],
-                                 stage_wall_start=time.time())
+                                 stage_wall_start=time.time(), stage_cache_seconds=0.0)
         self._clock.spent = self.progress.get("stage_seconds", 0.0)
         self._clock.cpu_spent = self.progress.get("stage_cpu_seconds", 0.0)
+        if stage == "student" and self._cache is not None:  # building the cache is part of the stage's time
+            self._clock.spent += self._cache_seconds[0]
+            self._clock.cpu_spent += self._cache_seconds[1]
+            self.progress["stage_cache_seconds"] = self.progress.get("stage_cache_seconds", 0.0) + self._cache_seconds[0]
         if resuming:
             self._optimizer.load_state_dict(self._pending_state["optimizer"])
             self._scheduler.load_state_dict(self._pending_state["scheduler"])
@@ -453,7 +531,9 @@ class Trainer:
                       "steps": progress["global_step"] - progress.get("stage_first_step", 0),
                       "step": progress["global_step"], "seconds": self._clock.spent, "cpu_seconds": self._clock.cpu_spent,
                       "budget_seconds": self._clock.budget, "wall_start": progress.get("stage_wall_start"),
-                      "wall_end": time.time()})
+                      "wall_end": time.time(),
+                      **({"cache_seconds": progress.get("stage_cache_seconds", 0.0)} if stage == "student"
+                         and self.config.cache_teacher_tokens else {})})
 
     def _expired(self) -> bool:
         """Whether the stage's time budget is spent (on any rank: ranks stop at the same step)."""
