@@ -311,6 +311,33 @@ def test_student_on_cached_teacher_tokens_matches_the_uncached_run(monkeypatch):
         TrainConfig(distill_teacher_temperature=0).validate()
 
 
+def test_teacher_token_cache_pads_blocks_of_different_widths():
+    """Precomputed features come padded per block (to its longest image): the cache pads them to one width."""
+    from aladin_fast.training import PairSource, TeacherTokenCache
+
+    scenes = tiny_scenes(6)
+    trainer = Trainer(TrainConfig(**TINY, stages=("teacher",)), scenes, None)
+
+    def ragged_batch(indices):  # pad each block only to its own longest image
+        regions, lengths = scenes.region_features(indices), scenes.image_lengths[indices]
+        return regions[:, : int(lengths.max())], lengths
+
+    source = PairSource(6, scenes.captions, ragged_batch, scenes.feature_dim)
+    cache = TeacherTokenCache(trainer.teacher, source, trainer.tokenizer, trainer.device, trainer._autocast,
+                              image_block=4, caption_block=7)
+    assert cache.image_tokens.shape[:2] == (6, int(scenes.image_lengths.max()))
+    assert cache.caption_tokens.shape[0] == 30 and cache.nbytes > 0
+    images = torch.tensor([5, 0, 2])
+    tokens, lengths, _, _ = cache.lookup(images, images * 5)
+    regions, region_lengths = source.image_batch(images.tolist())
+    with torch.no_grad():
+        expected, _ = trainer.teacher.eval().encode_images(regions, region_lengths)
+    valid = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    assert torch.equal(lengths, region_lengths) and tokens[~valid].abs().max() == 0
+    torch.testing.assert_close(tokens[:, : expected.shape[1]][valid[:, : expected.shape[1]]],
+                               expected[valid[:, : expected.shape[1]]], atol=1e-5, rtol=1e-5)
+
+
 def test_budget_fields_are_validated():
     with pytest.raises(ValueError, match="teacher_seconds"):
         TrainConfig(teacher_seconds=0).validate()

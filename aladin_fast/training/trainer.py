@@ -125,7 +125,8 @@ class TeacherTokenCache:
 
     ``image_tokens [N, R, D]`` / ``image_lengths [N]`` and ``caption_tokens
     [N_captions, L, D]`` / ``caption_lengths [N_captions]`` on the training
-    device, in the encoders' output dtype (bf16 under CUDA autocast). Exact
+    device, in the dtype the teacher's encoders return (float32, or bf16 if
+    autocast leaves their unit tokens in bf16). Exact
     for a frozen teacher in eval mode: training images have fixed features
     (no augmentation), so the tokens a step would compute are the cached ones.
     """
@@ -146,11 +147,15 @@ class TeacherTokenCache:
                                  for start in range(0, ids.shape[0], caption_block)]
         finally:
             teacher.train(was_training)
-        width = max((tokens.shape[1] for tokens, _ in caption_parts), default=0)
-        self.image_tokens = torch.cat([tokens for tokens, _ in image_parts])
-        self.image_lengths = torch.cat([lengths for _, lengths in image_parts])
-        self.caption_tokens = torch.cat([F.pad(tokens, (0, 0, 0, width - tokens.shape[1])) for tokens, _ in caption_parts])
-        self.caption_lengths = torch.cat([lengths for _, lengths in caption_parts])
+        # blocks may be padded to different widths (precomputed features, captions): pad to the widest
+        self.image_tokens, self.image_lengths = self._concatenate(image_parts)
+        self.caption_tokens, self.caption_lengths = self._concatenate(caption_parts)
+
+    @staticmethod
+    def _concatenate(parts):
+        width = max((tokens.shape[1] for tokens, _ in parts), default=0)
+        return (torch.cat([F.pad(tokens, (0, 0, 0, width - tokens.shape[1])) for tokens, _ in parts]),
+                torch.cat([lengths for _, lengths in parts]))
 
     def lookup(self, image_indices: torch.Tensor, caption_indices: torch.Tensor):
         """``(image_tokens, image_lengths, caption_tokens, caption_lengths)`` of a batch (captions cut to its longest)."""
