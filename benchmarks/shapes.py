@@ -99,7 +99,9 @@ RERANK_SHAPES = _named(
     Shape("rerank_Q64_K1000_W32_R36_D1024", "rerank", 64, 32, 36, 1024, 5000, 1000, devices=("gpu",),
           note="151 GFLOP a call (2.5 s at the CPU's peak, 10 s per torch baseline): GPU only"),
     Shape("rerank_Q1_K5000_W20_R36_D768", "rerank", 1, 20, 36, 768, 5000, 5000,
-          note="bandwidth-bound on CPU: 10 FLOP/byte in fp32, 20 in bf16"),
+          note="10 FLOP/byte in fp32, 20 in bf16: bandwidth-bound only where the FMA peak exceeds ~10x the "
+               "read bandwidth (compute-bound on the 2-vCPU AVX2 box: 80 GFLOP/s vs 22-25 GB/s); W=20 "
+               "fills 20 of 24 AVX2 lanes words-in-lanes, so the kernel's DOT layout takes it"),
 )
 
 # (c) exhaustive gallery scoring (full_scores / alignment_scores over a whole gallery)
