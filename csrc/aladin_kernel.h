@@ -108,8 +108,9 @@ struct Job {
 
 // Per-thread scratch memory handed to the ISA kernels (allocated by the driver).
 struct Workspace {
-    float* query = nullptr;    // [dim][wp_max]  transposed query caption (DOT: [nw][dim] fp32 rows, lowp only)
-    const float* qrows = nullptr;  // DOT layout: the query's fp32 word rows (row stride dim)
+    float* query = nullptr;    // [dim + 16][wp_max]  transposed query caption (DOT: [nw][dim + 16] fp32 rows)
+    const float* qrows = nullptr;  // DOT layout: the query's fp32 word rows (row stride qstride)
+    int64_t qstride = 0;
     const float* next_rows = nullptr;  // fp32 rows of the next pair's image (prefetch target) or nullptr
     int64_t next_nr = 0;
     float* tile = nullptr;     // [rt_max][wp_max] score tile s[r][w]

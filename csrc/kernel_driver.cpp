@@ -68,18 +68,20 @@ int choose_layout(const Job& job, const IsaKernels* isa) {
     const int64_t lanes = isa->lanes;
     if (lanes <= 1) return LAYOUT_WORDS;  // scalar: a "vector" of one word wastes nothing
     // Words-in-lanes fills W of round_up(W, lanes) lanes; DOT fills every lane but pays one
-    // horizontal sum per dot product (~2-4% at D = 768-1024).  Measured on the 2-thread AVX2
-    // machine (benchmarks/results/cpu-amd-epyc-2threads.json, same-process A/B):
-    //   W = 20 (20 of 24 lanes): DOT +19% (rerank 1 x 5000, D 768), +22% (all pairs 100 x 1000),
-    //     +13% (bf16 gallery), +14% (cache-resident all pairs);
-    //   W = 32 (full lanes), one caption shared by all threads (rerank 1 x K, the SMT siblings
-    //     read the same word rows): DOT +6% (K = 1000, D 1024), +3% (Lq 32 x Ld 300, D 128);
-    //   W = 32, several captions (rerank 64 x 100, all pairs 128 x 128): words +4% to +17%
-    //     (D = 1024 rows are 4 KB apart, and two threads' DOT streams alias in the same L1 sets).
+    // horizontal sum per dot product (~2-4% at D = 768-1024), and its own prefetch of the next
+    // region block suits images streamed from memory.  Measured on the 2-thread AVX2 machine
+    // (same-process A/B, benchmarks/results/cpu-amd-epyc-2threads.json for the full rows):
+    //   W = 20 (20 of 24 lanes): DOT +19-26% (rerank 1 x 5000, D 768), +22% (all pairs 100 x 1000),
+    //     +9-13% (bf16 gallery), +14% (cache-resident all pairs);
+    //   W = 32, gathered candidates or a single caption (each image streamed once): DOT +3-6%
+    //     (rerank 1 x 1000 and 64 x 100, D 1024; Lq 32 x Ld 300, D 128);
+    //   W = 32, all pairs of several captions (each image re-read per caption, from cache when
+    //     the gallery is small): words +3% (128 x 128, D 1024), a tie on 200 x 4 images;
+    //   W = 32 with bf16 / fp16 rows (converted to an fp32 scratch first): words +1-2%.
     const int64_t w = job.max_text_len > 0 ? job.max_text_len : 1;
     const int64_t filled = round_up(w, lanes);
     if (w * 10 < filled * 9) return LAYOUT_DOT;  // words-in-lanes would waste more than 10% of its lanes
-    if (job.nt == 1 && job.dtype == DType::F32) return LAYOUT_DOT;
+    if ((job.candidates != nullptr || job.nt == 1) && job.dtype == DType::F32) return LAYOUT_DOT;  // streamed once
     return LAYOUT_WORDS;
 }
 
@@ -117,7 +119,7 @@ int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
     // Scores the pairs of `range` with this thread's own workspace.
     const auto run_range = [&](Span range) {
         Workspace ws;
-        ws.query = static_cast<float*>(alloc_aligned((D > 0 ? D : 1) * wp_max, sizeof(float)));
+        ws.query = static_cast<float*>(alloc_aligned(((D > 0 ? D : 1) + 16) * wp_max, sizeof(float)));
         ws.tile = static_cast<float*>(alloc_aligned(rt_max * wp_max, sizeof(float)));
         ws.scratch = lowp ? static_cast<float*>(alloc_aligned(rmax * dc_lowp, sizeof(float))) : nullptr;
         ws.scratch_dc = dc_lowp;

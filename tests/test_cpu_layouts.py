@@ -133,7 +133,9 @@ def test_layout_for_dispatch(monkeypatch):
                 assert _C.layout_for(*shape, dtype=dtype, isa=isa, layout="dot") == "dot"
     if "avx2" in ISAS:  # the measured rules (kernel_driver.cpp): lane waste -> dot
         assert _C.layout_for(20, 36, 768, isa="avx2", captions=64) == "dot"
-        assert _C.layout_for(32, 36, 1024, isa="avx2", captions=64) == "words"
+        assert _C.layout_for(32, 36, 1024, isa="avx2", captions=64) == "words"  # all pairs, images re-read
+        assert _C.layout_for(32, 36, 1024, isa="avx2", captions=64, gathered=True) == "dot"  # streamed once
+        assert _C.layout_for(32, 36, 1024, "bfloat16", isa="avx2", captions=64, gathered=True) == "words"
     assert _C.layout_for(20, 36, 768, isa="scalar") == "words"
     monkeypatch.setenv("ALADIN_FAST_CPU_LAYOUT", "dot")
     assert _C.layout_for(32, 36, 1024, captions=64) == "dot"
