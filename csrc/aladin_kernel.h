@@ -98,7 +98,7 @@ struct Job {
     int32_t* argmax = nullptr;   // [nt, k, text_pad] or nullptr (word -> winning region)
     int32_t* region_argmax = nullptr;  // [nt, k, image_pad] or nullptr (region -> winning word)
 
-    int layout = LAYOUT_AUTO;  // requested by the caller; run_job resolves AUTO with choose_layout()
+    int layout = LAYOUT_AUTO;  // requested by the caller; resolved per caption by choose_layout()
 
     // derived
     int64_t max_text_len = 0;
@@ -111,6 +111,7 @@ struct Workspace {
     float* query = nullptr;    // [dim + 16][wp_max]  transposed query caption (DOT: [nw][dim + 16] fp32 rows)
     const float* qrows = nullptr;  // DOT layout: the query's fp32 word rows (row stride qstride)
     int64_t qstride = 0;
+    int layout = LAYOUT_WORDS;     // layout of the current caption (set by the driver before prepare_query)
     const float* next_rows = nullptr;  // fp32 rows of the next pair's image (prefetch target) or nullptr
     int64_t next_nr = 0;
     float* tile = nullptr;     // [rt_max][wp_max] score tile s[r][w]
@@ -120,7 +121,8 @@ struct Workspace {
     float* colmax = nullptr;   // [rt_max]
     int32_t* colarg = nullptr; // [rt_max] (only when region_argmax is requested)
     const float** rowptr = nullptr;  // [max_image_len] region row pointers for the current D chunk
-    int64_t scratch_dc = 0;    // row stride of `scratch` (floats)
+    int64_t scratch_dc = 0;    // row stride of `scratch` (floats), words layout
+    int64_t scratch_dc_dot = 0;  // row stride of `scratch` for the DOT layout (whole rows unless tuned)
     int64_t wp = 0;            // padded word count (lanes) of the current query
     int64_t nw = 0;            // valid words of the current query
 };
@@ -173,9 +175,12 @@ const IsaKernels* avx512_kernels();
 //   -1 candidate id out of range.
 int run_job(const Job& job, const IsaKernels* isa, int num_threads);
 
-// The shape-aware layout choice (LAYOUT_WORDS or LAYOUT_DOT) for `job` on `isa`: the single place
-// where the forward layout is decided.  `job.layout` other than LAYOUT_AUTO is returned as is.
-int choose_layout(const Job& job, const IsaKernels* isa);
+// The shape-aware layout choice (LAYOUT_WORDS or LAYOUT_DOT) for a caption of `n_words` valid
+// words in `job` on `isa`: the single place where the forward layout is decided.  It depends only
+// on the caption's own length, the dtype, the ISA and the request (`job.layout` other than
+// LAYOUT_AUTO is returned as is), never on the rest of the batch, so a pair's score has the same
+// bits whatever batch, chunking or candidate list it is computed in.
+int choose_layout(const Job& job, const IsaKernels* isa, int64_t n_words);
 
 // Backward driver (kernel_backward.cpp).  Deterministic whatever the thread count: every
 // grad_text row is accumulated by the thread owning its caption, every grad_images row by

@@ -564,23 +564,20 @@ PYBIND11_MODULE(_C, m) {
     m.def(
         "layout_for",
         [](int64_t words, int64_t regions, int64_t dim, const std::string& dtype, const std::string& isa,
-           const std::string& layout, int64_t captions, bool gathered) {
-            static const int64_t kSomeCandidate = 0;  // choose_layout only asks whether candidates exist
+           const std::string& layout) {
             Job job;
-            job.nt = captions;
-            job.candidates = gathered ? &kSomeCandidate : nullptr;
             job.max_text_len = words;
             job.max_image_len = regions;
             job.dim = dim;
             job.dtype = dtype == "float16" ? DType::F16 : dtype == "bfloat16" ? DType::BF16 : DType::F32;
             job.layout = resolve_layout(layout);
-            return std::string(choose_layout(job, kernels_for(resolve_isa(isa))) == LAYOUT_DOT ? "dot" : "words");
+            return std::string(choose_layout(job, kernels_for(resolve_isa(isa)), words) == LAYOUT_DOT ? "dot" : "words");
         },
         py::arg("words"), py::arg("regions"), py::arg("dim"), py::arg("dtype") = "float32", py::arg("isa") = "auto",
-        py::arg("layout") = "auto", py::arg("captions") = 1, py::arg("gathered") = false,
-        "The forward layout ('words' or 'dot') that score() uses for `captions` captions of (at most) `words` "
-        "tokens against images of `regions` tokens of `dim` features (`gathered`: per-caption candidate ids, "
-        "as rerank_scores; otherwise all pairs): `layout` or ALADIN_FAST_CPU_LAYOUT when set, else "
+        py::arg("layout") = "auto",
+        "The forward layout ('words' or 'dot') that score() uses for a caption of `words` valid tokens "
+        "against images of `regions` tokens of `dim` features (it depends on the caption only, never on "
+        "the rest of the batch): `layout` or ALADIN_FAST_CPU_LAYOUT when set, else "
         "the shape-aware choice (choose_layout in kernel_driver.cpp).");
     m.def("available_isas", &available_isas, "Code paths usable on this CPU, best first.");
     m.def("best_isa", &best_isa, "The code path isa='auto' picks (ignoring ALADIN_FAST_ISA).");

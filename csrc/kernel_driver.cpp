@@ -63,33 +63,27 @@ constexpr int64_t kWorkPerThread = int64_t(1) << 21;
 
 }  // namespace
 
-int choose_layout(const Job& job, const IsaKernels* isa) {
+int choose_layout(const Job& job, const IsaKernels* isa, int64_t n_words) {
     if (job.layout == LAYOUT_WORDS || job.layout == LAYOUT_DOT) return job.layout;
     const int64_t lanes = isa->lanes;
     if (lanes <= 1) return LAYOUT_WORDS;  // scalar: a "vector" of one word wastes nothing
-    // Words-in-lanes fills W of round_up(W, lanes) lanes; DOT fills every lane but pays one
-    // horizontal sum per dot product (~2-4% at D = 768-1024), and its own prefetch of the next
-    // region block suits images streamed from memory.  Measured on the 2-thread AVX2 machine
-    // (same-process A/B, benchmarks/results/cpu-amd-epyc-2threads.json for the full rows):
-    //   W = 20 (20 of 24 lanes): DOT +19-26% (rerank 1 x 5000, D 768), +22% (all pairs 100 x 1000),
-    //     +9-13% (bf16 gallery), +14% (cache-resident all pairs);
-    //   W = 32, gathered candidates or a single caption (each image streamed once): DOT +3-6%
-    //     (rerank 1 x 1000 and 64 x 100, D 1024; Lq 32 x Ld 300, D 128);
-    //   W = 32, all pairs of several captions (each image re-read per caption, from cache when
-    //     the gallery is small): words +3% (128 x 128, D 1024), a tie on 200 x 4 images;
-    //   W = 32 with bf16 / fp16 rows (converted to an fp32 scratch first): words +1-2%.
-    const int64_t w = job.max_text_len > 0 ? job.max_text_len : 1;
+    // Words-in-lanes fills n_w of round_up(n_w, lanes) lanes; DOT fills every lane but pays one
+    // horizontal sum per dot product (~2-4% at D = 768-1024).  Same-process A/B on the 2-thread
+    // AVX2 machine (benchmarks/results/cpu-amd-epyc-2threads.json for the full rows), fp32:
+    //   W = 20 (20 of 24 lanes): DOT +19-26% (rerank 1 x 5000, D 768), +22% (all pairs 100 x 1000);
+    //   W = 32 (full lanes): DOT +3-6% (rerank 1 x 1000 and 64 x 100, D 1024; Lq 32 x Ld 300,
+    //     D 128), +3% (all pairs 128 x 128), a tie (-1%) on a cache-resident 200 x 4 images;
+    // bf16 / fp16 rows (converted to an fp32 scratch first): W = 20 DOT +9-13%, W = 32 words +1-2%.
+    if (job.dtype == DType::F32) return LAYOUT_DOT;
+    const int64_t w = n_words > 0 ? n_words : 1;
     const int64_t filled = round_up(w, lanes);
-    if (w * 10 < filled * 9) return LAYOUT_DOT;  // words-in-lanes would waste more than 10% of its lanes
-    if ((job.candidates != nullptr || job.nt == 1) && job.dtype == DType::F32) return LAYOUT_DOT;  // streamed once
-    return LAYOUT_WORDS;
+    return w * 10 < filled * 9 ? LAYOUT_DOT : LAYOUT_WORDS;  // words-in-lanes would waste > 10% of lanes
 }
 
 int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
     const int64_t pairs = job_in.nt * job_in.k;
     if (pairs <= 0) return 0;
-    Job job = job_in;
-    job.layout = choose_layout(job_in, isa);
+    const Job& job = job_in;
 
     const int64_t D = job.dim;
     const int64_t wp_max = round_up(job.max_text_len > 0 ? job.max_text_len : 1, 16);
@@ -105,6 +99,9 @@ int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
     if (dc_lowp > D) dc_lowp = D;
     if (dc_lowp <= 0) dc_lowp = 1;
     dc_lowp = round_up(dc_lowp, 16);  // keep converted rows 64-byte aligned
+    // DOT converts whole rows (unless ALADIN_FAST_DC_LOWP is set): its per-chunk horizontal sums
+    // would otherwise make the bits depend on the batch's longest image through dc_lowp
+    const int64_t D16 = round_up(D > 0 ? D : 1, 16);
 
     // Any thread count gives the same bits: each pair is scored by one thread, in a fixed order.
     // (in double: W * R * D of absurd shapes could overflow int64; saturated at 2^62)
@@ -121,8 +118,9 @@ int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
         Workspace ws;
         ws.query = static_cast<float*>(alloc_aligned(((D > 0 ? D : 1) + 16) * wp_max, sizeof(float)));
         ws.tile = static_cast<float*>(alloc_aligned(rt_max * wp_max, sizeof(float)));
-        ws.scratch = lowp ? static_cast<float*>(alloc_aligned(rmax * dc_lowp, sizeof(float))) : nullptr;
+        ws.scratch = lowp ? static_cast<float*>(alloc_aligned(rmax * (dc_lowp > D16 ? dc_lowp : D16), sizeof(float))) : nullptr;
         ws.scratch_dc = dc_lowp;
+        ws.scratch_dc_dot = job.tuning.dc_lowp > 0 ? dc_lowp : D16;
         ws.rowmax = static_cast<float*>(alloc_aligned(wp_max, sizeof(float)));
         ws.rowarg = static_cast<int32_t*>(alloc_aligned(wp_max, sizeof(int32_t)));
         ws.colmax = static_cast<float*>(alloc_aligned(rt_max, sizeof(float)));
@@ -145,13 +143,14 @@ int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
                     continue;
                 }
                 if (i != current) {
+                    ws.layout = choose_layout(job, isa, job.text_lengths[i]);
                     isa->prepare_query(job, i, ws);
                     current = i;
                 }
                 ws.next_rows = nullptr;
                 if (job.tuning.prefetch_next > 0 && p + 1 < range.end) {
                     prefetch_image(job, p + 1);
-                    if (job.layout == LAYOUT_DOT && job.dtype == DType::F32) next_image_rows(job, p + 1, ws);
+                    if (ws.layout == LAYOUT_DOT && job.dtype == DType::F32) next_image_rows(job, p + 1, ws);
                 }
                 isa->score_pair(job, i, j, p, ws);
             }
