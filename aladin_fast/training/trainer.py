@@ -477,6 +477,8 @@ class Trainer:
         for stage in self.config.stages:
             if stage in self.progress["completed_stages"]:
                 continue
+            if budget <= 0:  # do not begin (build, cache for) a stage that will not train
+                break
             budget = self._run_stage(stage, budget)
             if budget <= 0 and stage not in self.progress["completed_stages"]:
                 break
