@@ -194,21 +194,11 @@ def run_acceptance(seed: int = 0, *, out: Optional[str] = DEFAULT_OUT, device: s
         checks: also measure the oracle data checks (:func:`oracle_checks`) on the test split.
     """
     from .data import SyntheticScenes
-    from .evaluate import resolve_device
+    from .demo import run_settings
     from .info import info
     from .training import Trainer
 
-    sizes = dict(ACCEPTANCE_SIZES)
-    unknown = sorted(set(sizes_override or {}) - set(sizes))
-    if unknown:
-        raise ValueError(f"sizes_override has unknown keys {unknown}; known: {sorted(sizes)}")
-    sizes.update(sizes_override or {})
-    torch_device = resolve_device(device)
-    previous_threads = torch.get_num_threads()
-    if threads is None and torch_device.type == "cpu" and (os.cpu_count() or 1) <= 4:
-        threads = 1
-    if threads:
-        torch.set_num_threads(threads)
+    sizes, torch_device, previous_threads = run_settings(ACCEPTANCE_SIZES, sizes_override, device, threads)
     started = time.perf_counter()
     try:
         machine = info(file=io.StringIO())

@@ -65,6 +65,30 @@ def _train_config(sizes: Dict[str, Any], seed: int, device: str, output_dir: str
     )
 
 
+def run_settings(defaults: Dict[str, Any], sizes_override: Optional[Dict[str, Any]], device: str,
+                 threads: Optional[int]):
+    """Shared set-up of the demo and the acceptance run: ``(sizes, torch device, previous thread count)``.
+
+    ``sizes`` are ``defaults`` updated by ``sizes_override`` (unknown keys refused); torch's CPU
+    threads are set to ``threads``, by default 1 on a CPU device of a machine with <= 4 cores
+    (the caller restores the returned previous count).
+    """
+    from .evaluate import resolve_device
+
+    sizes = dict(defaults)
+    unknown = sorted(set(sizes_override or {}) - set(sizes))
+    if unknown:
+        raise ValueError(f"sizes_override has unknown keys {unknown}; known: {sorted(sizes)}")
+    sizes.update(sizes_override or {})
+    torch_device = resolve_device(device)
+    previous_threads = torch.get_num_threads()
+    if threads is None and torch_device.type == "cpu" and (os.cpu_count() or 1) <= 4:
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
+    return sizes, torch_device, previous_threads
+
+
 def run_demo(quick: bool = False, seed: int = 0, *, out: Optional[str] = None, device: str = "auto",
              threads: Optional[int] = None, sizes_override: Optional[Dict[str, Any]] = None,
              progress: bool = True) -> Dict[str, Any]:
@@ -81,25 +105,16 @@ def run_demo(quick: bool = False, seed: int = 0, *, out: Optional[str] = None, d
         progress: tqdm progress bars.
     """
     from .data import SyntheticScenes
-    from .evaluate import encode_split, evaluate_models, metrics_table, resolve_device
+    from .evaluate import encode_split, evaluate_models, metrics_table
     from .info import info
     from .report import write_report
     from .training import Trainer
     from .training.data import as_source
 
-    sizes = dict(QUICK_SIZES if quick else DEFAULT_SIZES)
-    unknown = sorted(set(sizes_override or {}) - set(sizes))
-    if unknown:
-        raise ValueError(f"sizes_override has unknown keys {unknown}; known: {sorted(sizes)}")
-    sizes.update(sizes_override or {})
-    torch_device = resolve_device(device)
+    sizes, torch_device, previous_threads = run_settings(QUICK_SIZES if quick else DEFAULT_SIZES, sizes_override,
+                                                         device, threads)
     out = out or _default_out()
     os.makedirs(out, exist_ok=True)
-    previous_threads = torch.get_num_threads()
-    if threads is None and torch_device.type == "cpu" and (os.cpu_count() or 1) <= 4:
-        threads = 1
-    if threads:
-        torch.set_num_threads(threads)
     started = time.perf_counter()
     try:
         machine = info(file=io.StringIO())  # captured once, printed once below
