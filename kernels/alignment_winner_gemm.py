@@ -70,11 +70,9 @@ def _winner_gemm_text_kernel(
     grad_ptr, argmax_ptr, region_argmax_ptr, text_offsets_ptr, text_lengths_ptr, images_ptr, image_offsets_ptr,
     image_lengths_ptr, out_ptr, num_texts, num_images, D, text_pad, image_pad,
     WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr, CAPS: tl.constexpr, IMGS: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, REGULAR: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
-    """Rows: CAPS captions x BLOCK_W words; each step reduces over IMGS images x BLOCK_R regions.
-    REGULAR: image i starts at row i * image_pad (padded layout: no offset loads in the loop)."""
+    """Rows: CAPS captions x BLOCK_W words; each step reduces over IMGS images x BLOCK_R regions."""
     m = tl.arange(0, CAPS * BLOCK_W)
     t = tl.program_id(0) * CAPS + m // BLOCK_W
     w = m % BLOCK_W
@@ -89,10 +87,7 @@ def _winner_gemm_text_kernel(
         i = i0 + j
         i_ok = i < num_images
         i_len = tl.load(image_lengths_ptr + i, mask=i_ok, other=0)
-        if REGULAR:
-            i_row0 = i.to(tl.int64) * image_pad
-        else:
-            i_row0 = tl.load(image_offsets_ptr + i, mask=i_ok, other=0)
+        i_row0 = tl.load(image_offsets_ptr + i, mask=i_ok, other=0)
         weights = _winner_tile(grad_ptr, argmax_ptr, region_argmax_ptr, t[:, None, None], w[:, None, None],
                                i[None, :, None], r[None, None, :], t_ok[:, None, None] & i_ok[None, :, None],
                                t_len[:, None, None], i_len[None, :, None], num_images, text_pad, image_pad, WORD,
@@ -110,10 +105,9 @@ def _winner_gemm_images_kernel(
     grad_ptr, argmax_ptr, region_argmax_ptr, text_ptr, text_offsets_ptr, text_lengths_ptr, image_offsets_ptr,
     image_lengths_ptr, out_ptr, num_texts, num_images, D, text_pad, image_pad,
     WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr, CAPS: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, REGULAR: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
-    """Rows: one image's BLOCK_R regions; each step reduces over CAPS captions x BLOCK_W words.
-    REGULAR: caption t starts at row t * text_pad."""
+    """Rows: one image's BLOCK_R regions; each step reduces over CAPS captions x BLOCK_W words."""
     i = tl.program_id(0)
     i_len = tl.load(image_lengths_ptr + i)
     r = tl.arange(0, BLOCK_R)
@@ -126,10 +120,7 @@ def _winner_gemm_images_kernel(
         w = k % BLOCK_W
         t_ok = t < num_texts
         t_len = tl.load(text_lengths_ptr + t, mask=t_ok, other=0)
-        if REGULAR:
-            t_row0 = t.to(tl.int64) * text_pad
-        else:
-            t_row0 = tl.load(text_offsets_ptr + t, mask=t_ok, other=0)
+        t_row0 = tl.load(text_offsets_ptr + t, mask=t_ok, other=0)
         weights = _winner_tile(grad_ptr, argmax_ptr, region_argmax_ptr, t[None, :], w[None, :], i, r[:, None],
                                t_ok[None, :], t_len[None, :], i_len, num_images, text_pad, image_pad, WORD, REGION,
                                MRAVGW)
@@ -169,12 +160,11 @@ def winner_gemm_config(*, text_pad: int, image_pad: int, dim: int, element_size:
 
 def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                 argmax, region_argmax, aggregation: int, text_pad: int, image_pad: int, grad_text,
-                                grad_images, *, regular: bool = False, config: dict | None = None) -> None:
+                                grad_images, *, config: dict | None = None) -> None:
     """Write the all-pairs ``d text`` / ``d images`` rows of every sequence (fp32; other rows untouched).
 
     ``grad`` float32 [Nt, Ni] contiguous; ``argmax`` int32 [Nt, Ni, text_pad] for
     MrSw / MrAVGw / symm, ``region_argmax`` int32 [Nt, Ni, image_pad] for MwSr / symm.
-    ``regular``: the caller guarantees the padded layout (sequence i at row i * pad, both sides).
     """
     if aggregation not in (0, 1, 2, 3):
         raise ValueError(f"the winner GEMM backward handles MrSw / MrAVGw / MwSr / symm, got code {aggregation}")
@@ -193,7 +183,7 @@ def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, 
     argmax = argmax if word else placeholder
     region_argmax = region_argmax if region else placeholder
     common = dict(WORD=word, REGION=region, MRAVGW=aggregation == 1, BLOCK_W=cfg["BLOCK_W"], BLOCK_R=cfg["BLOCK_R"],
-                  REGULAR=bool(regular), DOT_IN_FP32=text.dtype != torch.bfloat16 or _INTERPRETED,
+                  DOT_IN_FP32=text.dtype != torch.bfloat16 or _INTERPRETED,
                   num_stages=cfg["num_stages"])
     text_rows = cfg["TEXT_CAPS"] * cfg["BLOCK_W"]
     _winner_gemm_text_kernel[(triton.cdiv(num_texts, cfg["TEXT_CAPS"]), triton.cdiv(dim, cfg["BLOCK_D"]))](
@@ -229,7 +219,7 @@ def winner_gemm_aot_specs() -> list:
             rows = (caps * cfg["BLOCK_W"]) if side == "text" else cfg["BLOCK_R"]
             constexprs = dict(WORD=aggregation in (0, 1, 3), REGION=aggregation in (2, 3), MRAVGW=aggregation == 1,
                               CAPS=caps, BLOCK_W=cfg["BLOCK_W"], BLOCK_R=cfg["BLOCK_R"], BLOCK_D=block_d,
-                              REGULAR=aggregation == 0, DOT_IN_FP32=dtype == torch.float32)
+                              DOT_IN_FP32=dtype == torch.float32)
             if side == "text":
                 constexprs["IMGS"] = cfg["IMGS"]
             specs.append(_aot_spec(f"winner_gemm_{side}_{name}", kernel, _TRITON_DTYPE[dtype], constexprs,

@@ -223,12 +223,8 @@ def winner_gemm(case, aggregation, grad, argmax, region_argmax, config=None):
     text, t_off, t_len, images, i_off, i_len, w_pad, r_pad = case
     grad_text = torch.zeros(text.shape, dtype=torch.float32)
     grad_images = torch.zeros(images.shape, dtype=torch.float32)
-    regular = (text.shape[0] == t_off.shape[0] * w_pad and torch.equal(t_off, torch.arange(t_off.shape[0]) * w_pad)
-               and images.shape[0] == i_off.shape[0] * r_pad
-               and torch.equal(i_off, torch.arange(i_off.shape[0]) * r_pad))
     kernels.launch_winner_gemm_backward(grad, text, t_off, t_len, images, i_off, i_len, argmax, region_argmax,
-                                        aggregation, w_pad, r_pad, grad_text, grad_images, regular=regular,
-                                        config=config)
+                                        aggregation, w_pad, r_pad, grad_text, grad_images, config=config)
     return grad_text, grad_images
 
 

@@ -22,7 +22,7 @@ matrix built from the argmax in registers, times the tokens on tensor cores).
 Otherwise it runs the per-pair Triton
 backward kernels (``kernels/alignment_backward.py``): text rows owned by a
 caption's program; image rows either owned by an image's program walking its
-pairs ("segmented", deterministic, the default) or accumulated with fp32
+pairs ("segmented", deterministic, the default there) or accumulated with fp32
 atomics ("atomic", order-dependent last bits; opt-in with
 ``ALADIN_FAST_TRITON_BACKWARD=atomic``, never under
 ``torch.use_deterministic_algorithms(True)``). Both forward kernels emit the
@@ -355,8 +355,8 @@ def _dense_applies(text, images, candidates, aggregation, text_pad, image_pad) -
     """The winner-GEMM backward: all pairs, MrSw / MrAVGw, padded lengths <= 128 and finite tokens (a zero
     weight times an inf token would be NaN). One device sync; finiteness is a float32 sum of each token
     matrix (NaN / inf propagate; an overflow of finite values only costs the fallback), with no input-sized
-    temporaries. (The kernels' padded-layout fast path, ``regular=True``, measured no faster on the H200 --
-    benchmarks/results/gpu-nvidia-h200/session3/run{4,5}-sweep.json -- so no layout check is made here.)"""
+    temporaries. (A padded-layout variant that computed row offsets instead of loading them measured no
+    faster on the H200 -- benchmarks/results/gpu-nvidia-h200/session3/run{4,5}-sweep.json -- and was removed.)"""
     if candidates is not None or aggregation not in DENSE_AGGREGATIONS:
         return False
     if not triton_kernels().winner_gemm_fits(text_pad, image_pad):
@@ -367,21 +367,23 @@ def _dense_applies(text, images, candidates, aggregation, text_pad, image_pad) -
 
 def triton_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                     argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad):
-    """The Triton backward kernels (``kernels/alignment_backward.py``): ``(d text, d images)`` float32."""
+    """The Triton backward (``triton_backward_strategy``: the winner-GEMM kernels or the argmax kernels of
+    ``kernels/alignment_backward.py``): ``(d text, d images)`` float32."""
     strategy = triton_backward_strategy()
+    grad = grad.float().contiguous()
     grad_text = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
     grad_images = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
     word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
     if strategy == "dense":
         if _dense_applies(text, images, candidates, aggregation, text_pad, image_pad):
             triton_kernels().launch_winner_gemm_backward(
-                grad.float().contiguous(), text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+                grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                 argmax if word_term else None, region_argmax if region_term else None, aggregation, text_pad,
                 image_pad, grad_text, grad_images)
             return grad_text, grad_images
         strategy = "segmented"
     triton_kernels().launch_alignment_backward(
-        grad.float().contiguous(), text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+        grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
         candidates, argmax if word_term else None, region_argmax if region_term else None, aggregation,
         zero_padding, text_pad, image_pad, grad_text, grad_images, strategy=strategy,
         config=_triton_kernel_choice())

@@ -1,8 +1,9 @@
 """Launch-configuration sweep of the winner-GEMM backward at the training shape (one GPU process).
 
 Session 3 (H200, runs 4-5 in benchmarks/results/gpu-nvidia-h200/session3/) ran an earlier form of
-this script, where the op layer chose the padded-layout path by default; no variant was reliably faster
-than the configuration kept as the default (all 1.69-2.05 ms, late-interaction-kernels 1.77 ms).
+this script that also timed a padded-layout path (row offsets computed instead of loaded; removed since,
+it was no faster); no variant was reliably faster than the configuration kept as the default (all
+1.69-2.05 ms, late-interaction-kernels 1.77 ms).
 
 Each variant runs the full ``alignment_scores`` forward + backward (bf16 unit vectors, 128 x 128, W=32,
 R=36, D=1024, upstream = logsumexp over images) with its tile overrides; gradients are checked against
@@ -22,14 +23,13 @@ import aladin_fast
 from aladin_fast.kernels import alignment_winner_gemm as winner
 
 VARIANTS = [
-    ("default (offsets loaded)", {}, False),
-    ("padded-layout fast path (regular)", {}, True),
-    ("IMGS=2", {"IMGS": 2},False),
-    ("IMAGE_CAPS=4, IMAGE_BLOCK_D=128", {"IMAGE_CAPS": 4, "IMAGE_BLOCK_D": 128},False),
-    ("IMGS=2, IMAGE_CAPS=4, IMAGE_BLOCK_D=128", {"IMGS": 2, "IMAGE_CAPS": 4, "IMAGE_BLOCK_D": 128},False),
-    ("TEXT_CAPS=2, IMGS=2", {"TEXT_CAPS": 2, "IMGS": 2},False),
-    ("IMGS=2, num_stages=4", {"IMGS": 2, "num_stages": 4},False),
-    ("IMAGE_BLOCK_D=128", {"IMAGE_BLOCK_D": 128},False),
+    ("default", {}),
+    ("IMGS=2", {"IMGS": 2}),
+    ("IMAGE_CAPS=4, IMAGE_BLOCK_D=128", {"IMAGE_CAPS": 4, "IMAGE_BLOCK_D": 128}),
+    ("IMGS=2, IMAGE_CAPS=4, IMAGE_BLOCK_D=128", {"IMGS": 2, "IMAGE_CAPS": 4, "IMAGE_BLOCK_D": 128}),
+    ("TEXT_CAPS=2, IMGS=2", {"TEXT_CAPS": 2, "IMGS": 2}),
+    ("IMGS=2, num_stages=4", {"IMGS": 2, "num_stages": 4}),
+    ("IMAGE_BLOCK_D=128", {"IMAGE_BLOCK_D": 128}),
 ]
 
 
@@ -48,12 +48,9 @@ def main():
         fn(text, images).float().logsumexp(1).sum().backward()
 
     rows, reference = [], None
-    for name, override, regular in VARIANTS:
+    for name, override in VARIANTS:
         winner.winner_gemm_config = lambda override_=override, **kw: original_config(
             **{**kw, "override": {**(kw.get("override") or {}), **override_}})
-        launch = winner.launch_winner_gemm_backward
-        aladin_fast.kernels.launch_winner_gemm_backward = lambda *a, launch_=launch, regular_=regular, **kw: launch_(
-            *a, **{**kw, "regular": regular_})
         try:
             step()
             grads = (text.grad.float().clone(), images.grad.float().clone())
@@ -61,12 +58,11 @@ def main():
                 reference = grads
             error = max((a - b).abs().max().item() for a, b in zip(grads, reference))
             ms = do_bench(step, warmup=25, rep=200)
-            row = dict(variant=name, override=override, regular=regular, fwd_bwd_ms=ms, max_abs_diff_vs_default=error)
+            row = dict(variant=name, override=override, fwd_bwd_ms=ms, max_abs_diff_vs_default=error)
         except Exception as err:  # noqa: BLE001
-            row = dict(variant=name, override=override, regular=regular, error=f"{type(err).__name__}: {err}"[:300])
+            row = dict(variant=name, override=override, error=f"{type(err).__name__}: {err}"[:300])
         finally:
             winner.winner_gemm_config = original_config
-            aladin_fast.kernels.launch_winner_gemm_backward = winner.launch_winner_gemm_backward
         rows.append(row)
         print(json.dumps(row), flush=True)
     try:
