@@ -232,7 +232,7 @@ def suite_training(peer, dims, quick):
             record("train_fwd_bwd", shape, f"aladin_triton_{strategy}", with_env(env, step(ours_fn)),
                    flops=bwd_flops, bytes_moved=2 * bytes_in,
                    check=with_env(env, grad_check(ours_fn, f"{strategy}")))
-        if d == dims[0]:  # float32 inputs: dense (fp32 GEMMs) vs the segmented argmax kernels
+        if d == dims[0]:  # float32 inputs: winner GEMM (IEEE fp32 dot) vs the segmented argmax kernels
             t32, v32 = text.float().detach().requires_grad_(), images.float().detach().requires_grad_()
 
             def step32(score_fn, env=None):
