@@ -1,4 +1,5 @@
-"""Triton backward kernels and the forward's region -> word argmax, vs a float64 loop oracle, in the interpreter.
+"""Triton backward kernels and the forward's region -> word argmax, vs a float64 loop oracle, in the interpreter
+(the per-pair argmax kernels, the winner GEMM, the "gemm" strategy's weight matrix and its torch.mm products).
 
 Same process arrangement as tests/test_triton_interpreter.py: in-process under
 ``TRITON_INTERPRET=1``, otherwise one child pytest runs this file interpreted.
@@ -266,8 +267,144 @@ def test_winner_gemm_bad_arguments():
                                             0, 129, 5, torch.zeros(text.shape), torch.zeros(images.shape))
 
 
+def oracle_weights(case, aggregation, grad, argmax, region_argmax):
+    """The all-pairs weight matrix ``G [T_text, T_img]`` in float64 (kernels/alignment_weights.py), pair by pair."""
+    text, t_off, t_len, images, i_off, i_len, _, _ = case
+    weights = torch.zeros(text.shape[0], images.shape[0], dtype=torch.float64)
+    for t in range(t_off.shape[0]):
+        n_w, row0 = int(t_len[t]), int(t_off[t])
+        for i in range(i_off.shape[0]):
+            n_r, col0 = int(i_len[i]), int(i_off[i])
+            c = float(grad[t, i]) / (max(n_w, 1) if aggregation == 1 else 1)
+            if aggregation in (0, 1, 3):
+                for w, r in enumerate(argmax[t, i, :n_w].tolist()):
+                    if 0 <= r < n_r:
+                        weights[row0 + w, col0 + r] += c
+            if aggregation in (2, 3):
+                for r, w in enumerate(region_argmax[t, i, :n_r].tolist()):
+                    if 0 <= w < n_w:
+                        weights[row0 + w, col0 + r] += c
+    return weights
+
+
+def weights_in_chunks(case, aggregation, grad, argmax, region_argmax, dtype, rows_per_chunk):
+    text, t_off, t_len, images, i_off, i_len, w_pad, r_pad = case
+    text_sequence = kernels.token_sequence_ids(t_off, t_len, text.shape[0], w_pad)
+    image_sequence = kernels.token_sequence_ids(i_off, i_len, images.shape[0], r_pad)
+    out = torch.full((text.shape[0], images.shape[0]), 123.0, dtype=dtype)  # every element must be written
+    for start in range(0, text.shape[0], rows_per_chunk):
+        kernels.launch_alignment_weights(grad, argmax, region_argmax, text_sequence, t_off, t_len, image_sequence,
+                                         i_off, aggregation, w_pad, r_pad, start, out[start:start + rows_per_chunk])
+    return out
+
+
 @in_process
-@pytest.mark.parametrize("strategy", thin(["dense", "segmented"]))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_alignment_weights_kernel(dtype, packed):
+    """The "gemm" backward's weight-matrix rows vs the float64 oracle: lengths 1, 37 and 0 (all masked),
+    packed with gaps, winners that are -1, a zero pad or beyond the partner, chunks of 7 rows (boundaries
+    mid-caption, a partial last chunk) and one chunk of every row; every argmax aggregation."""
+    case = make_case(89, 4, 5, 37, 37, 8, torch.float32, packed=packed, text_lengths=[1, 37, 0, 5],
+                     image_lengths=[37, 0, 1, 20, 36])
+    gen = torch.Generator().manual_seed(97)
+    argmax = torch.randint(-1, 39, (4, 5, 37), generator=gen, dtype=torch.int32)
+    region_argmax = torch.randint(-1, 39, (4, 5, 37), generator=gen, dtype=torch.int32)
+    grad = torch.randint(-4, 5, (4, 5), generator=gen).float() / 2
+    for aggregation in (0, 1, 2, 3):
+        want = oracle_weights(case, aggregation, grad, argmax, region_argmax)
+        assert int((want != 0).sum()) > 20
+        for rows_per_chunk in (7, case[0].shape[0]):
+            got = weights_in_chunks(case, aggregation, grad, argmax, region_argmax, dtype, rows_per_chunk)
+            # dyadic coefficients are exact; 1 / n_words (MrAVGw) rounds to the workspace dtype
+            rtol = 2**-8 + 1e-6 if dtype == torch.bfloat16 else 1e-6  # half a bf16 ulp
+            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=0,
+                                       msg=lambda m: f"aggregation {aggregation}, {rows_per_chunk} rows: {m}")
+
+
+class _CountingKernels:
+    """The interpreted kernels, counting the weight-matrix chunks and their largest size in bytes."""
+
+    def __init__(self):
+        self.chunks, self.largest = 0, 0
+
+    def __getattr__(self, name):
+        return getattr(kernels, name)
+
+    def launch_alignment_weights(self, *args):
+        self.chunks += 1
+        self.largest = max(self.largest, args[-1].numel() * args[-1].element_size())
+        kernels.launch_alignment_weights(*args)
+
+
+@in_process
+def test_gemm_strategy_through_autograd(monkeypatch):
+    """``ALADIN_FAST_TRITON_BACKWARD=gemm`` through autograd (torch.mm on CPU tensors) vs float64 autograd of the
+    reference: padded fp32 and packed bf16, every aggregation (sum / mean fall back), a workspace cap of 4 rows
+    (several chunks, boundaries mid-caption); a cap below one row falls back to the segmented kernels."""
+    import aladin_fast
+    from aladin_fast.ops import alignment_op
+
+    counting = _CountingKernels()
+    monkeypatch.setattr(alignment_op, "triton_kernels", lambda: counting)
+    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", "gemm")
+    gen = torch.Generator().manual_seed(101)
+    text0 = torch.randn(3, 5, 16, generator=gen, dtype=torch.float64)
+    images0 = torch.randn(4, 6, 16, generator=gen, dtype=torch.float64)
+    t_len, v_len = torch.tensor([5, 0, 2]), torch.tensor([6, 1, 0, 4])
+    packed_text = torch.cat([text0[i, :int(n)] for i, n in enumerate(t_len)])
+    packed_images = torch.cat([images0[i, :int(n)] for i, n in enumerate(v_len)])
+    cu_text = torch.nn.functional.pad(t_len.cumsum(0), (1, 0))
+    cu_images = torch.nn.functional.pad(v_len.cumsum(0), (1, 0))
+    upstream = torch.randint(-4, 5, (3, 4), generator=gen).double() / 2  # exact in bf16
+    layouts = {"padded": (text0, images0, dict(text_lengths=t_len, image_lengths=v_len)),
+               "packed": (packed_text, packed_images, dict(text_cu_seqlens=cu_text, image_cu_seqlens=cu_images))}
+    for layout, dtype, cap_rows in (("padded", torch.float32, 4), ("packed", torch.bfloat16, 3)):
+        text0_, images0_, lengths = layouts[layout]
+        row_bytes = images0_.reshape(-1, 16).shape[0] * (2 if dtype == torch.bfloat16 else 4)
+        monkeypatch.setenv("ALADIN_FAST_BACKWARD_WORKSPACE_MB", str(cap_rows * row_bytes / 2**20))
+        text_rows = text0_.reshape(-1, 16).shape[0]
+        counting.largest = 0
+        for aggregation in ("MrSw", "MrAVGw", "MwSr", "symm", "mean"):
+            for padding in ("neg_inf", "zero"):
+                grads = []
+                counting.chunks = 0
+                for backend, compute in (("reference", torch.float64), ("triton", dtype)):
+                    text = text0_.to(dtype).to(compute).detach().requires_grad_()
+                    images = images0_.to(dtype).to(compute).detach().requires_grad_()
+                    scores = aladin_fast.alignment_scores(text, images, aggregation=aggregation, padding=padding,
+                                                          backend=backend, **lengths)
+                    (scores * upstream.to(scores.dtype)).sum().backward()
+                    grads.append((text.grad.double(), images.grad.double()))
+                assert counting.chunks == (0 if aggregation == "mean" else -(-text_rows // cap_rows))
+                tol = 1e-5 if dtype == torch.float32 else 1e-2
+                for got, want in zip(grads[1], grads[0]):
+                    torch.testing.assert_close(got, want, rtol=tol, atol=tol,
+                                               msg=lambda m: f"{layout} {aggregation} {padding}: {m}")
+        assert counting.largest <= cap_rows * row_bytes
+    monkeypatch.setenv("ALADIN_FAST_BACKWARD_WORKSPACE_MB", str(row_bytes / 2 / 2**20))  # half a row
+    counting.chunks = 0
+    text = packed_text.bfloat16().requires_grad_()
+    aladin_fast.alignment_scores(text, packed_images.bfloat16(), text_cu_seqlens=cu_text,
+                                 image_cu_seqlens=cu_images, backend="triton").sum().backward()
+    assert counting.chunks == 0 and torch.isfinite(text.grad).all()
+
+
+def test_backward_workspace_cap(monkeypatch):
+    from aladin_fast.ops.alignment_op import backward_workspace_bytes
+
+    monkeypatch.delenv("ALADIN_FAST_BACKWARD_WORKSPACE_MB", raising=False)
+    assert backward_workspace_bytes() == 8 * 2**20
+    monkeypatch.setenv("ALADIN_FAST_BACKWARD_WORKSPACE_MB", "0.5")
+    assert backward_workspace_bytes() == 2**19
+    for bad in ("0", "-4", "eight", "nan", "inf", ""):
+        monkeypatch.setenv("ALADIN_FAST_BACKWARD_WORKSPACE_MB", bad)
+        with pytest.raises(ValueError, match="ALADIN_FAST_BACKWARD_WORKSPACE_MB must be a positive number"):
+            backward_workspace_bytes()
+
+
+@in_process
+@pytest.mark.parametrize("strategy", thin(["dense", "gemm", "segmented"], keep=2))
 def test_op_gradients_through_autograd(strategy, monkeypatch):
     """``alignment_scores(..., backend="triton")`` backward (the op layer's strategy choice) vs float64 autograd
     of the reference: padded and packed all pairs, a NaN token (dense falls back to the argmax kernels)."""
@@ -315,8 +452,13 @@ def test_backward_strategy_choice(monkeypatch):
     monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", "fastest")
     with pytest.raises(ValueError, match="ALADIN_FAST_TRITON_BACKWARD"):
         triton_backward_strategy()
-    for chosen, deterministic in (("dense", "dense"), ("segmented", "segmented"), ("atomic", "segmented")):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    for chosen, deterministic, cublas in (("dense", "dense", None), ("segmented", "segmented", None),
+                                          ("atomic", "segmented", None), ("gemm", "segmented", None),
+                                          ("gemm", "gemm", ":4096:8")):
         monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", chosen)
+        if cublas:  # torch.mm is deterministic (and allowed) only with this cuBLAS workspace setting
+            monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", cublas)
         torch.use_deterministic_algorithms(True)
         try:
             assert triton_backward_strategy() == deterministic

@@ -19,6 +19,9 @@ the image, no atomics, deterministic). Backend "triton", for all pairs with
 MrSw / MrAVGw and finite tokens, runs the winner-GEMM kernels by default
 (``kernels/alignment_winner_gemm.py``: tiles of the word x region-row weight
 matrix built from the argmax in registers, times the tokens on tensor cores).
+``ALADIN_FAST_TRITON_BACKWARD=gemm`` (opt-in until measured on a GPU) instead
+writes that matrix to memory in capped row chunks (``kernels/alignment_weights.py``,
+every argmax aggregation, any padded length) and multiplies with ``torch.mm``.
 Otherwise it runs the per-pair Triton
 backward kernels (``kernels/alignment_backward.py``): text rows owned by a
 caption's program; image rows either owned by an image's program walking its
@@ -319,29 +322,56 @@ def _triton_kernel_choice():
     return {"kernel": kernel}
 
 
-TRITON_BACKWARD_STRATEGIES = ("dense", "segmented", "atomic")
+TRITON_BACKWARD_STRATEGIES = ("dense", "gemm", "segmented", "atomic")
+# cuBLAS is deterministic under torch.use_deterministic_algorithms(True) only with one of these workspace configs
+_DETERMINISTIC_CUBLAS_CONFIGS = (":4096:8", ":16:8")
 
 
 def triton_backward_strategy() -> str:
-    """Backward of the Triton backend: "dense", "segmented" or "atomic".
+    """Backward of the Triton backend: "dense", "gemm", "segmented" or "atomic".
 
     * "dense" (the default): all pairs with MrSw / MrAVGw, padded lengths <= 128 and
       finite tokens run the winner-GEMM kernels (``kernels/alignment_winner_gemm.py``: the
       word x region-row weight matrix built tile by tile from the argmax, times the tokens,
       on tensor cores); everything else runs the "segmented" kernels.
+    * "gemm" (opt-in, not yet measured on a GPU; the default changes only after it is): all pairs
+      with any argmax aggregation (MrSw / MrAVGw / MwSr / symm), any padded length and finite
+      tokens materialise the weight matrix in row chunks (``kernels/alignment_weights.py``, at most
+      ``ALADIN_FAST_BACKWARD_WORKSPACE_MB`` MiB, default 8) and multiply with ``torch.mm``
+      (cuBLAS on a GPU); everything else runs the "segmented" kernels.
     * "segmented": the argmax kernels, image rows owned by an image's program (deterministic).
     * "atomic": the argmax kernels, image rows accumulated with fp32 atomics (order-dependent bits).
 
     ``ALADIN_FAST_TRITON_BACKWARD`` chooses; under ``torch.use_deterministic_algorithms(True)``
-    "atomic" becomes "segmented" ("dense" and "segmented" write each output row once, in a
-    fixed order: bitwise deterministic).
+    "atomic" becomes "segmented", and so does "gemm" unless ``CUBLAS_WORKSPACE_CONFIG`` is one of
+    torch's deterministic settings (torch.mm raises otherwise). "dense", "gemm" and "segmented" write
+    each output row in a fixed order: bitwise deterministic.
     """
     strategy = os.environ.get("ALADIN_FAST_TRITON_BACKWARD", "dense")
     if strategy not in TRITON_BACKWARD_STRATEGIES:
         raise ValueError(f"ALADIN_FAST_TRITON_BACKWARD must be one of {TRITON_BACKWARD_STRATEGIES}, got {strategy!r}")
-    if strategy == "atomic" and torch.are_deterministic_algorithms_enabled():
+    if torch.are_deterministic_algorithms_enabled() and (strategy == "atomic" or (
+            strategy == "gemm" and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in _DETERMINISTIC_CUBLAS_CONFIGS)):
         return "segmented"
     return strategy
+
+
+BACKWARD_WORKSPACE_MB = 8.0  # default cap of the "gemm" backward's weight-matrix chunk
+
+
+def backward_workspace_bytes() -> int:
+    """Cap of the "gemm" backward's workspace in bytes: ``ALADIN_FAST_BACKWARD_WORKSPACE_MB`` (MiB, a positive
+    number; fractions allowed) or 8 MiB."""
+    value = os.environ.get("ALADIN_FAST_BACKWARD_WORKSPACE_MB")
+    if value is None:
+        return int(BACKWARD_WORKSPACE_MB * 2**20)
+    try:
+        mib = float(value)
+    except ValueError:
+        mib = float("nan")
+    if not 0 < mib < float("inf"):
+        raise ValueError(f"ALADIN_FAST_BACKWARD_WORKSPACE_MB must be a positive number of MiB, got {value!r}")
+    return max(1, int(mib * 2**20))
 
 
 # Aggregations the winner-GEMM backward runs by default. Measured on an H200 (bf16, 128 x 128, W=32, R=36,
@@ -349,42 +379,118 @@ def triton_backward_strategy() -> str:
 # the gathered [words x regions] winner tiles are slower than the segmented kernels (MwSr 6.6 vs 1.7 ms,
 # symm 7.0 vs 3.1 ms), so those keep the segmented kernels.
 DENSE_AGGREGATIONS = (MRSW, MRAVGW)
+GEMM_AGGREGATIONS = (MRSW, MRAVGW, MWSR, SYMM)
 
 
-def _dense_applies(text, images, candidates, aggregation, text_pad, image_pad) -> bool:
-    """The winner-GEMM backward: all pairs, MrSw / MrAVGw, padded lengths <= 128 and finite tokens (a zero
-    weight times an inf token would be NaN). One device sync; finiteness is a float32 sum of each token
-    matrix (NaN / inf propagate; an overflow of finite values only costs the fallback), with no input-sized
-    temporaries. (A padded-layout variant that computed row offsets instead of loading them measured no
-    faster on the H200 -- benchmarks/results/gpu-nvidia-h200/session3/run{4,5}-sweep.json -- and was removed.)"""
-    if candidates is not None or aggregation not in DENSE_AGGREGATIONS:
-        return False
-    if not triton_kernels().winner_gemm_fits(text_pad, image_pad):
-        return False
+def _tokens_finite(text, images) -> bool:
+    """Whether every token is finite (a zero weight times an inf token would be NaN). One device sync; a
+    float32 sum of each token matrix (NaN / inf propagate; an overflow of finite values only costs the
+    fallback), with no input-sized temporaries."""
     total = text.sum(dtype=torch.float32) + images.sum(dtype=torch.float32)
     return bool(torch.isfinite(total).item())
 
 
+def _dense_applies(text, images, candidates, aggregation, text_pad, image_pad) -> bool:
+    """The winner-GEMM backward: all pairs, MrSw / MrAVGw, padded lengths <= 128 and finite tokens.
+    (A padded-layout variant that computed row offsets instead of loading them measured no faster on the
+    H200 -- benchmarks/results/gpu-nvidia-h200/session3/run{4,5}-sweep.json -- and was removed.)"""
+    if candidates is not None or aggregation not in DENSE_AGGREGATIONS:
+        return False
+    if not triton_kernels().winner_gemm_fits(text_pad, image_pad):
+        return False
+    return _tokens_finite(text, images)
+
+
+def _gemm_rows_per_chunk(text, images, candidates, aggregation) -> int:
+    """Text-token rows per chunk of the "gemm" backward, or 0 where it does not apply (not all pairs, not an
+    argmax aggregation, one row of the weight matrix over the workspace cap, non-finite tokens)."""
+    if candidates is not None or aggregation not in GEMM_AGGREGATIONS:
+        return 0
+    row_bytes = images.shape[0] * triton_kernels().weights_dtype(text.dtype).itemsize
+    rows = backward_workspace_bytes() // max(1, row_bytes)
+    if rows == 0 or not _tokens_finite(text, images):
+        return 0
+    return min(rows, text.shape[0])
+
+
+# Whether CUDA addmm(out_dtype=float32) accepts an fp32 ``self`` (newer torch): bf16 chunks then accumulate in
+# place; older versions raise, and the chunk product goes through an fp32 temporary instead.
+_ADDMM_INTO_FP32 = [True]
+
+
+def _product_into(out, weights, tokens, accumulate=False):
+    """``out (fp32) = weights @ tokens`` (``+=`` with ``accumulate``), fp32 accumulation; ``weights`` and
+    ``tokens`` both fp32 or both bf16."""
+    if weights.dtype == torch.bfloat16 and not weights.is_cuda:  # no bf16 -> fp32 mm on the CPU (interpreter)
+        weights, tokens = weights.float(), tokens.float()
+    if weights.dtype == torch.float32:
+        if accumulate:
+            out.addmm_(weights, tokens)
+        else:
+            torch.mm(weights, tokens, out=out)
+    elif not accumulate:
+        torch.mm(weights, tokens, out_dtype=torch.float32, out=out)
+    else:
+        if _ADDMM_INTO_FP32[0]:
+            try:
+                torch.addmm(out, weights, tokens, out_dtype=torch.float32, out=out)
+                return
+            except RuntimeError:
+                _ADDMM_INTO_FP32[0] = False
+        out.add_(torch.mm(weights, tokens, out_dtype=torch.float32))
+
+
+def _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, argmax,
+                   region_argmax, aggregation, text_pad, image_pad, grad_text, grad_images, rows_per_chunk):
+    """The "gemm" strategy: per chunk of ``rows_per_chunk`` text-token rows, the weight-matrix rows ``G_c``
+    (``kernels/alignment_weights.py``), then ``d text[rows] = G_c @ images`` and ``d images += G_c^T @ text[rows]``
+    (fp32 accumulation, chunks in order: deterministic). Writes every row of ``grad_text`` and ``grad_images``."""
+    kernels = triton_kernels()
+    num_text_tokens, num_image_tokens = text.shape[0], images.shape[0]
+    if num_text_tokens == 0 or num_image_tokens == 0 or text.shape[1] == 0:
+        return
+    dtype = kernels.weights_dtype(text.dtype)
+    text_mm, images_mm = text.to(dtype), images.to(dtype)  # fp16 tokens meet an fp32 workspace
+    text_sequence = kernels.token_sequence_ids(text_offsets, text_lengths, num_text_tokens, text_pad)
+    image_sequence = kernels.token_sequence_ids(image_offsets, image_lengths, num_image_tokens, image_pad)
+    workspace = torch.empty(rows_per_chunk * num_image_tokens, dtype=dtype, device=text.device)
+    for start in range(0, num_text_tokens, rows_per_chunk):
+        stop = min(num_text_tokens, start + rows_per_chunk)
+        weights = workspace[:(stop - start) * num_image_tokens].view(stop - start, num_image_tokens)
+        kernels.launch_alignment_weights(grad, argmax, region_argmax, text_sequence, text_offsets, text_lengths,
+                                         image_sequence, image_offsets, aggregation, text_pad, image_pad, start,
+                                         weights)
+        _product_into(grad_text[start:stop], weights, images_mm)
+        _product_into(grad_images, weights.t(), text_mm[start:stop], accumulate=start > 0)
+
+
 def triton_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                     argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad):
-    """The Triton backward (``triton_backward_strategy``: the winner-GEMM kernels or the argmax kernels of
-    ``kernels/alignment_backward.py``): ``(d text, d images)`` float32."""
+    """The Triton backward (``triton_backward_strategy``: the winner-GEMM kernels, the chunked weight matrix
+    times torch.mm, or the argmax kernels of ``kernels/alignment_backward.py``): ``(d text, d images)`` float32."""
     strategy = triton_backward_strategy()
     grad = grad.float().contiguous()
     grad_text = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
     grad_images = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
     word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
+    argmax, region_argmax = (argmax if word_term else None), (region_argmax if region_term else None)
     if strategy == "dense":
         if _dense_applies(text, images, candidates, aggregation, text_pad, image_pad):
             triton_kernels().launch_winner_gemm_backward(
-                grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
-                argmax if word_term else None, region_argmax if region_term else None, aggregation, text_pad,
-                image_pad, grad_text, grad_images)
+                grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, argmax, region_argmax,
+                aggregation, text_pad, image_pad, grad_text, grad_images)
+            return grad_text, grad_images
+        strategy = "segmented"
+    if strategy == "gemm":
+        rows_per_chunk = _gemm_rows_per_chunk(text, images, candidates, aggregation)
+        if rows_per_chunk:
+            _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, argmax,
+                           region_argmax, aggregation, text_pad, image_pad, grad_text, grad_images, rows_per_chunk)
             return grad_text, grad_images
         strategy = "segmented"
     triton_kernels().launch_alignment_backward(
         grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
-        candidates, argmax if word_term else None, region_argmax if region_term else None, aggregation,
+        candidates, argmax, region_argmax, aggregation,
         zero_padding, text_pad, image_pad, grad_text, grad_images, strategy=strategy,
         config=_triton_kernel_choice())
     return grad_text, grad_images

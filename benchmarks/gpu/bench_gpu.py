@@ -120,6 +120,7 @@ def plain_rerank(text, gallery, candidates):
 
 _COMPILED = {}
 PAIR = {"ALADIN_FAST_TRITON_KERNEL": "pair"}
+GEMM = {"ALADIN_FAST_TRITON_BACKWARD": "gemm"}  # the chunked weight matrix + torch.mm backward
 
 
 def with_env(env, fn):
@@ -136,6 +137,30 @@ def with_env(env, fn):
                 else:
                     os.environ[key] = value
     return run
+
+
+def aggregated(aggregation):
+    """Our all-pairs scores with ``aggregation`` (Triton backend)."""
+    return lambda t, v: aladin_fast.alignment_scores(t, v, aggregation=aggregation, backend="triton")
+
+
+def strategy_check(step, score_fn, env, *leaves):
+    """A check: ``step(score_fn)`` under ``env`` gives the gradients of the default configuration."""
+    def check():
+        step(score_fn)()
+        want = [leaf.grad.float().clone() for leaf in leaves]
+        with_env(env, step(score_fn))()
+        for leaf, expected in zip(leaves, want):
+            close(leaf.grad, expected, f"{env} gradients", atol_scale=3e-2)
+    return check
+
+
+def save_sweep(path, rows):
+    """Write a sweep script's rows, with the GPU and torch version, as JSON (nothing without a path)."""
+    if path:
+        with open(path, "w") as handle:
+            json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, handle,
+                      indent=1)
 
 
 def compiled(fn):
@@ -223,12 +248,15 @@ def suite_training(peer, dims, quick):
         step(ours_fn)()
         want_t, want_v = t_leaf.grad.float().clone(), v_leaf.grad.float().clone()
         record("train_fwd_bwd", shape, "aladin_triton", step(ours_fn), flops=bwd_flops, bytes_moved=2 * bytes_in)
-        for aggregation in ("symm", "MwSr"):  # the region term (segmented argmax kernels: the faster path there)
-            fn = lambda t, v, a=aggregation: aladin_fast.alignment_scores(t, v, aggregation=a, backend="triton")  # noqa: E731
+        for aggregation in ("symm", "MwSr"):  # the region term: default (segmented argmax kernels), then "gemm"
+            fn = aggregated(aggregation)
             record("train_fwd_bwd_variants", shape, f"aladin_triton_{aggregation}", step(fn), flops=bwd_flops,
                    bytes_moved=2 * bytes_in)
+            record("train_fwd_bwd_variants", shape, f"aladin_triton_{aggregation}_gemm", with_env(GEMM, step(fn)),
+                   flops=bwd_flops, bytes_moved=2 * bytes_in, check=strategy_check(step, fn, GEMM, t_leaf, v_leaf))
         for strategy, env in (("segmented", {"ALADIN_FAST_TRITON_BACKWARD": "segmented"}),
-                              ("pair_kernel_segmented", dict(PAIR, ALADIN_FAST_TRITON_BACKWARD="segmented"))):
+                              ("pair_kernel_segmented", dict(PAIR, ALADIN_FAST_TRITON_BACKWARD="segmented")),
+                              ("gemm", GEMM)):
             record("train_fwd_bwd", shape, f"aladin_triton_{strategy}", with_env(env, step(ours_fn)),
                    flops=bwd_flops, bytes_moved=2 * bytes_in,
                    check=with_env(env, grad_check(ours_fn, f"{strategy}")))
@@ -240,7 +268,7 @@ def suite_training(peer, dims, quick):
                     t32.grad = v32.grad = None
                     score_fn(t32, v32).float().logsumexp(1).sum().backward()
                 return with_env(env or {}, run)
-            for strategy in ("dense", "segmented"):
+            for strategy in ("dense", "gemm", "segmented"):
                 record("train_fwd_bwd_fp32", shape, f"aladin_triton_{strategy}", step32(
                     ours_fn, {"ALADIN_FAST_TRITON_BACKWARD": strategy}), flops=bwd_flops, bytes_moved=4 * bytes_in,
                     dtype="fp32")

@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session: environment, GPU tests, GPU benchmarks. Run from a clean snapshot of the repo
 # (see benchmarks/gpu/README.md); writes logs and JSON under $OUT (default ./gpu-out).
+#
+# The "gemm" backward (ALADIN_FAST_TRITON_BACKWARD=gemm, not the default until measured) in one short call:
+#   TEST_K="gemm or memory or deterministic" BENCH_ARGS="--suites training" SWEEP_WORKSPACE=1 \
+#     bash benchmarks/gpu/run_gpu.sh
+# runs its GPU tests, the training rows (aladin_triton_gemm, aladin_triton_{symm,MwSr}_gemm next to the default
+# and segmented rows, bf16 D=1024 and 768, and fp32) and the workspace-cap sweep (4-64 MiB,
+# benchmarks/gpu/sweep_workspace.py -> $OUT/workspace_sweep.json; SWEEP_CAPS overrides the caps).
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -24,4 +31,8 @@ timeout "$TEST_TIMEOUT" python3 -m pytest $TEST_FILES -q -p no:cacheprovider -n 
   ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -n 80 > "$OUT/gpu_tests.log"
 echo "gpu tests exit: ${PIPESTATUS[0]}" >> "$OUT/gpu_tests.log"
 timeout $((BENCH_BUDGET + 150)) python3 benchmarks/gpu/bench_gpu.py --out "$OUT/gpu_bench.json" --budget-s "$BENCH_BUDGET" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.log" | tail -n 70
+if [ -n "${SWEEP_WORKSPACE:-}" ]; then
+  timeout 300 python3 benchmarks/gpu/sweep_workspace.py --out "$OUT/workspace_sweep.json" \
+    --caps "${SWEEP_CAPS:-4,8,16,32,64}" 2>&1 | tee "$OUT/workspace_sweep.log" | tail -n 60
+fi
 cat "$OUT/gpu_tests.log" | tail -n 25

@@ -17,6 +17,7 @@ import argparse
 import json
 
 import torch
+from bench_gpu import save_sweep  # (this folder: the script's own directory is on sys.path)
 from triton.testing import do_bench
 
 import aladin_fast
@@ -74,10 +75,7 @@ def main():
         print(json.dumps(rows[-1]), flush=True)
     except Exception as err:  # noqa: BLE001
         print("late-interaction-kernels unavailable:", err)
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, handle,
-                      indent=1)
+    save_sweep(args.out, rows)
 
 
 if __name__ == "__main__":
