@@ -408,9 +408,10 @@ def _gemm_rows_per_chunk(text, images, candidates, aggregation) -> int:
         return 0
     row_bytes = images.shape[0] * triton_kernels().weights_dtype(text.dtype).itemsize
     rows = backward_workspace_bytes() // max(1, row_bytes)
-    if rows == 0 or not _tokens_finite(text, images):
+    if rows == 0 or text.shape[0] == 0 or not _tokens_finite(text, images):
         return 0
-    return min(rows, text.shape[0])
+    chunks = -(-text.shape[0] // rows)
+    return -(-text.shape[0] // chunks)  # the fewest chunks the cap allows, of equal size (one GEMM shape)
 
 
 # Whether CUDA addmm(out_dtype=float32) accepts an fp32 ``self`` (newer torch): bf16 chunks then accumulate in
