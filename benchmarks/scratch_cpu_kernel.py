@@ -74,6 +74,8 @@ CASES = {
     "rerank_W32_R36_D1024_K1000_bf16": dict(nt=1, ni=1000, W=32, R=36, D=1024, k=1000, dtype="bfloat16"),
     "rerank_W20_R36_D768_K5000_f32": dict(nt=1, ni=5000, W=20, R=36, D=768, k=5000, dtype="float32"),
     "rerank_W20_R36_D768_K5000_bf16": dict(nt=1, ni=5000, W=20, R=36, D=768, k=5000, dtype="bfloat16"),
+    "rerank_W4_R36_D768_K5000_f32": dict(nt=1, ni=5000, W=4, R=36, D=768, k=5000, dtype="float32"),
+    "rerank_W4_R36_D768_K5000_bf16": dict(nt=1, ni=5000, W=4, R=36, D=768, k=5000, dtype="bfloat16"),
     "paired_1000_W32_R36_D1024_f32": dict(nt=1000, ni=1000, W=32, R=36, D=1024, k="paired", dtype="float32"),
     "allpairs_128x128_W32_R36_D1024_f32": dict(nt=128, ni=128, W=32, R=36, D=1024, k=None, dtype="float32"),
     "allpairs_128x128_W32_R36_D1024_bf16": dict(nt=128, ni=128, W=32, R=36, D=1024, k=None, dtype="bfloat16"),

@@ -70,6 +70,9 @@ struct Tuning {
     int64_t prefetch = 0; // software prefetch distance in floats for fp32 region rows
     int word_chunk = 0;   // max word vectors per micro-kernel pass (0 = ISA default)
     int64_t prefetch_next = 4;  // cache lines prefetched at the start of every row of the next pair's image
+    // DOT layout, bf16 images: read the bf16 rows directly (no fp32 scratch) for captions of at most this
+    // many words (the scratch converts each value once for all words: better for long captions)
+    int64_t bf16_direct_words = -1;  // -1: the ISA default (kernel_driver.cpp)
 };
 
 // Everything one `score` call needs, already validated by the bindings.
@@ -121,6 +124,8 @@ struct Workspace {
     float* colmax = nullptr;   // [rt_max]
     int32_t* colarg = nullptr; // [rt_max] (only when region_argmax is requested)
     const float** rowptr = nullptr;  // [max_image_len] region row pointers for the current D chunk
+    const uint16_t** rowptr16 = nullptr;  // [max_image_len] bf16 region rows (DOT layout, dot_bf16_direct)
+    bool dot_bf16_direct = false;  // DOT layout, bf16: rows read directly (set by the driver per caption)
     int64_t scratch_dc = 0;    // row stride of `scratch` (floats), words layout
     int64_t scratch_dc_dot = 0;  // row stride of `scratch` for the DOT layout (whole rows unless tuned)
     int64_t wp = 0;            // padded word count (lanes) of the current query

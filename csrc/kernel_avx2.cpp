@@ -39,6 +39,9 @@ struct V {
     // DOT layout block: 2 words x 6 regions = 12 accumulators + 2 word vectors + 1 region vector
     static constexpr int kDotWords = 2;
     static constexpr int kDotRegions = 6;
+    // bf16 rows read directly (dot_step_bf16): two query vectors per word, two widened row vectors
+    static constexpr int kDotBf16Words = 4;
+    static constexpr int kDotBf16Regions = 3;
 
     static inline f zero() { return _mm256_setzero_ps(); }
     static inline f set1(float x) { return _mm256_set1_ps(x); }
@@ -105,6 +108,12 @@ struct V {
     static inline f load_bf16(const uint16_t* p) {
         const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
         return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    }
+    // 2W bf16 at p widened exactly: even = p[0], p[2], ...; odd = p[1], p[3], ...
+    static inline void bf16_pairs(const uint16_t* p, f& even, f& odd) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+        odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
     }
     static inline void cvt_f16(const uint16_t* src, float* dst, int64_t n);
     static inline void cvt_bf16(const uint16_t* src, float* dst, int64_t n);

@@ -46,6 +46,9 @@ struct V {
     // DOT layout block: 4 words x 6 regions = 24 accumulators of 32 zmm
     static constexpr int kDotWords = 4;
     static constexpr int kDotRegions = 6;
+    // bf16 rows read directly (dot_step_bf16): two query vectors per word, two widened row vectors
+    static constexpr int kDotBf16Words = 4;
+    static constexpr int kDotBf16Regions = 4;
 
     static inline f zero() { return _mm512_setzero_ps(); }
     static inline f set1(float x) { return _mm512_set1_ps(x); }
@@ -107,6 +110,12 @@ struct V {
     static inline f load_bf16(const uint16_t* p) {
         const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
         return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    }
+    // 2W bf16 at p widened exactly: even = p[0], p[2], ...; odd = p[1], p[3], ...
+    static inline void bf16_pairs(const uint16_t* p, f& even, f& odd) {
+        const __m512i x = _mm512_loadu_si512(p);
+        even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
     }
     static inline void cvt_f16(const uint16_t* src, float* dst, int64_t n);
     static inline void cvt_bf16(const uint16_t* src, float* dst, int64_t n);

@@ -60,6 +60,8 @@ constexpr int64_t kPairCost = 1500;
 // Below that a second thread saves at most ~65 us on an idle machine, while on a loaded one
 // the join waits for a descheduled worker (measured: 8-12 ms per call on the shared 2-core box).
 constexpr int64_t kWorkPerThread = int64_t(1) << 21;
+// bf16_direct(): captions of at most this many words read bf16 rows directly (tuned below)
+constexpr int64_t kBf16DirectWords = 12;
 
 }  // namespace
 
@@ -78,6 +80,16 @@ int choose_layout(const Job& job, const IsaKernels* isa, int64_t n_words) {
     const int64_t w = n_words > 0 ? n_words : 1;
     const int64_t filled = round_up(w, lanes);
     return w * 10 < filled * 9 ? LAYOUT_DOT : LAYOUT_WORDS;  // words-in-lanes would waste > 10% of lanes
+}
+
+// DOT layout with bf16 images: read the rows directly (2W values per load, widened in registers)
+// instead of converting each image to an fp32 scratch first.  Direct costs two widening ops per
+// 2W values per region block of words; the scratch one conversion per value for all words, plus
+// its store and reload.  So direct wins for short captions and needs D to be a multiple of 2W.
+static bool bf16_direct(const Job& job, const IsaKernels* isa, int64_t n_words) {
+    if (job.dtype != DType::BF16 || job.dim % (2 * isa->lanes) != 0) return false;
+    const int64_t limit = job.tuning.bf16_direct_words >= 0 ? job.tuning.bf16_direct_words : kBf16DirectWords;
+    return n_words <= limit;
 }
 
 int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
@@ -126,7 +138,8 @@ int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
         ws.colmax = static_cast<float*>(alloc_aligned(rt_max, sizeof(float)));
         ws.colarg = job.region_argmax ? static_cast<int32_t*>(alloc_aligned(rt_max, sizeof(int32_t))) : nullptr;
         ws.rowptr = static_cast<const float**>(alloc_aligned(rmax, sizeof(const float*)));
-        const bool ok = ws.query && ws.tile && (!lowp || ws.scratch) && ws.rowmax && ws.rowarg && ws.colmax && ws.rowptr &&
+        ws.rowptr16 = static_cast<const uint16_t**>(alloc_aligned(rmax, sizeof(const uint16_t*)));
+        const bool ok = ws.query && ws.tile && (!lowp || ws.scratch) && ws.rowmax && ws.rowarg && ws.colmax && ws.rowptr && ws.rowptr16 &&
                         (!job.region_argmax || ws.colarg);
         if (!ok) {
 #pragma omp atomic write
@@ -144,6 +157,7 @@ int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
                 }
                 if (i != current) {
                     ws.layout = choose_layout(job, isa, job.text_lengths[i]);
+                    ws.dot_bf16_direct = ws.layout == LAYOUT_DOT && bf16_direct(job, isa, job.text_lengths[i]);
                     isa->prepare_query(job, i, ws);
                     current = i;
                 }
@@ -163,6 +177,7 @@ int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
         std::free(ws.colmax);
         std::free(ws.colarg);
         std::free(const_cast<float**>(ws.rowptr));
+        std::free(const_cast<uint16_t**>(ws.rowptr16));
     };
 
     if (threads == 1) {  // no parallel region at all: nothing to wake or join

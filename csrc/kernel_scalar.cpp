@@ -22,6 +22,9 @@ struct V {
     }
     static constexpr int kDotWords = 3;
     static constexpr int kDotRegions = 4;
+    // bf16 rows read directly (dot_step_bf16): two query vectors per word, two widened row vectors
+    static constexpr int kDotBf16Words = 3;
+    static constexpr int kDotBf16Regions = 4;
 
     static inline f zero() { return 0.0f; }
     static inline f set1(float x) { return x; }
@@ -64,6 +67,7 @@ struct V {
 
     static inline f load_f16(const uint16_t* p);
     static inline f load_bf16(const uint16_t* p);
+    static inline void bf16_pairs(const uint16_t* p, f& even, f& odd);  // p[0], p[1]
     static inline void cvt_f16(const uint16_t* src, float* dst, int64_t n);
     static inline void cvt_bf16(const uint16_t* src, float* dst, int64_t n);
 };
@@ -72,6 +76,10 @@ struct V {
 
 inline float V::load_f16(const uint16_t* p) { return half_bits_to_float(*p); }
 inline float V::load_bf16(const uint16_t* p) { return bf16_bits_to_float(*p); }
+inline void V::bf16_pairs(const uint16_t* p, f& even, f& odd) {
+    even = bf16_bits_to_float(p[0]);
+    odd = bf16_bits_to_float(p[1]);
+}
 
 inline void V::cvt_f16(const uint16_t* src, float* dst, int64_t n) {
     for (int64_t d = 0; d < n; ++d) dst[d] = half_bits_to_float(src[d]);

@@ -8,6 +8,10 @@ picks for their shapes; here each layout is forced, both with the ``layout=`` ar
 the ``ALADIN_FAST_CPU_LAYOUT`` environment variable, on the awkward shapes of
 test_cpu_kernel_raw (lengths 0 / 1 / 37, non-powers of two, D tails, all-masked rows, empty
 batches, NaN / inf, ties) for every code path this CPU can run.
+
+The DOT layout reads bf16 rows either through an fp32 scratch or directly (two widening ops per
+2W values, ``bf16_direct`` in kernel_driver.cpp: captions of at most 12 words, D a multiple of
+2W); ``ALADIN_FAST_BF16_DIRECT_WORDS`` (0 = never, large = always where D allows) forces each.
 """
 import numpy as np
 import pytest
@@ -145,8 +149,13 @@ def test_pair_bits_independent_of_the_batch(dtype):
     some at a multiple of the vector width), long images (R x D large enough for the words
     layout's converted rows to be D-chunked), all pairs vs one caption vs gathered candidates."""
     rng = np.random.default_rng(5)
-    kin, _ = raw.make_case(rng, W=24, R=120, D=1100, nt=5, ni=4, mode="all", dtype=dtype, data="random")
-    kin["tlen"][:] = [24, 16, 20, 7, 8]
+    for D in (1100, 1024):  # 1024: the short captions read bf16 rows directly in the DOT layout
+        kin, _ = raw.make_case(rng, W=24, R=120, D=D, nt=5, ni=4, mode="all", dtype=dtype, data="random")
+        kin["tlen"][:] = [24, 16, 20, 7, 8]
+        _check_pair_bits(kin)
+
+
+def _check_pair_bits(kin):
     for isa in ISAS:
         whole, _ = raw.run_kernel(kin, 3, False, isa)
         for i in range(5):
@@ -156,3 +165,39 @@ def test_pair_bits_independent_of_the_batch(dtype):
             gathered = dict(one, cand=np.array([[3, 1]], np.int64))
             row_g, _ = raw.run_kernel(gathered, 3, False, isa)
             assert row_g.tobytes() == whole[i:i + 1, [3, 1]].tobytes(), (isa, i)
+
+
+@pytest.mark.parametrize("direct_words", ["0", "1000"], ids=["scratch", "direct"])
+@pytest.mark.parametrize("shape", [(1, 1, 16), (4, 36, 768), (7, 37, 64), (12, 5, 48), (13, 3, 32), (37, 9, 96),
+                                   (5, 6, 40), (3, 4, 17)], ids=lambda s: "W{}R{}D{}".format(*s))
+def test_dot_bf16_rows_scratch_and_direct(monkeypatch, direct_words, shape):
+    """bf16 images in the DOT layout, through the scratch and read directly, against the float64
+    reference: every aggregation, both paddings, masked lengths, region argmax; D = 40 / 17 (not a
+    multiple of 2W) must take the scratch whatever is asked."""
+    monkeypatch.setenv("ALADIN_FAST_BF16_DIRECT_WORDS", direct_words)
+    W, R, D = shape
+    rng = np.random.default_rng(W * 100 + R + D)
+    for mode, k in (("all", None), ("rerank", 3)):
+        kin, vals = raw.make_case(rng, W=W, R=R, D=D, nt=3, ni=4, mode=mode, dtype="bfloat16", data="random", k=k)
+        for zero in (False, True):
+            ref = raw.ref_for(kin, vals, zero)
+            for isa in ISAS:
+                for agg in range(6):
+                    out, am, ram = _score(kin, agg, zero, isa, "dot", region_argmax=True)
+                    raw.check(kin, ref, out, am, agg, False, f"{isa} agg={agg} zero={zero} {mode}", zero)
+
+
+def test_dot_bf16_direct_nan_and_exact_agreement(monkeypatch):
+    """NaN / inf handling is the scratch path's; on exact data both give the same bits."""
+    monkeypatch.setenv("ALADIN_FAST_CPU_LAYOUT", "dot")
+    monkeypatch.setenv("ALADIN_FAST_BF16_DIRECT_WORDS", "1000")
+    raw.test_nan_poisons_only_its_pairs("bfloat16")
+    rng = np.random.default_rng(8)
+    kin, _ = raw.make_case(rng, W=6, R=37, D=64, nt=3, ni=5, mode="all", dtype="bfloat16", data="exact")
+    for isa in ISAS:
+        results = []
+        for words in ("0", "1000"):
+            monkeypatch.setenv("ALADIN_FAST_BF16_DIRECT_WORDS", words)
+            results.append(_score(kin, 3, True, isa, "dot", region_argmax=True))
+        assert results[0][0].tobytes() == results[1][0].tobytes(), isa
+        assert np.array_equal(results[0][1], results[1][1]) and np.array_equal(results[0][2], results[1][2]), isa
