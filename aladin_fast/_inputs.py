@@ -14,6 +14,7 @@ without a graph break) unless the caller passes it as a Python int
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 
@@ -75,6 +76,28 @@ def tracing() -> bool:
     is checked in-graph with ``torch._assert_async``.
     """
     return torch.compiler.is_compiling()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_padded_layout(count: int, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever mode the first call ran in
+        offsets = torch.arange(count, dtype=torch.int64, device=device) * pad
+        lengths = torch.full((count,), pad, dtype=torch.int32, device=device)
+    return offsets, lengths
+
+
+def padded_layout(count: int, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets ``arange(count) * pad`` [N] int64 and full lengths [N] int32 of a padded batch.
+
+    The same few shapes recur call after call (a training batch, a serving batch), and on a GPU
+    each of these tensors is a kernel launch: eager calls share one read-only copy per
+    (count, pad, device). Traced, captured (CUDA graphs) and symbolic-shape calls build their own.
+    """
+    if (tracing() or not isinstance(count, int) or not isinstance(pad, int)
+            or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        return (torch.arange(count, dtype=torch.int64, device=device) * pad,
+                torch.full((count,), pad, dtype=torch.int32, device=device))
+    return _cached_padded_layout(count, pad, device)
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -203,9 +226,9 @@ def token_batch(
             f"got shape {list(tokens.shape)}"
         )
     count, pad, dim = tokens.shape
-    lengths32 = _lengths_from(lengths_name, lengths, count, pad, device)
+    offsets, full_lengths = padded_layout(count, pad, device)
+    lengths32 = full_lengths if lengths is None else _lengths_from(lengths_name, lengths, count, pad, device)
     flat = tokens.contiguous().view(count * pad, dim)
-    offsets = torch.arange(count, dtype=torch.int64, device=device) * pad
     return TokenBatch(flat, offsets, lengths32, pad)
 
 

@@ -245,9 +245,14 @@ CHECKER = ScoreChecker()
 
 
 # ------------------------------------------------------------------ one benchmark case
-def rounds_for(seconds_per_call: float, budget: float = 3.0) -> int:
-    """3 to 9 timed rounds, about ``budget`` seconds per case."""
-    return int(min(9, max(3, budget // max(seconds_per_call, 1e-9))))
+def rounds_for(seconds_per_call: float, budget: float = 3.0, minimum: int = 3) -> int:
+    """``minimum`` to 9 timed rounds, about ``budget`` seconds per case."""
+    return int(min(9, max(minimum, budget // max(seconds_per_call, 1e-9))))
+
+
+# aladin-fast rows are what the targets are judged on: a median of at least 7 rounds (the torch / peer
+# baselines, up to 10 s a call, get 3 to 9)
+OURS_MIN_ROUNDS = 7
 
 
 def run_forward_case(benchmark, shape, provider: str, op: str) -> torch.Tensor:
@@ -274,6 +279,6 @@ def run_forward_case(benchmark, shape, provider: str, op: str) -> torch.Tensor:
         flops=problem_shape.flops, bytes=problem_shape.min_bytes(element_size, distinct), images_read=distinct,
         threads=torch.get_num_threads(), full_shape=full,
     )
-    rounds = rounds_for(first_call)
+    rounds = rounds_for(first_call, minimum=OURS_MIN_ROUNDS if provider.startswith("aladin_fast") else 3)
     warmup = 1 if first_call < 0.5 else 0
     return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)  # once when disabled

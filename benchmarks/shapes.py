@@ -102,6 +102,9 @@ RERANK_SHAPES = _named(
           note="10 FLOP/byte in fp32, 20 in bf16: bandwidth-bound only where the FMA peak exceeds ~10x the "
                "read bandwidth (compute-bound on the 2-vCPU AVX2 box: 80 GFLOP/s vs 22-25 GB/s); W=20 "
                "fills 20 of 24 AVX2 lanes words-in-lanes, so the kernel's DOT layout takes it"),
+    Shape("rerank_Q1_K5000_W4_R36_D768", "rerank", 1, 4, 36, 768, 5000, 5000, devices=("cpu",),
+          note="a short keyword query: 2 FLOP/byte in fp32, 4 in bf16 -- bandwidth-bound on the 2-vCPU AVX2 "
+               "box, where a bf16 gallery halves the bytes (the kernel reads bf16 rows directly for W <= 12)"),
 )
 
 # (c) exhaustive gallery scoring (full_scores / alignment_scores over a whole gallery)

@@ -1,7 +1,8 @@
 """CPU rerank: K gathered candidates per query, the fused C++ kernel vs torch and fast-maxsim.
 
 Shapes: ``shapes.RERANK_SHAPES`` (1 and 64 queries x K = 100 / 1,000 candidates out of
-a 5,000-image gallery, W=32 R=36 D=1024; and W=20 R=36 D=768 K=5000, 10 FLOP/byte in fp32).
+a 5,000-image gallery, W=32 R=36 D=1024; W=20 R=36 D=768 K=5000, 10 FLOP/byte in fp32; and a
+W=4 keyword query, K=5000, 2 FLOP/byte: bandwidth-bound here).
 Providers: ``providers.PROVIDERS``. Every case checks its scores against a float64
 oracle and against every other provider of the same shape before it is timed.
 

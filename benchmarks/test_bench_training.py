@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import aladin_fast
-from providers import full_run
+from providers import OURS_MIN_ROUNDS, full_run
 from shapes import TRAINING_SHAPES, shapes_for
 
 _C = pytest.importorskip("aladin_fast._C")
@@ -110,4 +110,5 @@ def test_training_step(benchmark, shape_name, provider):
         flops=shape.flops + 4.0 * batch * batch * words * dim,
         bytes=float((batch * words + batch * regions) * dim * 4 * 2),  # read T, V once; write their grads once
     )
-    benchmark.pedantic(_step, args=(score_fn, text, images, upstream), rounds=5, warmup_rounds=1, iterations=1)
+    rounds = OURS_MIN_ROUNDS if provider.startswith("aladin_fast") else 5  # targets: a median of >= 7
+    benchmark.pedantic(_step, args=(score_fn, text, images, upstream), rounds=rounds, warmup_rounds=1, iterations=1)
