@@ -70,6 +70,7 @@ struct Tuning {
     int64_t prefetch = 0; // software prefetch distance in floats for fp32 region rows
     int word_chunk = 0;   // max word vectors per micro-kernel pass (0 = ISA default)
     int64_t prefetch_next = 4;  // cache lines prefetched at the start of every row of the next pair's image
+    int64_t dot_prefetch_blocks = 1;  // DOT layout: prefetch the region block this many blocks ahead
     // DOT layout, bf16 images: read the bf16 rows directly (no fp32 scratch) for captions of at most this
     // many words (the scratch converts each value once for all words: better for long captions)
     int64_t bf16_direct_words = -1;  // -1: the ISA default (kernel_driver.cpp)
@@ -115,7 +116,7 @@ struct Workspace {
     const float* qrows = nullptr;  // DOT layout: the query's fp32 word rows (row stride qstride)
     int64_t qstride = 0;
     int layout = LAYOUT_WORDS;     // layout of the current caption (set by the driver before prepare_query)
-    const float* next_rows = nullptr;  // fp32 rows of the next pair's image (prefetch target) or nullptr
+    const char* next_rows = nullptr;  // the next pair's image rows (DOT prefetch target; row stride D elements) or nullptr
     int64_t next_nr = 0;
     float* tile = nullptr;     // [rt_max][wp_max] score tile s[r][w]
     float* scratch = nullptr;  // [max_image_len][dc] converted region rows (fp16/bf16)

@@ -47,7 +47,7 @@ inline void next_image_rows(const Job& job, int64_t p, Workspace& ws) {
     const int64_t kk = p % job.k;
     const int64_t j = job.candidates ? job.candidates[p] : kk;
     if (j < 0 || j >= job.ni || job.image_lengths[j] == 0) return;
-    ws.next_rows = static_cast<const float*>(job.images) + job.image_offsets[j] * job.dim;
+    ws.next_rows = static_cast<const char*>(job.images) + job.image_offsets[j] * job.dim * (job.dtype == DType::F32 ? 4 : 2);
     ws.next_nr = job.image_lengths[j];
 }
 
@@ -164,7 +164,8 @@ int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
                 ws.next_rows = nullptr;
                 if (job.tuning.prefetch_next > 0 && p + 1 < range.end) {
                     prefetch_image(job, p + 1);
-                    if (ws.layout == LAYOUT_DOT && job.dtype == DType::F32) next_image_rows(job, p + 1, ws);
+                    if (ws.layout == LAYOUT_DOT && (job.dtype == DType::F32 || ws.dot_bf16_direct))
+                        next_image_rows(job, p + 1, ws);
                 }
                 isa->score_pair(job, i, j, p, ws);
             }
