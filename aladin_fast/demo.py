@@ -4,7 +4,7 @@
 
 1. builds train / test :class:`~aladin_fast.data.SyntheticScenes` (one shared world);
 2. trains the TERAN-style teacher on the fused MrSw op, then distils the
-   ALADIN-style student (hinge + ListNet) with :class:`~aladin_fast.training.Trainer`;
+   ALADIN-style student (ListNet distillation of the frozen teacher, the acceptance run's recipe) with :class:`~aladin_fast.training.Trainer`;
 3. encodes the test split, builds the faiss student index and the feature
    store of teacher tokens, and evaluates three scorers with the standard
    protocol (:mod:`aladin_fast.evaluate`): the teacher exhaustively, the
@@ -34,7 +34,14 @@ __all__ = ["DEFAULT_SIZES", "QUICK_SIZES", "run_demo"]
 # the teacher clearly beats chance and the student shortlists most of its hits.
 DEFAULT_SIZES: Dict[str, Any] = dict(
     train_images=2500, test_images=2000, feature_dim=256, regions=36,
-    teacher_dim=128, teacher_layers=1, teacher_heads=4, teacher_ff_dim=256, student_dim=128, student_heads=4,
+    teacher_dim=128, teacher_layers=1, teacher_heads=4, teacher_ff_dim=256, student_heads=4,
+    # the student recipe of the training acceptance run (aladin_fast/acceptance.py, docs/training.md): every
+    # frozen-teacher token projected to student_dim and max-pooled (no transformer layer in the heads), ListNet
+    # only, towards a sharpened teacher (scores / 0.1) with student cosines x 20, lr 4e-3, on the teacher's
+    # tokens cached once
+    student_dim=512, student_layers=0, student_pooling="max", student_project_tokens=True,
+    student_hinge_weight=0.0, distill_temperature=20.0, distill_teacher_temperature=0.1, student_lr=4e-3,
+    cache_teacher_tokens=True,
     batch_size=64, teacher_epochs=10, student_epochs=16, lr=1e-3, warmup_steps=20,
     eval_every=2, eval_max_images=200,  # cheap periodic evaluation for the training curves
     rerank_ks=(5, 10, 20, 50, 100), rerank_k=50, latency_queries=200,
@@ -55,6 +62,11 @@ def _train_config(sizes: Dict[str, Any], seed: int, device: str, output_dir: str
     return TrainConfig(
         teacher_dim=sizes["teacher_dim"], teacher_layers=sizes["teacher_layers"], teacher_heads=sizes["teacher_heads"],
         teacher_ff_dim=sizes["teacher_ff_dim"], student_dim=sizes["student_dim"], student_heads=sizes["student_heads"],
+        student_layers=sizes["student_layers"], student_pooling=sizes["student_pooling"],
+        student_project_tokens=sizes["student_project_tokens"], student_hinge_weight=sizes["student_hinge_weight"],
+        distill_temperature=sizes["distill_temperature"],
+        distill_teacher_temperature=sizes["distill_teacher_temperature"], student_lr=sizes["student_lr"],
+        cache_teacher_tokens=sizes["cache_teacher_tokens"],
         batch_size=sizes["batch_size"], teacher_epochs=sizes["teacher_epochs"], student_epochs=sizes["student_epochs"],
         lr=sizes["lr"], warmup_steps=sizes["warmup_steps"], eval_every=sizes["eval_every"],
         eval_max_images=sizes["eval_max_images"],
@@ -127,7 +139,7 @@ def run_demo(quick: bool = False, seed: int = 0, *, out: Optional[str] = None, d
         config = _train_config(sizes, seed, device, os.path.join(out, "training"), progress)
 
         print(f"[1/3] training: {sizes['train_images']} scenes, teacher {sizes['teacher_epochs']} epochs "
-              f"(fused MrSw), student {sizes['student_epochs']} epochs (hinge + ListNet)")
+              f"(fused MrSw), student {sizes['student_epochs']} epochs (ListNet distillation)")
         trainer = Trainer(config, train, test)
         stage_seconds = {}
         stage_start = time.perf_counter()
