@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: demo test bench bench-compare info sanitize clean
 
-$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet -e ".[dev,cpu,milvus,serve,bench]"

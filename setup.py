@@ -34,9 +34,14 @@ def _cpu_extension():
         # opt-in ASan/UBSan build (see Makefile target `sanitize`)
         compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
         link_args += ["-fsanitize=address,undefined"]
+    # headers and the per-ISA kernel body (#included): a change there must rebuild the extension too
+    depends = sorted(
+        os.path.join("csrc", name) for name in os.listdir(os.path.join(HERE, "csrc")) if name.endswith((".h", ".inc"))
+    )
     return Pybind11Extension(
         "aladin_fast._C",
         sources,
+        depends=depends,
         include_dirs=[os.path.join(HERE, "csrc")],
         cxx_std=17,
         extra_compile_args=compile_args,

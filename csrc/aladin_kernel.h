@@ -70,6 +70,7 @@ struct Tuning {
     int64_t prefetch = 0; // software prefetch distance in floats for fp32 region rows
     int word_chunk = 0;   // max word vectors per micro-kernel pass (0 = ISA default)
     int64_t prefetch_next = 4;  // cache lines prefetched at the start of every row of the next pair's image
+    bool preconvert = true;  // fp16 / bf16 all pairs: convert every image row once, up front (kernel_driver.cpp)
     int64_t dot_prefetch_blocks = 1;  // DOT layout: prefetch the region block this many blocks ahead
     // DOT layout, bf16 images: read the bf16 rows directly (no fp32 scratch) for captions of at most this
     // many words (the scratch converts each value once for all words: better for long captions)
@@ -103,6 +104,9 @@ struct Job {
     int32_t* region_argmax = nullptr;  // [nt, k, image_pad] or nullptr (region -> winning word)
 
     int layout = LAYOUT_AUTO;  // requested by the caller; resolved per caption by choose_layout()
+    // fp16 / bf16 all pairs: every image row converted to fp32 once, up front, by the driver (row r of the
+    // images at preconverted + r * dim), read instead of converting each image once per caption; or nullptr
+    const float* preconverted = nullptr;
 
     // derived
     int64_t max_text_len = 0;
@@ -165,6 +169,8 @@ struct IsaKernels {
     float (*fma_loop)(int64_t iters);
     // y[0:n] += c * x[0:n], x of `dtype` (fp32 / fp16 bits / bf16 bits), accumulated in fp32.
     void (*axpy)(float* y, float c, const void* x, DType dtype, int64_t n);
+    // dst[0:n] = fp32(src[0:n]), src fp16 or bf16 bits (exact)
+    void (*convert)(const uint16_t* src, float* dst, DType dtype, int64_t n);
 };
 
 constexpr int64_t kTileRowMultiple = 24;  // every micro-kernel region block divides this

@@ -394,6 +394,7 @@ void score(const py::object& text_o, const py::object& text_offsets_o, const py:
         job.tuning.word_chunk = static_cast<int>(env_int("ALADIN_FAST_WORD_CHUNK", 0));
         job.tuning.prefetch_next = env_int("ALADIN_FAST_PREFETCH_NEXT", 4);
         job.tuning.dot_prefetch_blocks = env_int("ALADIN_FAST_DOT_PREFETCH_BLOCKS", 1);
+        job.tuning.preconvert = env_int("ALADIN_FAST_PRECONVERT", 1) != 0;
         job.tuning.bf16_direct_words = env_int("ALADIN_FAST_BF16_DIRECT_WORDS", -1);
         py::gil_scoped_release release;
         err = run_job(job, kern, num_threads);

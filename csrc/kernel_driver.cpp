@@ -42,13 +42,53 @@ inline void prefetch_image(const Job& job, int64_t p) {
         for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(base + r * row_bytes + l * 64, 0, 3);
 }
 
-// The DOT layout prefetches the next pair's first region block itself, spread over its last block.
+// The DOT layout prefetches the next pair's first region block itself, spread over its last block:
+// the rows it will read (fp32 images, the pre-converted fp32 rows, or bf16 rows read directly).
 inline void next_image_rows(const Job& job, int64_t p, Workspace& ws) {
     const int64_t kk = p % job.k;
     const int64_t j = job.candidates ? job.candidates[p] : kk;
     if (j < 0 || j >= job.ni || job.image_lengths[j] == 0) return;
-    ws.next_rows = static_cast<const char*>(job.images) + job.image_offsets[j] * job.dim * (job.dtype == DType::F32 ? 4 : 2);
+    const int64_t row = job.image_offsets[j] * job.dim;
+    if (job.dtype == DType::F32)
+        ws.next_rows = reinterpret_cast<const char*>(static_cast<const float*>(job.images) + row);
+    else if (ws.dot_bf16_direct)
+        ws.next_rows = reinterpret_cast<const char*>(static_cast<const uint16_t*>(job.images) + row);
+    else if (job.preconverted)
+        ws.next_rows = reinterpret_cast<const char*>(job.preconverted + row);
+    else
+        return;
     ws.next_nr = job.image_lengths[j];
+}
+
+// fp16 / bf16 all pairs: each image is met by every caption, so its rows are converted to fp32 once
+// (in parallel, before the pairs) instead of once per pair; the kernels then read the same fp32
+// values the per-pair scratch would hold, so the bits do not change.  Up to this many bytes of fp32.
+constexpr int64_t kPreconvertMaxBytes = int64_t(256) << 20;
+
+// The converted copy of every image row (nullptr when not worth it or too large: the caller converts
+// per pair as before).  Free with std::free.
+float* preconvert_images(const Job& job, const IsaKernels* isa, int threads) {
+    if (job.dtype == DType::F32 || job.candidates != nullptr || job.nt < 2 || !job.tuning.preconvert ||
+        job.dim <= 0)
+        return nullptr;
+    int64_t rows = 0;
+    for (int64_t j = 0; j < job.ni; ++j) {
+        const int64_t end = job.image_offsets[j] + job.image_lengths[j];
+        if (job.image_lengths[j] > 0 && end > rows) rows = end;
+    }
+    if (rows == 0 || rows > kPreconvertMaxBytes / 4 / job.dim) return nullptr;
+    float* out = static_cast<float*>(alloc_aligned(rows * job.dim, sizeof(float)));
+    if (!out) return nullptr;  // no memory for the copy: convert per pair
+    const uint16_t* src = static_cast<const uint16_t*>(job.images);
+    constexpr int64_t kRowsPerBlock = 64;
+    const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t r0 = b * kRowsPerBlock;
+        const int64_t n = (rows - r0 < kRowsPerBlock ? rows - r0 : kRowsPerBlock) * job.dim;
+        isa->convert(src + r0 * job.dim, out + r0 * job.dim, job.dtype, n);
+    }
+    return out;
 }
 
 // Work model for the thread count, in FMA-equivalents per pair: W * R * (D + 8) + 1500.  Fitted
@@ -95,7 +135,7 @@ static bool bf16_direct(const Job& job, const IsaKernels* isa, int64_t n_words) 
 int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
     const int64_t pairs = job_in.nt * job_in.k;
     if (pairs <= 0) return 0;
-    const Job& job = job_in;
+    Job job = job_in;  // a copy: the pre-converted images are attached below
 
     const int64_t D = job.dim;
     const int64_t wp_max = round_up(job.max_text_len > 0 ? job.max_text_len : 1, 16);
@@ -123,6 +163,8 @@ int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
                            static_cast<double>(kPairCost));
     const int64_t work = work_d < 4.6e18 ? static_cast<int64_t>(work_d) : (int64_t(1) << 62);
     const int threads = threads_for_work(num_threads, work, kWorkPerThread, pairs);
+    float* preconverted = preconvert_images(job, isa, threads);
+    job.preconverted = preconverted;
 
     int error = 0;
     // Scores the pairs of `range` with this thread's own workspace.
@@ -164,8 +206,7 @@ int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
                 ws.next_rows = nullptr;
                 if (job.tuning.prefetch_next > 0 && p + 1 < range.end) {
                     prefetch_image(job, p + 1);
-                    if (ws.layout == LAYOUT_DOT && (job.dtype == DType::F32 || ws.dot_bf16_direct))
-                        next_image_rows(job, p + 1, ws);
+                    if (ws.layout == LAYOUT_DOT) next_image_rows(job, p + 1, ws);
                 }
                 isa->score_pair(job, i, j, p, ws);
             }
@@ -183,16 +224,17 @@ int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
 
     if (threads == 1) {  // no parallel region at all: nothing to wake or join
         run_range(static_part(pairs, 0, 1));
-        return error;
-    }
+    } else {
 #pragma omp parallel num_threads(threads)
-    {
+        {
 #ifdef _OPENMP
-        run_range(static_part(pairs, omp_get_thread_num(), omp_get_num_threads()));
+            run_range(static_part(pairs, omp_get_thread_num(), omp_get_num_threads()));
 #else
-        run_range(static_part(pairs, 0, 1));
+            run_range(static_part(pairs, 0, 1));
 #endif
+        }
     }
+    std::free(preconverted);
     return error;
 }
 

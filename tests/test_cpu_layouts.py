@@ -201,3 +201,37 @@ def test_dot_bf16_direct_nan_and_exact_agreement(monkeypatch):
             results.append(_score(kin, 3, True, isa, "dot", region_argmax=True))
         assert results[0][0].tobytes() == results[1][0].tobytes(), isa
         assert np.array_equal(results[0][1], results[1][1]) and np.array_equal(results[0][2], results[1][2]), isa
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_preconverted_images_same_bits(monkeypatch, layout, dtype):
+    """fp16 / bf16 all pairs convert every image row to fp32 once, up front (``preconvert_images`` in
+    kernel_driver.cpp), instead of once per pair: the same fp32 values reach the same micro-kernels, so
+    scores and both argmaxes are bitwise those of the per-pair conversion (ALADIN_FAST_PRECONVERT=0),
+    and of one caption alone (never pre-converted). Packed rows with gaps (NaN there must not matter),
+    empty images and captions, against the float64 reference too."""
+    rng = np.random.default_rng(21)
+    kin, vals = raw.make_case(rng, W=13, R=37, D=48, nt=5, ni=6, mode="all", dtype=dtype, data="random",
+                              packed=True)
+    images = kin["images"].copy()
+    used = np.zeros(images.shape[0], bool)
+    for off, n in zip(kin["ioff"], kin["ilen"]):
+        used[off:off + n] = True
+    images[~used] = np.float16(np.nan).view(np.uint16) if dtype == "float16" else 0x7FC0  # NaN bits in the gaps
+    kin["images"] = images
+    ref = raw.ref_for(kin, vals, False)
+    for isa in ISAS:
+        runs = []
+        for preconvert in ("1", "0"):
+            monkeypatch.setenv("ALADIN_FAST_PRECONVERT", preconvert)
+            runs.append(_score(kin, 3, False, isa, layout, region_argmax=True))
+        out, am, ram = runs[0]
+        assert out.tobytes() == runs[1][0].tobytes(), isa
+        assert np.array_equal(am, runs[1][1]) and np.array_equal(ram, runs[1][2]), isa
+        raw.check(kin, ref, out, am, 3, False, f"{isa} {layout} preconverted", False)
+        monkeypatch.setenv("ALADIN_FAST_PRECONVERT", "1")
+        for i in range(len(kin["toff"])):
+            one = dict(kin, toff=kin["toff"][i:i + 1], tlen=kin["tlen"][i:i + 1])
+            row, _, _ = _score(one, 3, False, isa, layout, region_argmax=True)
+            assert row.tobytes() == out[i:i + 1].tobytes(), (isa, i)
