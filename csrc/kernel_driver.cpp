@@ -18,11 +18,12 @@ namespace {
 
 inline int64_t round_up(int64_t x, int64_t m) { return ((x + m - 1) / m) * m; }
 
-void* alloc_aligned(int64_t count, int64_t elem) {
+// 64-byte aligned, zero-filled unless `zero` is false (a buffer the caller overwrites whole)
+void* alloc_aligned(int64_t count, int64_t elem, bool zero = true) {
     size_t bytes = static_cast<size_t>(round_up(count * elem + 64, 64));
     void* p = nullptr;
     if (posix_memalign(&p, 64, bytes) != 0) return nullptr;
-    std::memset(p, 0, bytes);
+    if (zero) std::memset(p, 0, bytes);
     return p;
 }
 
@@ -77,7 +78,7 @@ float* preconvert_images(const Job& job, const IsaKernels* isa, int threads) {
         if (job.image_lengths[j] > 0 && end > rows) rows = end;
     }
     if (rows == 0 || rows > kPreconvertMaxBytes / 4 / job.dim) return nullptr;
-    float* out = static_cast<float*>(alloc_aligned(rows * job.dim, sizeof(float)));
+    float* out = static_cast<float*>(alloc_aligned(rows * job.dim, sizeof(float), false));  // all rows written below
     if (!out) return nullptr;  // no memory for the copy: convert per pair
     const uint16_t* src = static_cast<const uint16_t*>(job.images);
     constexpr int64_t kRowsPerBlock = 64;
