@@ -404,8 +404,8 @@ def _dense_applies(text, images, candidates, aggregation, text_pad, image_pad) -
 def _gemm_rows_per_chunk(text, images, candidates, aggregation) -> int:
     """Text-token rows per chunk of the "gemm" backward, or 0 where it does not apply (not all pairs, not an
     argmax aggregation, one row of the weight matrix over the workspace cap, non-finite tokens)."""
-    if candidates is not None or aggregation not in GEMM_AGGREGATIONS:
-        return 0
+    if candidates is not None or aggregation not in GEMM_AGGREGATIONS or images.shape[0] == 0 or text.shape[1] == 0:
+        return 0  # also without image tokens or features: nothing to multiply, the kernels path writes the zeros
     row_bytes = images.shape[0] * triton_kernels().weights_dtype(text.dtype).itemsize
     rows = backward_workspace_bytes() // max(1, row_bytes)
     if rows == 0 or text.shape[0] == 0 or not _tokens_finite(text, images):
@@ -445,11 +445,10 @@ def _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets
                    region_argmax, aggregation, text_pad, image_pad, grad_text, grad_images, rows_per_chunk):
     """The "gemm" strategy: per chunk of ``rows_per_chunk`` text-token rows, the weight-matrix rows ``G_c``
     (``kernels/alignment_weights.py``), then ``d text[rows] = G_c @ images`` and ``d images += G_c^T @ text[rows]``
-    (fp32 accumulation, chunks in order: deterministic). Writes every row of ``grad_text`` and ``grad_images``."""
+    (fp32 accumulation, chunks in order: deterministic). Writes every row of ``grad_text`` and ``grad_images``
+    (which may start uninitialised); needs text, image tokens and features (``_gemm_rows_per_chunk`` > 0)."""
     kernels = triton_kernels()
     num_text_tokens, num_image_tokens = text.shape[0], images.shape[0]
-    if num_text_tokens == 0 or num_image_tokens == 0 or text.shape[1] == 0:
-        return
     dtype = kernels.weights_dtype(text.dtype)
     text_mm, images_mm = text.to(dtype), images.to(dtype)  # fp16 tokens meet an fp32 workspace
     text_sequence = kernels.token_sequence_ids(text_offsets, text_lengths, num_text_tokens, text_pad)
@@ -471,24 +470,27 @@ def triton_backward(grad, text, text_offsets, text_lengths, images, image_offset
     times torch.mm, or the argmax kernels of ``kernels/alignment_backward.py``): ``(d text, d images)`` float32."""
     strategy = triton_backward_strategy()
     grad = grad.float().contiguous()
-    grad_text = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
-    grad_images = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
     word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
     argmax, region_argmax = (argmax if word_term else None), (region_argmax if region_term else None)
+    if strategy == "dense" and not _dense_applies(text, images, candidates, aggregation, text_pad, image_pad):
+        strategy = "segmented"
+    rows_per_chunk = _gemm_rows_per_chunk(text, images, candidates, aggregation) if strategy == "gemm" else 0
+    if strategy == "gemm" and not rows_per_chunk:
+        strategy = "segmented"
+    # "gemm" writes every row of both gradients (G is zero outside the sequences); the kernels only the
+    # sequences' rows, so theirs start from zeros
+    new = torch.empty if strategy == "gemm" else torch.zeros
+    grad_text = new(text.shape, dtype=torch.float32, device=text.device)
+    grad_images = new(images.shape, dtype=torch.float32, device=images.device)
     if strategy == "dense":
-        if _dense_applies(text, images, candidates, aggregation, text_pad, image_pad):
-            triton_kernels().launch_winner_gemm_backward(
-                grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, argmax, region_argmax,
-                aggregation, text_pad, image_pad, grad_text, grad_images)
-            return grad_text, grad_images
-        strategy = "segmented"
+        triton_kernels().launch_winner_gemm_backward(
+            grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, argmax, region_argmax,
+            aggregation, text_pad, image_pad, grad_text, grad_images)
+        return grad_text, grad_images
     if strategy == "gemm":
-        rows_per_chunk = _gemm_rows_per_chunk(text, images, candidates, aggregation)
-        if rows_per_chunk:
-            _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, argmax,
-                           region_argmax, aggregation, text_pad, image_pad, grad_text, grad_images, rows_per_chunk)
-            return grad_text, grad_images
-        strategy = "segmented"
+        _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, argmax,
+                       region_argmax, aggregation, text_pad, image_pad, grad_text, grad_images, rows_per_chunk)
+        return grad_text, grad_images
     triton_kernels().launch_alignment_backward(
         grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
         candidates, argmax, region_argmax, aggregation,
