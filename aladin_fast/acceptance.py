@@ -38,6 +38,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .training.config import TUNED_STUDENT
+
 __all__ = ["ACCEPTANCE_SIZES", "CRITERIA", "run_acceptance", "oracle_checks", "main"]
 
 # Data at the demo's default size; models and optimiser as the demo's (calibrated on this 2-core CPU).
@@ -49,12 +51,7 @@ ACCEPTANCE_SIZES: Dict[str, Any] = dict(
     # token projected to 512-d before the max, as the student (a little better than pooling 128-d tokens)
     baseline_dim=512, baseline_pooling="max", baseline_head_layers=0, baseline_project_tokens=True,
     baseline_loss="infonce", baseline_temperature=0.1, baseline_lr=None,
-    # the student as tuned on a saved teacher (docs/training.md): no transformer layer in the heads, every teacher
-    # token projected to student_dim and then max-pooled, ListNet only towards a sharpened teacher (scores / 0.1)
-    # with student cosines x 20, lr 4e-3, on the frozen teacher's tokens cached once (no teacher encoders per step)
-    student_dim=512, student_layers=0, student_pooling="max", student_project_tokens=True,
-    student_hinge_weight=0.0, distill_temperature=20.0, distill_teacher_temperature=0.1, student_lr=4e-3,
-    cache_teacher_tokens=True,
+    **TUNED_STUDENT,  # the student as tuned on a saved teacher (aladin_fast/training/config.py, docs/training.md)
     seconds=270.0, student_seconds=240.0,
 )
 # "clearly higher": both R@1 at least this many points above the baseline's; "most": at least this share
@@ -157,16 +154,12 @@ def _train_config(sizes: Dict[str, Any], seed: int, device: str, output_dir: Opt
     return TrainConfig(
         stages=("teacher", "baseline", "student"),
         teacher_dim=sizes["teacher_dim"], teacher_layers=sizes["teacher_layers"], teacher_heads=sizes["teacher_heads"],
-        teacher_ff_dim=sizes["teacher_ff_dim"], student_dim=sizes["student_dim"], student_heads=sizes["student_heads"],
+        teacher_ff_dim=sizes["teacher_ff_dim"], student_heads=sizes["student_heads"],
+        **{name: sizes[name] for name in TUNED_STUDENT},
         batch_size=sizes["batch_size"], lr=sizes["lr"], warmup_steps=sizes["warmup_steps"],
         baseline_dim=sizes["baseline_dim"], baseline_loss=sizes["baseline_loss"], baseline_lr=sizes["baseline_lr"],
         baseline_temperature=sizes["baseline_temperature"], baseline_pooling=sizes["baseline_pooling"],
         baseline_head_layers=sizes["baseline_head_layers"], baseline_project_tokens=sizes["baseline_project_tokens"],
-        student_layers=sizes["student_layers"], student_pooling=sizes["student_pooling"],
-        student_project_tokens=sizes["student_project_tokens"], student_hinge_weight=sizes["student_hinge_weight"],
-        distill_temperature=sizes["distill_temperature"],
-        distill_teacher_temperature=sizes["distill_teacher_temperature"], student_lr=sizes["student_lr"],
-        cache_teacher_tokens=sizes["cache_teacher_tokens"],
         teacher_seconds=sizes["seconds"], baseline_seconds=sizes["seconds"], student_seconds=sizes["student_seconds"],
         # as the demo: one caption per image per epoch, all-negative hinge (hardest-only collapses from scratch
         # at this scale), no dropout; no periodic evaluation (the test split is evaluated once at the end)

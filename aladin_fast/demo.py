@@ -28,6 +28,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .training.config import TUNED_STUDENT
+
 __all__ = ["DEFAULT_SIZES", "QUICK_SIZES", "run_demo"]
 
 # One place for every size knob. Calibrated on the loaded 2-core CPU (one torch thread):
@@ -35,13 +37,7 @@ __all__ = ["DEFAULT_SIZES", "QUICK_SIZES", "run_demo"]
 DEFAULT_SIZES: Dict[str, Any] = dict(
     train_images=2500, test_images=2000, feature_dim=256, regions=36,
     teacher_dim=128, teacher_layers=1, teacher_heads=4, teacher_ff_dim=256, student_heads=4,
-    # the student recipe of the training acceptance run (aladin_fast/acceptance.py, docs/training.md): every
-    # frozen-teacher token projected to student_dim and max-pooled (no transformer layer in the heads), ListNet
-    # only, towards a sharpened teacher (scores / 0.1) with student cosines x 20, lr 4e-3, on the teacher's
-    # tokens cached once
-    student_dim=512, student_layers=0, student_pooling="max", student_project_tokens=True,
-    student_hinge_weight=0.0, distill_temperature=20.0, distill_teacher_temperature=0.1, student_lr=4e-3,
-    cache_teacher_tokens=True,
+    **TUNED_STUDENT,  # the training acceptance run's student (aladin_fast/training/config.py)
     batch_size=64, teacher_epochs=10, student_epochs=16, lr=1e-3, warmup_steps=20,
     eval_every=2, eval_max_images=200,  # cheap periodic evaluation for the training curves
     rerank_ks=(5, 10, 20, 50, 100), rerank_k=50, latency_queries=200,
@@ -61,12 +57,8 @@ def _train_config(sizes: Dict[str, Any], seed: int, device: str, output_dir: str
 
     return TrainConfig(
         teacher_dim=sizes["teacher_dim"], teacher_layers=sizes["teacher_layers"], teacher_heads=sizes["teacher_heads"],
-        teacher_ff_dim=sizes["teacher_ff_dim"], student_dim=sizes["student_dim"], student_heads=sizes["student_heads"],
-        student_layers=sizes["student_layers"], student_pooling=sizes["student_pooling"],
-        student_project_tokens=sizes["student_project_tokens"], student_hinge_weight=sizes["student_hinge_weight"],
-        distill_temperature=sizes["distill_temperature"],
-        distill_teacher_temperature=sizes["distill_teacher_temperature"], student_lr=sizes["student_lr"],
-        cache_teacher_tokens=sizes["cache_teacher_tokens"],
+        teacher_ff_dim=sizes["teacher_ff_dim"], student_heads=sizes["student_heads"],
+        **{name: sizes[name] for name in TUNED_STUDENT},
         batch_size=sizes["batch_size"], teacher_epochs=sizes["teacher_epochs"], student_epochs=sizes["student_epochs"],
         lr=sizes["lr"], warmup_steps=sizes["warmup_steps"], eval_every=sizes["eval_every"],
         eval_max_images=sizes["eval_max_images"],

@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["TrainConfig", "load_config_file", "add_config_arguments", "config_from_arguments"]
+__all__ = ["TUNED_STUDENT", "TrainConfig", "load_config_file", "add_config_arguments", "config_from_arguments"]
 
 STAGES = ("teacher", "student", "baseline")
 DEFAULT_STAGES = ("teacher", "student")
@@ -23,6 +23,16 @@ BASELINE_LOSSES = ("hinge", "infonce")
 SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("auto", "bf16", "off")
 DATA_KINDS = ("synthetic", "precomp")
+
+# The student recipe tuned on a saved teacher (docs/training.md) and used by the training acceptance run and the
+# demo: no transformer layer in the heads, every frozen-teacher token projected to student_dim and max-pooled,
+# ListNet only, towards a sharpened teacher (scores / 0.1) with student cosines x 20, lr 4e-3, on the teacher's
+# tokens cached once (no teacher encoders per step). TrainConfig fields; TrainConfig(**TUNED_STUDENT, ...).
+TUNED_STUDENT = dict(
+    student_dim=512, student_layers=0, student_pooling="max", student_project_tokens=True,
+    student_hinge_weight=0.0, distill_temperature=20.0, distill_teacher_temperature=0.1, student_lr=4e-3,
+    cache_teacher_tokens=True,
+)
 
 
 @dataclass
