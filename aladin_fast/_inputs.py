@@ -78,12 +78,15 @@ def tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _padded_layout_tensors(count, pad, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.arange(count, dtype=torch.int64, device=device) * pad,
+            torch.full((count,), pad, dtype=torch.int32, device=device))
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_padded_layout(count: int, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever mode the first call ran in
-        offsets = torch.arange(count, dtype=torch.int64, device=device) * pad
-        lengths = torch.full((count,), pad, dtype=torch.int32, device=device)
-    return offsets, lengths
+        return _padded_layout_tensors(count, pad, device)
 
 
 def padded_layout(count: int, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,8 +98,7 @@ def padded_layout(count: int, pad: int, device: torch.device) -> tuple[torch.Ten
     """
     if (tracing() or not isinstance(count, int) or not isinstance(pad, int)
             or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
-        return (torch.arange(count, dtype=torch.int64, device=device) * pad,
-                torch.full((count,), pad, dtype=torch.int32, device=device))
+        return _padded_layout_tensors(count, pad, device)
     return _cached_padded_layout(count, pad, device)
 
 
