@@ -65,7 +65,7 @@ def test_forward_matches_reference(shape, dtype, mode):
                                        msg=lambda m: f"{aggregation} {padding}: {m}")
 
 
-@pytest.mark.parametrize("strategy", ["dense", "gemm", "segmented", "atomic"])
+@pytest.mark.parametrize("strategy", ["auto", "dense", "gemm", "segmented", "atomic"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_backward_matches_reference(dtype, mode, strategy, monkeypatch):
@@ -90,7 +90,7 @@ def test_backward_matches_reference(dtype, mode, strategy, monkeypatch):
                                            msg=lambda m: f"d {name} {aggregation} {padding}: {m}")
 
 
-@pytest.mark.parametrize("strategy", ["dense", "gemm", "segmented"])
+@pytest.mark.parametrize("strategy", ["auto", "dense", "gemm", "segmented"])
 def test_forward_and_backward_bitwise_deterministic(monkeypatch, strategy):
     monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", strategy)
     gen = torch.Generator().manual_seed(0)
@@ -105,6 +105,54 @@ def test_forward_and_backward_bitwise_deterministic(monkeypatch, strategy):
     for run in runs[1:]:
         for a, b in zip(run, runs[0]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "dense", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_full_padded_backward_and_forward_finite_check(dtype, strategy, monkeypatch):
+    """Full-length padded batches (no lengths: the cached token maps and the finiteness check the forward
+    starts, read by the backward) vs the float64 reference; then a non-finite token -- valid or padding of
+    nothing, in text and in images -- must give the segmented kernels' gradients bit for bit (the GEMM
+    strategies fall back), for a forward run before and after the poisoning."""
+    from aladin_fast.ops import alignment_op
+
+    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", strategy)
+    monkeypatch.setenv("ALADIN_FAST_BACKWARD_WORKSPACE_MB", "0.05")  # several chunks
+    gen = torch.Generator().manual_seed(11)
+    text0 = torch.randn(6, 7, 48, generator=gen).clamp(-2, 2).to(dtype).double()
+    images0 = torch.randn(5, 9, 48, generator=gen).clamp(-2, 2).to(dtype).double()
+    upstream = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    for aggregation in ("MrSw", "MrAVGw", "MwSr", "symm"):
+        grads = []
+        for backend, device, compute in (("reference", "cpu", torch.float64), ("triton", "cuda", dtype)):
+            text = text0.to(device, compute).requires_grad_()
+            images = images0.to(device, compute).requires_grad_()
+            scores = aladin_fast.alignment_scores(text, images, aggregation=aggregation, backend=backend)
+            (scores * upstream.to(device, scores.dtype)).sum().backward()
+            grads.append((text.grad.cpu().double(), images.grad.cpu().double()))
+        atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 1e-2)
+        for got, want, name in zip(grads[1], grads[0], ("text", "images")):
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"d {name} {aggregation}: {m}")
+    checks = []
+    real_start = alignment_op.start_finite_check
+    monkeypatch.setattr(alignment_op, "start_finite_check", lambda *a: checks.append(real_start(*a)) or checks[-1])
+    for side, index in (("text", (2, 3, 5)), ("images", (4, 8, 0))):
+        for value in (float("inf"), float("nan")):
+            results = []
+            for chosen in (strategy, "segmented"):
+                monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", chosen)
+                text = text0.to("cuda", dtype).requires_grad_()
+                images = images0.to("cuda", dtype).requires_grad_()
+                with torch.no_grad():
+                    (text if side == "text" else images)[index] = value
+                scores = aladin_fast.alignment_scores(text, images, aggregation="symm", backend="triton")
+                (scores.nan_to_num(0, 0, 0) * upstream.cuda()).sum().backward()
+                results.append((text.grad, images.grad))
+            for got, want in zip(*results):
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    # the GEMM strategies' forwards started a check (on the GPU, ahead of the kernel); it said "not finite"
+    assert [bool(check) for check in checks if check is not None] == (
+        [False] * 4 if strategy in ("auto", "gemm") else [])
 
 
 def test_deterministic_algorithms_force_segmented(monkeypatch):

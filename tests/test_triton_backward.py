@@ -404,7 +404,7 @@ def test_backward_workspace_cap(monkeypatch):
 
 
 @in_process
-@pytest.mark.parametrize("strategy", thin(["dense", "gemm", "segmented"], keep=2))
+@pytest.mark.parametrize("strategy", thin(["auto", "dense", "gemm", "segmented"], keep=2))
 def test_op_gradients_through_autograd(strategy, monkeypatch):
     """``alignment_scores(..., backend="triton")`` backward (the op layer's strategy choice) vs float64 autograd
     of the reference: padded and packed all pairs, a NaN token (dense falls back to the argmax kernels)."""
@@ -447,15 +447,20 @@ def test_op_gradients_through_autograd(strategy, monkeypatch):
 def test_backward_strategy_choice(monkeypatch):
     from aladin_fast.ops.alignment_op import triton_backward_strategy
 
+    from aladin_fast.ops.alignment_op import AUTO_BACKWARD, MRAVGW, MRSW, MWSR, SYMM
+
     monkeypatch.delenv("ALADIN_FAST_TRITON_BACKWARD", raising=False)
-    assert triton_backward_strategy() == "dense"
+    assert triton_backward_strategy() == "auto"
+    assert [triton_backward_strategy(code) for code in (MRSW, MRAVGW, MWSR, SYMM)] == [
+        AUTO_BACKWARD[code] for code in (MRSW, MRAVGW, MWSR, SYMM)]
+    assert triton_backward_strategy(4) == "segmented"  # sum / mean: no argmax, the closed form
     monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", "fastest")
     with pytest.raises(ValueError, match="ALADIN_FAST_TRITON_BACKWARD"):
         triton_backward_strategy()
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     for chosen, deterministic, cublas in (("dense", "dense", None), ("segmented", "segmented", None),
                                           ("atomic", "segmented", None), ("gemm", "segmented", None),
-                                          ("gemm", "gemm", ":4096:8")):
+                                          ("gemm", "gemm", ":4096:8"), ("auto", "auto", None)):
         monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", chosen)
         if cublas:  # torch.mm is deterministic (and allowed) only with this cuBLAS workspace setting
             monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", cublas)
@@ -464,3 +469,26 @@ def test_backward_strategy_choice(monkeypatch):
             assert triton_backward_strategy() == deterministic
         finally:
             torch.use_deterministic_algorithms(False)
+
+
+@in_process
+def test_padded_token_sequence_cached_only_for_shared_layout(monkeypatch):
+    """The "gemm" backward's token -> sequence map: a full-length padded batch (the op layer's shared
+    ``padded_layout`` tensors) reuses one cached map, equal to the kernel's; any other offsets / lengths
+    (a caller's own tensors, lengths shorter than the pad, a packed total) run the kernel."""
+    from aladin_fast._inputs import padded_layout
+    from aladin_fast.ops import alignment_op
+
+    monkeypatch.setattr(alignment_op, "triton_kernels", lambda: kernels)
+    offsets, lengths = padded_layout(5, 7, torch.device("cpu"))
+    want = kernels.token_sequence_ids(offsets, lengths, 35, 7)
+    got = alignment_op._token_sequence(offsets, lengths, 35, 7)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+    assert alignment_op._token_sequence(offsets, lengths, 35, 7) is got  # one cached map
+    short = torch.tensor([7, 0, 3, 7, 1], dtype=torch.int32)
+    packed = torch.tensor([0, 7, 7, 12, 19])
+    for args in ((offsets, short, 35, 7), (offsets.clone(), lengths.clone(), 35, 7), (packed, short, 20, 7),
+                 (offsets, lengths, 36, 7)):
+        result = alignment_op._token_sequence(*args)
+        assert result is not got and torch.equal(result, kernels.token_sequence_ids(*args)), args
+    assert (alignment_op._token_sequence(offsets, short, 35, 7)[7:14] == -1).all()  # an empty caption's rows

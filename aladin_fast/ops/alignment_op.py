@@ -40,6 +40,7 @@ returned in the input dtype. Double backward is not implemented (raises
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -47,7 +48,7 @@ import numpy as np
 import torch
 
 from .. import reference
-from .._inputs import TokenBatch
+from .._inputs import TokenBatch, padded_layout, tracing
 from .backends import cpu_kernels, triton_kernels
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -322,34 +323,36 @@ def _triton_kernel_choice():
     return {"kernel": kernel}
 
 
-TRITON_BACKWARD_STRATEGIES = ("dense", "gemm", "segmented", "atomic")
+TRITON_BACKWARD_STRATEGIES = ("auto", "dense", "gemm", "segmented", "atomic")
 # cuBLAS is deterministic under torch.use_deterministic_algorithms(True) only with one of these workspace configs
 _DETERMINISTIC_CUBLAS_CONFIGS = (":4096:8", ":16:8")
 
 
-def triton_backward_strategy() -> str:
-    """Backward of the Triton backend: "dense", "gemm", "segmented" or "atomic".
+def triton_backward_strategy(aggregation: Optional[int] = None) -> str:
+    """Backward of the Triton backend: "auto", "dense", "gemm", "segmented" or "atomic".
 
-    * "dense" (the default): all pairs with MrSw / MrAVGw, padded lengths <= 128 and
+    * "auto" (the default): per aggregation, the strategy measured fastest (``AUTO_BACKWARD``).
+    * "dense": all pairs with MrSw / MrAVGw, padded lengths <= 128 and
       finite tokens run the winner-GEMM kernels (``kernels/alignment_winner_gemm.py``: the
       word x region-row weight matrix built tile by tile from the argmax, times the tokens,
       on tensor cores); everything else runs the "segmented" kernels.
-    * "gemm" (opt-in, not yet measured on a GPU; the default changes only after it is): all pairs
-      with any argmax aggregation (MrSw / MrAVGw / MwSr / symm), any padded length and finite
-      tokens materialise the weight matrix in row chunks (``kernels/alignment_weights.py``, at most
+    * "gemm": all pairs with any argmax aggregation (MrSw / MrAVGw / MwSr / symm), any padded length and
+      finite tokens materialise the weight matrix in row chunks (``kernels/alignment_weights.py``, at most
       ``ALADIN_FAST_BACKWARD_WORKSPACE_MB`` MiB, default 8) and multiply with ``torch.mm``
       (cuBLAS on a GPU); everything else runs the "segmented" kernels.
     * "segmented": the argmax kernels, image rows owned by an image's program (deterministic).
     * "atomic": the argmax kernels, image rows accumulated with fp32 atomics (order-dependent bits).
 
-    ``ALADIN_FAST_TRITON_BACKWARD`` chooses; under ``torch.use_deterministic_algorithms(True)``
-    "atomic" becomes "segmented", and so does "gemm" unless ``CUBLAS_WORKSPACE_CONFIG`` is one of
-    torch's deterministic settings (torch.mm raises otherwise). "dense", "gemm" and "segmented" write
-    each output row in a fixed order: bitwise deterministic.
+    ``ALADIN_FAST_TRITON_BACKWARD`` chooses; with ``aggregation`` given, "auto" is resolved. Under
+    ``torch.use_deterministic_algorithms(True)`` "atomic" becomes "segmented", and so does "gemm" unless
+    ``CUBLAS_WORKSPACE_CONFIG`` is one of torch's deterministic settings (torch.mm raises otherwise).
+    "dense", "gemm" and "segmented" write each output row in a fixed order: bitwise deterministic.
     """
-    strategy = os.environ.get("ALADIN_FAST_TRITON_BACKWARD", "dense")
+    strategy = os.environ.get("ALADIN_FAST_TRITON_BACKWARD", "auto")
     if strategy not in TRITON_BACKWARD_STRATEGIES:
         raise ValueError(f"ALADIN_FAST_TRITON_BACKWARD must be one of {TRITON_BACKWARD_STRATEGIES}, got {strategy!r}")
+    if strategy == "auto" and aggregation is not None:
+        strategy = AUTO_BACKWARD.get(aggregation, "segmented")
     if torch.are_deterministic_algorithms_enabled() and (strategy == "atomic" or (
             strategy == "gemm" and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in _DETERMINISTIC_CUBLAS_CONFIGS)):
         return "segmented"
@@ -380,17 +383,61 @@ def backward_workspace_bytes() -> int:
 # symm 7.0 vs 3.1 ms), so those keep the segmented kernels.
 DENSE_AGGREGATIONS = (MRSW, MRAVGW)
 GEMM_AGGREGATIONS = (MRSW, MRAVGW, MWSR, SYMM)
+# "auto": measured on an H200 (bf16, 128 x 128, W=32, R=36, D=1024 and 768, fwd + bwd; session 5,
+# benchmarks/results/gpu-nvidia-h200/session5): symm 1.8 ms with "gemm" vs 3.1 ms segmented.
+AUTO_BACKWARD = {MRSW: "dense", MRAVGW: "dense", MWSR: "segmented", SYMM: "gemm"}
 
 
-def _tokens_finite(text, images) -> bool:
-    """Whether every token is finite (a zero weight times an inf token would be NaN). One device sync; a
-    float32 sum of each token matrix (NaN / inf propagate; an overflow of finite values only costs the
-    fallback), with no input-sized temporaries."""
-    total = text.sum(dtype=torch.float32) + images.sum(dtype=torch.float32)
-    return bool(torch.isfinite(total).item())
+def _finite_total(text, images) -> torch.Tensor:
+    """0-d bool on the tokens' device: every token finite. A float32 sum of each token matrix (NaN / inf
+    propagate; an overflow of finite values only costs the fallback), with no input-sized temporaries."""
+    return torch.isfinite(text.sum(dtype=torch.float32) + images.sum(dtype=torch.float32))
 
 
-def _dense_applies(text, images, candidates, aggregation, text_pad, image_pad) -> bool:
+class FiniteCheck:
+    """The finiteness of a backward's tokens, started by the eager forward *before* its kernel.
+
+    The GEMM backwards need every token finite (a zero weight times an inf token would be NaN). Checked in
+    the backward, the answer waits for the whole stream (the forward kernel included: measured 0.15-0.27 ms
+    of a 1.4-2.1 ms training step on an H200, benchmarks/results/gpu-nvidia-h200/session5). Started ahead of
+    the forward kernel, its result is copied to pinned host memory behind an event; the backward waits
+    only for that event, long past by then. The backward's tokens are the forward's (autograd's version
+    counter rejects an in-place change in between)."""
+
+    __slots__ = ("flag", "event")
+
+    def __init__(self, text, images):
+        self.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.flag.copy_(_finite_total(text, images), non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def __bool__(self) -> bool:
+        self.event.synchronize()
+        return bool(self.flag)
+
+
+def start_finite_check(text, images, candidates, aggregation, backend):
+    """A :class:`FiniteCheck` where an eager Triton backward may run a GEMM strategy (all pairs, an argmax
+    aggregation, CUDA tokens), else None (the backward then checks with a sync if it needs to)."""
+    if backend != "triton" or candidates is not None or not text.is_cuda or text.numel() == 0 or images.numel() == 0:
+        return None
+    strategy = triton_backward_strategy(aggregation)
+    if not ((strategy == "dense" and aggregation in DENSE_AGGREGATIONS)
+            or (strategy == "gemm" and aggregation in GEMM_AGGREGATIONS)) or torch.cuda.is_current_stream_capturing():
+        return None
+    return FiniteCheck(text, images)
+
+
+def _tokens_finite(text, images, finite=None) -> bool:
+    """Whether every token is finite: ``finite`` (a :class:`FiniteCheck` the forward started) or one
+    device sync."""
+    if finite is not None:
+        return bool(finite)
+    return bool(_finite_total(text, images).item())
+
+
+def _dense_applies(text, images, candidates, aggregation, text_pad, image_pad, finite=None) -> bool:
     """The winner-GEMM backward: all pairs, MrSw / MrAVGw, padded lengths <= 128 and finite tokens.
     (A padded-layout variant that computed row offsets instead of loading them measured no faster on the
     H200 -- benchmarks/results/gpu-nvidia-h200/session3/run{4,5}-sweep.json -- and was removed.)"""
@@ -398,17 +445,17 @@ def _dense_applies(text, images, candidates, aggregation, text_pad, image_pad) -
         return False
     if not triton_kernels().winner_gemm_fits(text_pad, image_pad):
         return False
-    return _tokens_finite(text, images)
+    return _tokens_finite(text, images, finite)
 
 
-def _gemm_rows_per_chunk(text, images, candidates, aggregation) -> int:
+def _gemm_rows_per_chunk(text, images, candidates, aggregation, finite=None) -> int:
     """Text-token rows per chunk of the "gemm" backward, or 0 where it does not apply (not all pairs, not an
     argmax aggregation, one row of the weight matrix over the workspace cap, non-finite tokens)."""
     if candidates is not None or aggregation not in GEMM_AGGREGATIONS or images.shape[0] == 0 or text.shape[1] == 0:
         return 0  # also without image tokens or features: nothing to multiply, the kernels path writes the zeros
     row_bytes = images.shape[0] * triton_kernels().weights_dtype(text.dtype).itemsize
     rows = backward_workspace_bytes() // max(1, row_bytes)
-    if rows == 0 or text.shape[0] == 0 or not _tokens_finite(text, images):
+    if rows == 0 or text.shape[0] == 0 or not _tokens_finite(text, images, finite):
         return 0
     chunks = -(-text.shape[0] // rows)
     return -(-text.shape[0] // chunks)  # the fewest chunks the cap allows, of equal size (one GEMM shape)
@@ -441,6 +488,25 @@ def _product_into(out, weights, tokens, accumulate=False):
         out.add_(torch.mm(weights, tokens, out_dtype=torch.float32))
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_padded_sequence(count: int, pad: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.arange(count * pad, dtype=torch.int32, device=device) // pad
+
+
+def _token_sequence(offsets, lengths, num_tokens, pad):
+    """``token_sequence_ids`` of one side; a padded batch of full lengths (the op layer's shared
+    ``padded_layout`` tensors, the training case) reuses one cached map per (N, pad, device) instead of a
+    fill and a kernel launch per backward."""
+    count = offsets.shape[0]
+    if (not tracing() and isinstance(count, int) and isinstance(pad, int) and count and num_tokens == count * pad
+            and not (offsets.is_cuda and torch.cuda.is_current_stream_capturing())):
+        shared_offsets, shared_lengths = padded_layout(count, pad, offsets.device)
+        if offsets is shared_offsets and lengths is shared_lengths:
+            return _cached_padded_sequence(count, pad, offsets.device)
+    return triton_kernels().token_sequence_ids(offsets, lengths, num_tokens, pad)
+
+
 def _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, argmax,
                    region_argmax, aggregation, text_pad, image_pad, grad_text, grad_images, rows_per_chunk):
     """The "gemm" strategy: per chunk of ``rows_per_chunk`` text-token rows, the weight-matrix rows ``G_c``
@@ -451,8 +517,8 @@ def _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets
     num_text_tokens, num_image_tokens = text.shape[0], images.shape[0]
     dtype = kernels.weights_dtype(text.dtype)
     text_mm, images_mm = text.to(dtype), images.to(dtype)  # fp16 tokens meet an fp32 workspace
-    text_sequence = kernels.token_sequence_ids(text_offsets, text_lengths, num_text_tokens, text_pad)
-    image_sequence = kernels.token_sequence_ids(image_offsets, image_lengths, num_image_tokens, image_pad)
+    text_sequence = _token_sequence(text_offsets, text_lengths, num_text_tokens, text_pad)
+    image_sequence = _token_sequence(image_offsets, image_lengths, num_image_tokens, image_pad)
     workspace = torch.empty(rows_per_chunk * num_image_tokens, dtype=dtype, device=text.device)
     for start in range(0, num_text_tokens, rows_per_chunk):
         stop = min(num_text_tokens, start + rows_per_chunk)
@@ -465,16 +531,17 @@ def _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets
 
 
 def triton_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
-                    argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad):
+                    argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad, finite=None):
     """The Triton backward (``triton_backward_strategy``: the winner-GEMM kernels, the chunked weight matrix
     times torch.mm, or the argmax kernels of ``kernels/alignment_backward.py``): ``(d text, d images)`` float32."""
-    strategy = triton_backward_strategy()
+    strategy = triton_backward_strategy(aggregation)
     grad = grad.float().contiguous()
     word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
     argmax, region_argmax = (argmax if word_term else None), (region_argmax if region_term else None)
-    if strategy == "dense" and not _dense_applies(text, images, candidates, aggregation, text_pad, image_pad):
+    if strategy == "dense" and not _dense_applies(text, images, candidates, aggregation, text_pad, image_pad,
+                                                  finite):
         strategy = "segmented"
-    rows_per_chunk = _gemm_rows_per_chunk(text, images, candidates, aggregation) if strategy == "gemm" else 0
+    rows_per_chunk = _gemm_rows_per_chunk(text, images, candidates, aggregation, finite) if strategy == "gemm" else 0
     if strategy == "gemm" and not rows_per_chunk:
         strategy = "segmented"
     # "gemm" writes every row of both gradients (G is zero outside the sequences); the kernels only the
@@ -503,7 +570,7 @@ def _score_tokens_backward_impl(
     grad: torch.Tensor, text: torch.Tensor, text_offsets: torch.Tensor, text_lengths: torch.Tensor,
     images: torch.Tensor, image_offsets: torch.Tensor, image_lengths: torch.Tensor,
     candidates: Optional[torch.Tensor], argmax: torch.Tensor, region_argmax: torch.Tensor, aggregation: int,
-    zero_padding: bool, text_pad: int, image_pad: int, backend: str,
+    zero_padding: bool, text_pad: int, image_pad: int, backend: str, finite: Optional[FiniteCheck] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients ``(d text [T_text, D], d images [T_img, D])`` in the inputs' dtype.
 
@@ -531,7 +598,7 @@ def _score_tokens_backward_impl(
     elif backend == "triton":
         grad_text, grad_images = triton_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
                                                  image_lengths, candidates, argmax, region_argmax, aggregation,
-                                                 zero_padding, text_pad, image_pad)
+                                                 zero_padding, text_pad, image_pad, finite)
     else:
         grad_text, grad_images = sparse_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
                                                  image_lengths, candidates, argmax, region_argmax, aggregation,
@@ -615,6 +682,8 @@ class _EagerScore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, text, images, text_offsets, text_lengths, image_offsets, image_lengths, candidates, aggregation,
                 zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax):
+        # issued before the forward kernel, so that the backward's read of it does not wait for that kernel
+        ctx.finite = start_finite_check(text, images, candidates, aggregation, backend)
         scores, argmax, region_argmax = _score_tokens_impl(
             text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, aggregation,
             zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax, validated=True)
@@ -627,7 +696,7 @@ class _EagerScore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_scores, grad_argmax, grad_region_argmax):
         # create_graph=True records the backward as a node whose own backward raises (like the registered op)
-        grad_text, grad_images = _EagerScoreBackward.apply(grad_scores, *ctx.saved_tensors, *ctx.options)
+        grad_text, grad_images = _EagerScoreBackward.apply(grad_scores, *ctx.saved_tensors, *ctx.options, ctx.finite)
         return (grad_text if ctx.needs_input_grad[0] else None, grad_images if ctx.needs_input_grad[1] else None,
                 *([None] * 12))
 
@@ -635,10 +704,10 @@ class _EagerScore(torch.autograd.Function):
 class _EagerScoreBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad_scores, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
-                argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad, backend):
+                argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad, backend, finite):
         return _score_tokens_backward_impl(grad_scores, text, text_offsets, text_lengths, images, image_offsets,
                                            image_lengths, candidates, argmax, region_argmax, aggregation,
-                                           zero_padding, text_pad, image_pad, backend)
+                                           zero_padding, text_pad, image_pad, backend, finite)
 
     @staticmethod
     def backward(ctx, grad_grad_text, grad_grad_images):
