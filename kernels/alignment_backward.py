@@ -256,13 +256,14 @@ def image_segments(candidates: torch.Tensor, image_count: int):
 def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                               candidates, argmax, region_argmax, aggregation: int, zero_padding: bool, text_pad: int,
                               image_pad: int, grad_text, grad_images, *, strategy: str = "segmented",
-                              config: dict | None = None) -> None:
+                              config: dict | None = None, sides=("text", "images")) -> None:
     """Write ``d text`` into ``grad_text`` and ``d images`` into ``grad_images`` (float32, zero-filled by the caller).
 
     ``grad`` float32 [Nt, K] contiguous; ``argmax`` int32 [Nt, K, text_pad] (MrSw,
     MrAVGw, symm) and ``region_argmax`` int32 [Nt, K, image_pad] (MwSr, symm) as
     written by the forward kernel; other arguments as in ``launch_alignment``.
-    ``strategy``: "segmented" (deterministic) or "atomic" for the image side.
+    ``strategy``: "segmented" (deterministic) or "atomic" for the image side. Only the ``sides`` named are
+    written (per-pair kernels; the packed-tile kernels always write both).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -281,7 +282,7 @@ def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, im
         # measured (H200, bf16 training shape 128 x 128, W=32, R=36, D=1024, GPU run 3): per-pair kernels with the
         # segmented image side 2.39 ms, packed tiles 4.15 ms at best (their weight tiles are rebuilt per D slice)
         kernel = "pair"
-    if kernel == "packed" and candidates is None and packed_fits(text_pad, image_pad):
+    if kernel == "packed" and candidates is None and packed_fits(text_pad, image_pad) and len(set(sides)) == 2:
         cfg = packed_backward_config(num_texts=num_texts, num_images=num_images, dim=dim, text_pad=text_pad,
                                      image_pad=image_pad, element_size=text.element_size(), override=config)
         placeholder = text_lengths
@@ -307,9 +308,12 @@ def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, im
                   DOT_IN_FP32=_INTERPRETED and text.dtype == torch.bfloat16, num_warps=blocks["num_warps"])
     d_blocks = triton.cdiv(dim, blocks["BLOCK_D"])
     cand = placeholder if candidates is None else candidates
-    _backward_text_kernel[(num_texts, triton.cdiv(max(text_pad, 1), blocks["BLOCK_W"]), d_blocks)](
-        grad, text_offsets, text_lengths, images, image_offsets, image_lengths, cand, argmax, region_argmax,
-        grad_text, num_candidates, dim, text_pad, image_pad, **common)
+    if "text" in sides:
+        _backward_text_kernel[(num_texts, triton.cdiv(max(text_pad, 1), blocks["BLOCK_W"]), d_blocks)](
+            grad, text_offsets, text_lengths, images, image_offsets, image_lengths, cand, argmax, region_argmax,
+            grad_text, num_candidates, dim, text_pad, image_pad, **common)
+    if "images" not in sides:
+        return
     if strategy == "segmented":
         if candidates is None:
             order, starts = placeholder, placeholder

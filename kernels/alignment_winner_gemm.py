@@ -160,8 +160,9 @@ def winner_gemm_config(*, text_pad: int, image_pad: int, dim: int, element_size:
 
 def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                 argmax, region_argmax, aggregation: int, text_pad: int, image_pad: int, grad_text,
-                                grad_images, *, config: dict | None = None) -> None:
-    """Write the all-pairs ``d text`` / ``d images`` rows of every sequence (fp32; other rows untouched).
+                                grad_images, *, config: dict | None = None, sides=("text", "images")) -> None:
+    """Write the all-pairs ``d text`` / ``d images`` rows of every sequence (fp32; other rows untouched); only
+    the ``sides`` named (another kernel may own the other side).
 
     ``grad`` float32 [Nt, Ni] contiguous; ``argmax`` int32 [Nt, Ni, text_pad] for
     MrSw / MrAVGw / symm, ``region_argmax`` int32 [Nt, Ni, image_pad] for MwSr / symm.
@@ -186,14 +187,16 @@ def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, 
                   DOT_IN_FP32=text.dtype != torch.bfloat16 or _INTERPRETED,
                   num_stages=cfg["num_stages"])
     text_rows = cfg["TEXT_CAPS"] * cfg["BLOCK_W"]
-    _winner_gemm_text_kernel[(triton.cdiv(num_texts, cfg["TEXT_CAPS"]), triton.cdiv(dim, cfg["BLOCK_D"]))](
-        grad, argmax, region_argmax, text_offsets, text_lengths, images, image_offsets, image_lengths, grad_text,
-        num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["TEXT_CAPS"], IMGS=cfg["IMGS"],
-        BLOCK_D=cfg["BLOCK_D"], num_warps=_warps(text_rows, cfg["BLOCK_D"]), **common)
-    _winner_gemm_images_kernel[(num_images, triton.cdiv(dim, cfg["IMAGE_BLOCK_D"]))](
-        grad, argmax, region_argmax, text, text_offsets, text_lengths, image_offsets, image_lengths, grad_images,
-        num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["IMAGE_CAPS"], BLOCK_D=cfg["IMAGE_BLOCK_D"],
-        num_warps=_warps(cfg["BLOCK_R"], cfg["IMAGE_BLOCK_D"]), **common)
+    if "text" in sides:
+        _winner_gemm_text_kernel[(triton.cdiv(num_texts, cfg["TEXT_CAPS"]), triton.cdiv(dim, cfg["BLOCK_D"]))](
+            grad, argmax, region_argmax, text_offsets, text_lengths, images, image_offsets, image_lengths, grad_text,
+            num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["TEXT_CAPS"], IMGS=cfg["IMGS"],
+            BLOCK_D=cfg["BLOCK_D"], num_warps=_warps(text_rows, cfg["BLOCK_D"]), **common)
+    if "images" in sides:
+        _winner_gemm_images_kernel[(num_images, triton.cdiv(dim, cfg["IMAGE_BLOCK_D"]))](
+            grad, argmax, region_argmax, text, text_offsets, text_lengths, image_offsets, image_lengths, grad_images,
+            num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["IMAGE_CAPS"], BLOCK_D=cfg["IMAGE_BLOCK_D"],
+            num_warps=_warps(cfg["BLOCK_R"], cfg["IMAGE_BLOCK_D"]), **common)
 
 
 def _warps(rows: int, block_d: int) -> int:

@@ -65,7 +65,7 @@ def test_forward_matches_reference(shape, dtype, mode):
                                        msg=lambda m: f"{aggregation} {padding}: {m}")
 
 
-@pytest.mark.parametrize("strategy", ["auto", "dense", "gemm", "segmented", "atomic"])
+@pytest.mark.parametrize("strategy", ["auto", "gather", "dense", "gemm", "segmented", "atomic"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_backward_matches_reference(dtype, mode, strategy, monkeypatch):
@@ -90,8 +90,9 @@ def test_backward_matches_reference(dtype, mode, strategy, monkeypatch):
                                            msg=lambda m: f"d {name} {aggregation} {padding}: {m}")
 
 
-@pytest.mark.parametrize("strategy", ["auto", "dense", "gemm", "segmented"])
-def test_forward_and_backward_bitwise_deterministic(monkeypatch, strategy):
+@pytest.mark.parametrize("aggregation", ["symm", "MrSw", "MwSr"])
+@pytest.mark.parametrize("strategy", ["auto", "gather", "dense", "gemm", "segmented"])
+def test_forward_and_backward_bitwise_deterministic(monkeypatch, strategy, aggregation):
     monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", strategy)
     gen = torch.Generator().manual_seed(0)
     text = torch.randn(64, 32, 256, generator=gen).bfloat16().cuda()
@@ -99,7 +100,7 @@ def test_forward_and_backward_bitwise_deterministic(monkeypatch, strategy):
     runs = []
     for _ in range(3):
         t, v = text.clone().requires_grad_(), images.clone().requires_grad_()
-        scores = aladin_fast.alignment_scores(t, v, aggregation="symm", backend="triton")
+        scores = aladin_fast.alignment_scores(t, v, aggregation=aggregation, backend="triton")
         scores.logsumexp(1).sum().backward()
         runs.append((scores.detach(), t.grad, v.grad))
     for run in runs[1:]:
@@ -107,7 +108,7 @@ def test_forward_and_backward_bitwise_deterministic(monkeypatch, strategy):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "dense", "gemm"])
+@pytest.mark.parametrize("strategy", ["auto", "gather", "dense", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_full_padded_backward_and_forward_finite_check(dtype, strategy, monkeypatch):
     """Full-length padded batches (no lengths: the cached token maps and the finiteness check the forward
@@ -125,8 +126,8 @@ def test_full_padded_backward_and_forward_finite_check(dtype, strategy, monkeypa
     for aggregation in ("MrSw", "MrAVGw", "MwSr", "symm"):
         grads = []
         for backend, device, compute in (("reference", "cpu", torch.float64), ("triton", "cuda", dtype)):
-            text = text0.to(device, compute).requires_grad_()
-            images = images0.to(device, compute).requires_grad_()
+            text = text0.to(device, compute).detach().clone().requires_grad_()
+            images = images0.to(device, compute).detach().clone().requires_grad_()
             scores = aladin_fast.alignment_scores(text, images, aggregation=aggregation, backend=backend)
             (scores * upstream.to(device, scores.dtype)).sum().backward()
             grads.append((text.grad.cpu().double(), images.grad.cpu().double()))
@@ -141,8 +142,8 @@ def test_full_padded_backward_and_forward_finite_check(dtype, strategy, monkeypa
             results = []
             for chosen in (strategy, "segmented"):
                 monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", chosen)
-                text = text0.to("cuda", dtype).requires_grad_()
-                images = images0.to("cuda", dtype).requires_grad_()
+                text = text0.to("cuda", dtype).detach().clone().requires_grad_()
+                images = images0.to("cuda", dtype).detach().clone().requires_grad_()
                 with torch.no_grad():
                     (text if side == "text" else images)[index] = value
                 scores = aladin_fast.alignment_scores(text, images, aggregation="symm", backend="triton")
@@ -152,7 +153,7 @@ def test_full_padded_backward_and_forward_finite_check(dtype, strategy, monkeypa
                 torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     # the GEMM strategies' forwards started a check (on the GPU, ahead of the kernel); it said "not finite"
     assert [bool(check) for check in checks if check is not None] == (
-        [False] * 4 if strategy in ("auto", "gemm") else [])
+        [False] * 4 if strategy in ("auto", "gemm", "gather") else [])
 
 
 def test_deterministic_algorithms_force_segmented(monkeypatch):
@@ -230,7 +231,7 @@ def test_opcheck_on_cuda():
     torch.library.opcheck(score_tokens_backward, backward_args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("strategy", ["dense", "gemm"])
+@pytest.mark.parametrize("strategy", ["dense", "gemm", "gather"])
 @pytest.mark.parametrize("aggregation", ["MrSw", "symm"])
 def test_peak_memory_far_below_pairs_words_regions(aggregation, strategy, monkeypatch):
     """Nt = Ni = 128, W = 32, R = 36, D = 1024 fwd + bwd: extra memory O(pairs * W), not [Nt, Ni, W, R].

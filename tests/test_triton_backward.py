@@ -492,3 +492,95 @@ def test_padded_token_sequence_cached_only_for_shared_layout(monkeypatch):
         result = alignment_op._token_sequence(*args)
         assert result is not got and torch.equal(result, kernels.token_sequence_ids(*args)), args
     assert (alignment_op._token_sequence(offsets, short, 35, 7)[7:14] == -1).all()  # an empty caption's rows
+
+
+@in_process
+def test_gather_strategy_through_autograd(monkeypatch):
+    """``ALADIN_FAST_TRITON_BACKWARD=gather`` (row gathers for the one-sided argmax terms) through autograd vs
+    float64 autograd of the reference: all pairs / rerank (repeated candidates) / paired, padded with lengths
+    1, 0 and full, and packed; fp32 and bf16; both paddings. The gather kernel must run for MrSw / MrAVGw
+    (text side, every mode) and MwSr (image side, all pairs only). A NaN and an inf token give the
+    segmented kernels' NaN pattern."""
+    import aladin_fast
+    from aladin_fast.ops import alignment_op
+
+    launched = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def launch_gather_backward(self, *args, text_side):
+            launched.append(text_side)
+            kernels.launch_gather_backward(*args, text_side=text_side)
+
+    monkeypatch.setattr(alignment_op, "triton_kernels", lambda: Counting())
+    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", "gather")
+    gen = torch.Generator().manual_seed(5)
+    text0 = torch.randn(3, 5, 24, generator=gen, dtype=torch.float64)
+    images0 = torch.randn(4, 7, 24, generator=gen, dtype=torch.float64)
+    t_len, v_len = torch.tensor([5, 0, 1]), torch.tensor([7, 1, 0, 4])
+    candidates = torch.tensor([[3, 3, 0], [1, 2, 0], [0, 3, 1]])
+    upstream = {"all_pairs": torch.randint(-4, 5, (3, 4), generator=gen).double() / 2,
+                "rerank": torch.randint(-4, 5, (3, 3), generator=gen).double() / 2,
+                "paired": torch.randint(-4, 5, (3,), generator=gen).double() / 2}
+
+    def call(mode, text, images, aggregation, padding, backend):
+        if mode == "all_pairs":
+            return aladin_fast.alignment_scores(text, images, t_len, v_len, aggregation, padding, backend=backend)
+        if mode == "rerank":
+            return aladin_fast.rerank_scores(text, images, candidates, t_len, v_len, aggregation, padding,
+                                             backend=backend)
+        return aladin_fast.paired_scores(text, images[:3], t_len, v_len[:3], aggregation, padding, backend=backend)
+
+    for mode in ("all_pairs", "rerank", "paired"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for aggregation in ("MrSw", "MrAVGw", "MwSr", "symm"):
+                for padding in ("neg_inf", "zero"):
+                    grads = []
+                    launched.clear()
+                    for backend, compute in (("reference", torch.float64), ("triton", dtype)):
+                        text = text0.to(dtype).to(compute).requires_grad_()
+                        images = images0.to(dtype).to(compute).requires_grad_()
+                        scores = call(mode, text, images, aggregation, padding, backend)
+                        (scores * upstream[mode].to(scores.dtype)).sum().backward()
+                        grads.append((text.grad.double(), images.grad.double()))
+                    want_side = {"MrSw": [True], "MrAVGw": [True], "MwSr": [False] if mode == "all_pairs" else []}
+                    assert launched == want_side.get(aggregation, []), (mode, aggregation)
+                    tol = 1e-5 if dtype == torch.float32 else 1e-2
+                    for got, want, name in zip(grads[1], grads[0], ("text", "images")):
+                        torch.testing.assert_close(got, want, rtol=tol, atol=tol,
+                                                   msg=lambda m: f"{mode} {dtype} {aggregation} {padding} d {name}: {m}")
+    # packed inputs, MrSw and MwSr
+    packed_text = torch.cat([text0[i, :int(n)] for i, n in enumerate(t_len)]).float()
+    packed_images = torch.cat([images0[i, :int(n)] for i, n in enumerate(v_len)]).float()
+    cu_text = torch.nn.functional.pad(t_len.cumsum(0), (1, 0))
+    cu_images = torch.nn.functional.pad(v_len.cumsum(0), (1, 0))
+    for aggregation in ("MrSw", "MwSr"):
+        grads = []
+        for backend, compute in (("reference", torch.float64), ("triton", torch.float32)):
+            text = packed_text.to(compute).detach().clone().requires_grad_()
+            images = packed_images.to(compute).detach().clone().requires_grad_()
+            scores = aladin_fast.alignment_scores(text, images, aggregation=aggregation, text_cu_seqlens=cu_text,
+                                                  image_cu_seqlens=cu_images, backend=backend)
+            (scores * upstream["all_pairs"].to(compute)).sum().backward()
+            grads.append((text.grad.double(), images.grad.double()))
+        for got, want in zip(grads[1], grads[0]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"packed {aggregation}: {m}")
+    # non-finite tokens: exactly the C++ backward's gradients (docs/kernel_contract.md: d t_w += c v_argmax(w), no
+    # weight of 0 meets a token). The segmented kernels' one-hot tile dots differ here: for MwSr, pair (0, 1) has
+    # a finite score, and 0 x inf in their image-side dot writes NaN into image 1.
+    for aggregation in ("MrSw", "MwSr"):
+        poisoned_text, poisoned_images = text0.float().clone(), images0.float().clone()
+        poisoned_images[3, 1, 0] = float("nan")
+        poisoned_text[0, 2, 3] = float("inf")
+        results = []
+        for backend in ("triton", "cpu"):
+            text = poisoned_text.clone().requires_grad_()
+            images = poisoned_images.clone().requires_grad_()
+            scores = aladin_fast.alignment_scores(text, images, t_len, v_len, aggregation, backend=backend)
+            (scores.nan_to_num(0, 0, 0) * upstream["all_pairs"].float()).sum().backward()
+            results.append((text.grad, images.grad))
+        for got, want in zip(*results):
+            assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+            torch.testing.assert_close(got.nan_to_num(0, 0, 0), want.nan_to_num(0, 0, 0), rtol=1e-5, atol=1e-5)

@@ -323,15 +323,18 @@ def _triton_kernel_choice():
     return {"kernel": kernel}
 
 
-TRITON_BACKWARD_STRATEGIES = ("auto", "dense", "gemm", "segmented", "atomic")
+TRITON_BACKWARD_STRATEGIES = ("auto", "gather", "dense", "gemm", "segmented", "atomic")
 # cuBLAS is deterministic under torch.use_deterministic_algorithms(True) only with one of these workspace configs
 _DETERMINISTIC_CUBLAS_CONFIGS = (":4096:8", ":16:8")
 
 
 def triton_backward_strategy(aggregation: Optional[int] = None) -> str:
-    """Backward of the Triton backend: "auto", "dense", "gemm", "segmented" or "atomic".
+    """Backward of the Triton backend: "auto", "gather", "dense", "gemm", "segmented" or "atomic".
 
     * "auto" (the default): per aggregation, the strategy measured fastest (``AUTO_BACKWARD``).
+    * "gather": the one-sided argmax terms as row gathers (``kernels/alignment_gather.py``): MrSw / MrAVGw
+      text side in every mode (the image side as "dense"), MwSr image side over all pairs (the text side
+      as "segmented"); symm as "gemm". No weight of 0 ever meets a token, so no finiteness condition.
     * "dense": all pairs with MrSw / MrAVGw, padded lengths <= 128 and
       finite tokens run the winner-GEMM kernels (``kernels/alignment_winner_gemm.py``: the
       word x region-row weight matrix built tile by tile from the argmax, times the tokens,
@@ -353,6 +356,8 @@ def triton_backward_strategy(aggregation: Optional[int] = None) -> str:
         raise ValueError(f"ALADIN_FAST_TRITON_BACKWARD must be one of {TRITON_BACKWARD_STRATEGIES}, got {strategy!r}")
     if strategy == "auto" and aggregation is not None:
         strategy = AUTO_BACKWARD.get(aggregation, "segmented")
+    if strategy == "gather" and aggregation == SYMM:  # two-sided: the chunked weight matrix
+        strategy = "gemm"
     if torch.are_deterministic_algorithms_enabled() and (strategy == "atomic" or (
             strategy == "gemm" and os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in _DETERMINISTIC_CUBLAS_CONFIGS)):
         return "segmented"
@@ -423,7 +428,7 @@ def start_finite_check(text, images, candidates, aggregation, backend):
     if backend != "triton" or candidates is not None or not text.is_cuda or text.numel() == 0 or images.numel() == 0:
         return None
     strategy = triton_backward_strategy(aggregation)
-    if not ((strategy == "dense" and aggregation in DENSE_AGGREGATIONS)
+    if not ((strategy in ("dense", "gather") and aggregation in DENSE_AGGREGATIONS)
             or (strategy == "gemm" and aggregation in GEMM_AGGREGATIONS)) or torch.cuda.is_current_stream_capturing():
         return None
     return FiniteCheck(text, images)
@@ -530,6 +535,31 @@ def _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets
         _product_into(grad_images, weights.t(), text_mm[start:stop], accumulate=start > 0)
 
 
+def _gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+                     argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad, finite):
+    """The "gather" strategy (``grad`` float32 contiguous): the gathered side by ``kernels/alignment_gather.py``,
+    the other by the winner-GEMM images kernel (MrSw / MrAVGw, all pairs, where "dense" applies) or the
+    segmented kernels. Returns ``(d text, d images)`` float32."""
+    kernels = triton_kernels()
+    grad_text = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
+    grad_images = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
+    text_side = aggregation in kernels.GATHER_TEXT_AGGREGATIONS
+    kernels.launch_gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+                                   candidates, argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad,
+                                   grad_text if text_side else grad_images, text_side=text_side)
+    if text_side and _dense_applies(text, images, candidates, aggregation, text_pad, image_pad, finite):
+        kernels.launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
+                                            image_lengths, argmax, None, aggregation, text_pad, image_pad,
+                                            grad_text, grad_images, sides=("images",))
+    else:
+        kernels.launch_alignment_backward(
+            grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
+            argmax if text_side else None, None if text_side else region_argmax, aggregation, zero_padding,
+            text_pad, image_pad, grad_text, grad_images, strategy="segmented", config=_triton_kernel_choice(),
+            sides=("images",) if text_side else ("text",))
+    return grad_text, grad_images
+
+
 def triton_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                     argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad, finite=None):
     """The Triton backward (``triton_backward_strategy``: the winner-GEMM kernels, the chunked weight matrix
@@ -538,6 +568,14 @@ def triton_backward(grad, text, text_offsets, text_lengths, images, image_offset
     grad = grad.float().contiguous()
     word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
     argmax, region_argmax = (argmax if word_term else None), (region_argmax if region_term else None)
+    if strategy == "gather":
+        if aggregation in triton_kernels().GATHER_TEXT_AGGREGATIONS or (
+                aggregation in triton_kernels().GATHER_IMAGE_AGGREGATIONS and candidates is None):
+            return _gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
+                                    candidates, argmax, region_argmax, aggregation, zero_padding, text_pad,
+                                    image_pad, finite)
+        else:
+            strategy = "segmented"
     if strategy == "dense" and not _dense_applies(text, images, candidates, aggregation, text_pad, image_pad,
                                                   finite):
         strategy = "segmented"

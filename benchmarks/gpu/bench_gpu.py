@@ -121,6 +121,7 @@ def plain_rerank(text, gallery, candidates):
 _COMPILED = {}
 PAIR = {"ALADIN_FAST_TRITON_KERNEL": "pair"}
 GEMM = {"ALADIN_FAST_TRITON_BACKWARD": "gemm"}  # the chunked weight matrix + torch.mm backward
+GATHER = {"ALADIN_FAST_TRITON_BACKWARD": "gather"}  # row gathers for the one-sided argmax terms
 
 
 def with_env(env, fn):
@@ -248,15 +249,18 @@ def suite_training(peer, dims, quick):
         step(ours_fn)()
         want_t, want_v = t_leaf.grad.float().clone(), v_leaf.grad.float().clone()
         record("train_fwd_bwd", shape, "aladin_triton", step(ours_fn), flops=bwd_flops, bytes_moved=2 * bytes_in)
-        for aggregation in ("symm", "MwSr"):  # the region term: default (segmented argmax kernels), then "gemm"
+        for aggregation in ("symm", "MwSr"):  # the region term: the default ("auto"), then "gemm" and "gather"
             fn = aggregated(aggregation)
             record("train_fwd_bwd_variants", shape, f"aladin_triton_{aggregation}", step(fn), flops=bwd_flops,
                    bytes_moved=2 * bytes_in)
-            record("train_fwd_bwd_variants", shape, f"aladin_triton_{aggregation}_gemm", with_env(GEMM, step(fn)),
-                   flops=bwd_flops, bytes_moved=2 * bytes_in, check=strategy_check(step, fn, GEMM, t_leaf, v_leaf))
+            for name, env in (("gemm", GEMM), ("gather", GATHER)):
+                if aggregation == "symm" and name == "gather":
+                    continue  # two-sided: "gather" runs "gemm"
+                record("train_fwd_bwd_variants", shape, f"aladin_triton_{aggregation}_{name}", with_env(env, step(fn)),
+                       flops=bwd_flops, bytes_moved=2 * bytes_in, check=strategy_check(step, fn, env, t_leaf, v_leaf))
         for strategy, env in (("segmented", {"ALADIN_FAST_TRITON_BACKWARD": "segmented"}),
                               ("pair_kernel_segmented", dict(PAIR, ALADIN_FAST_TRITON_BACKWARD="segmented")),
-                              ("gemm", GEMM)):
+                              ("gemm", GEMM), ("gather", GATHER)):
             record("train_fwd_bwd", shape, f"aladin_triton_{strategy}", with_env(env, step(ours_fn)),
                    flops=bwd_flops, bytes_moved=2 * bytes_in,
                    check=with_env(env, grad_check(ours_fn, f"{strategy}")))
@@ -268,7 +272,7 @@ def suite_training(peer, dims, quick):
                     t32.grad = v32.grad = None
                     score_fn(t32, v32).float().logsumexp(1).sum().backward()
                 return with_env(env or {}, run)
-            for strategy in ("dense", "gemm", "segmented"):
+            for strategy in ("dense", "gemm", "gather", "segmented"):
                 record("train_fwd_bwd_fp32", shape, f"aladin_triton_{strategy}", step32(
                     ours_fn, {"ALADIN_FAST_TRITON_BACKWARD": strategy}), flops=bwd_flops, bytes_moved=4 * bytes_in,
                     dtype="fp32")
