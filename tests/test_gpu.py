@@ -122,7 +122,9 @@ def test_full_padded_backward_and_forward_finite_check(dtype, strategy, monkeypa
     gen = torch.Generator().manual_seed(11)
     text0 = torch.randn(6, 7, 48, generator=gen).clamp(-2, 2).to(dtype).double()
     images0 = torch.randn(5, 9, 48, generator=gen).clamp(-2, 2).to(dtype).double()
-    upstream = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    # exact in bf16: the bf16 "gemm" workspace rounds each pair's coefficient to bf16 (as torch's own autograd
+    # of the plain bf16 formulation does); a randn upstream cost up to 0.03 in d text for symm (GPU run 4)
+    upstream = torch.randint(-4, 5, (6, 5), generator=gen).double() / 2
     for aggregation in ("MrSw", "MrAVGw", "MwSr", "symm"):
         grads = []
         for backend, device, compute in (("reference", "cpu", torch.float64), ("triton", "cuda", dtype)):

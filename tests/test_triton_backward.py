@@ -441,7 +441,22 @@ def test_op_gradients_through_autograd(strategy, monkeypatch):
         results.append((text.grad, images.grad))
     assert torch.isfinite(results[0][0][0, :2]).any()  # not every text row poisoned
     for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        if triton_backward_strategy_for(strategy) == "gather":
+            # row gathers follow the contract (d t_w += c v_argmax(w)); the segmented kernels' one-hot tile dots
+            # also spread 0 x NaN from non-winning rows: the gather's NaNs are a subset, equal elsewhere
+            assert not (torch.isnan(got) & ~torch.isnan(want)).any()
+            both = torch.isfinite(got) & torch.isfinite(want)
+            assert torch.equal(got[both], want[both])
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def triton_backward_strategy_for(strategy, aggregation="MrSw"):
+    """The strategy the op layer runs for ``ALADIN_FAST_TRITON_BACKWARD=strategy`` and ``aggregation``."""
+    from aladin_fast.ops.alignment_op import AUTO_BACKWARD, MRSW, MWSR, SYMM
+
+    code = {"MrSw": MRSW, "MwSr": MWSR, "symm": SYMM}[aggregation]
+    return AUTO_BACKWARD[code] if strategy == "auto" else strategy
 
 
 def test_backward_strategy_choice(monkeypatch):

@@ -388,9 +388,12 @@ def backward_workspace_bytes() -> int:
 # symm 7.0 vs 3.1 ms), so those keep the segmented kernels.
 DENSE_AGGREGATIONS = (MRSW, MRAVGW)
 GEMM_AGGREGATIONS = (MRSW, MRAVGW, MWSR, SYMM)
-# "auto": measured on an H200 (bf16, 128 x 128, W=32, R=36, D=1024 and 768, fwd + bwd; session 5,
-# benchmarks/results/gpu-nvidia-h200/session5): symm 1.8 ms with "gemm" vs 3.1 ms segmented.
-AUTO_BACKWARD = {MRSW: "dense", MRAVGW: "dense", MWSR: "segmented", SYMM: "gemm"}
+# "auto": measured on an H200 (bf16, 128 x 128, W=32, R=36, D=1024 / 768, fwd + bwd, session 5 runs 4-5,
+# benchmarks/results/gpu-nvidia-h200/session5). GPU-busy time per step (torch.profiler; wall times of these
+# steps are host-bound and vary 1.2-1.7 ms between processes): MrSw "gather" 0.90 / 0.68 ms vs "dense" 1.42 /
+# 1.27 and late-interaction-kernels 1.76 / 1.50; MwSr "gather" 1.41 / 1.07 vs segmented 1.66 / 1.29; symm
+# "gemm" 0.53 / 0.49 vs segmented 3.05 / 2.35.
+AUTO_BACKWARD = {MRSW: "gather", MRAVGW: "gather", MWSR: "gather", SYMM: "gemm"}
 
 
 def _finite_total(text, images) -> torch.Tensor:

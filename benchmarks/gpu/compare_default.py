@@ -1,0 +1,72 @@
+"""The default backward ("auto") against late-interaction-kernels and the other strategies, interleaved.
+
+Training shape (bf16 unit vectors, 128 x 128, W=32, R=36, upstream = logsumexp over images), D = 1024 and 768.
+Host-bound steps vary between processes and over time, so every provider is timed in each of ``--rounds``
+rounds (do_bench each) and the medians over rounds are reported, with each round's ratio to the peer.
+
+    python benchmarks/gpu/compare_default.py [--out compare.json] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+from triton.testing import do_bench
+
+import aladin_fast
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    import late_interaction_kernels as lik
+
+    results = []
+    for dim in (1024, 768):
+        gen = torch.Generator(device="cuda").manual_seed(dim)
+        text = torch.nn.functional.normalize(torch.randn(128, 32, dim, device="cuda", generator=gen), dim=-1)
+        images = torch.nn.functional.normalize(torch.randn(128, 36, dim, device="cuda", generator=gen), dim=-1)
+        text, images = text.bfloat16().requires_grad_(), images.bfloat16().requires_grad_()
+
+        def provider(aggregation, strategy):
+            def step():
+                os.environ["ALADIN_FAST_TRITON_BACKWARD"] = strategy
+                text.grad = images.grad = None
+                aladin_fast.alignment_scores(text, images, aggregation=aggregation,
+                                             backend="triton").float().logsumexp(1).sum().backward()
+            return step
+
+        def peer():
+            text.grad = images.grad = None
+            lik.maxsim(text, images).float().logsumexp(1).sum().backward()
+        providers = {"late-interaction-kernels MrSw": peer, "auto MrSw": provider("MrSw", "auto"),
+                     "dense MrSw": provider("MrSw", "dense"), "auto MwSr": provider("MwSr", "auto"),
+                     "segmented MwSr": provider("MwSr", "segmented"), "auto symm": provider("symm", "auto"),
+                     "segmented symm": provider("symm", "segmented")}
+        times = {name: [] for name in providers}
+        for fn in providers.values():
+            fn()
+        for _ in range(args.rounds):
+            for name, fn in providers.items():
+                times[name].append(do_bench(fn, warmup=10, rep=60))
+        peer_times = times["late-interaction-kernels MrSw"]
+        for name, values in times.items():
+            row = dict(dim=dim, provider=name, median_ms=statistics.median(values), rounds_ms=values,
+                       peer_over_ours=[p / v for p, v in zip(peer_times, values)])
+            results.append(row)
+            print(f"D{dim} {name:32s} median {row['median_ms']:.3f} ms  rounds "
+                  + " ".join(f"{v:.3f}" for v in values)
+                  + "  peer/ours " + " ".join(f"{r:.2f}" for r in row["peer_over_ours"]), flush=True)
+    os.environ.pop("ALADIN_FAST_TRITON_BACKWARD", None)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, rows=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
