@@ -15,20 +15,22 @@ and the region -> word argmax (int32 ``[pairs, R]``, MwSr / symm):
 
 Backend "cpu" runs all of it in C++ (``_C.score_backward``: grad_text rows
 owned by the thread owning the caption, grad_images rows by the thread owning
-the image, no atomics, deterministic). Backend "triton", for all pairs with
-MrSw / MrAVGw and finite tokens, runs the winner-GEMM kernels by default
-(``kernels/alignment_winner_gemm.py``: tiles of the word x region-row weight
-matrix built from the argmax in registers, times the tokens on tensor cores).
-``ALADIN_FAST_TRITON_BACKWARD=gemm`` (opt-in until measured on a GPU) instead
-writes that matrix to memory in capped row chunks (``kernels/alignment_weights.py``,
-every argmax aggregation, any padded length) and multiplies with ``torch.mm``.
-Otherwise it runs the per-pair Triton
-backward kernels (``kernels/alignment_backward.py``): text rows owned by a
-caption's program; image rows either owned by an image's program walking its
-pairs ("segmented", deterministic, the default there) or accumulated with fp32
-atomics ("atomic", order-dependent last bits; opt-in with
-``ALADIN_FAST_TRITON_BACKWARD=atomic``, never under
-``torch.use_deterministic_algorithms(True)``). Both forward kernels emit the
+the image, no atomics, deterministic). Backend "triton" chooses per aggregation
+(``triton_backward_strategy``, default "auto", measured on an H200):
+
+* "gather" (MrSw / MrAVGw / MwSr): the one-sided term as row gathers
+  (``kernels/alignment_gather.py``), the other side by the winner-GEMM image
+  kernel (``kernels/alignment_winner_gemm.py``: weight tiles built from the
+  argmax in registers, times the tokens on tensor cores; all pairs, finite
+  tokens) or the per-pair kernels;
+* "gemm" (symm): the weight matrix written in capped row chunks
+  (``kernels/alignment_weights.py``) and multiplied with ``torch.mm``;
+* otherwise the per-pair Triton backward kernels (``kernels/alignment_backward.py``):
+  text rows owned by a caption's program; image rows either owned by an image's
+  program walking its pairs ("segmented", deterministic) or accumulated with fp32
+  atomics ("atomic", order-dependent last bits; opt-in with
+  ``ALADIN_FAST_TRITON_BACKWARD=atomic``, never under
+  ``torch.use_deterministic_algorithms(True)``). Both forward kernels emit the
 region -> word argmax in the same pass. :func:`sparse_backward` (PyTorch
 sparse matrices built from the argmax, in chunks) is the independent check of
 both kernels in the tests.

@@ -2,12 +2,12 @@
 # One GPU session: environment, GPU tests, GPU benchmarks. Run from a clean snapshot of the repo
 # (see benchmarks/gpu/README.md); writes logs and JSON under $OUT (default ./gpu-out).
 #
-# The "gemm" backward (ALADIN_FAST_TRITON_BACKWARD=gemm, not the default until measured) in one short call:
-#   TEST_K="gemm or memory or deterministic" BENCH_ARGS="--suites training" SWEEP_WORKSPACE=1 \
-#     bash benchmarks/gpu/run_gpu.sh
-# runs its GPU tests, the training rows (aladin_triton_gemm, aladin_triton_{symm,MwSr}_gemm next to the default
-# and segmented rows, bf16 D=1024 and 768, and fp32) and the workspace-cap sweep (4-64 MiB,
-# benchmarks/gpu/sweep_workspace.py -> $OUT/workspace_sweep.json; SWEEP_CAPS overrides the caps).
+# The backward strategies at the training shape in one short call (session 5 ran these):
+#   TEST_K="gather or gemm or memory or deterministic" BENCH_ARGS="--suites training" bash benchmarks/gpu/run_gpu.sh
+# then, from the snapshot, benchmarks/gpu/diagnose_backward.py (GPU-busy vs host time per step) and
+# benchmarks/gpu/compare_default.py (the default vs late-interaction-kernels, interleaved rounds).
+# SWEEP_WORKSPACE=1 adds the "gemm" workspace-cap sweep (benchmarks/gpu/sweep_workspace.py ->
+# $OUT/workspace_sweep.json; SWEEP_CAPS overrides the caps, default 4-64 MiB).
 set -u
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
