@@ -738,8 +738,13 @@ class _EagerScore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_scores, grad_argmax, grad_region_argmax):
-        # create_graph=True records the backward as a node whose own backward raises (like the registered op)
-        grad_text, grad_images = _EagerScoreBackward.apply(grad_scores, *ctx.saved_tensors, *ctx.options, ctx.finite)
+        if torch.is_grad_enabled():
+            # create_graph=True records the backward as a node whose own backward raises (like the registered op)
+            grad_text, grad_images = _EagerScoreBackward.apply(grad_scores, *ctx.saved_tensors, *ctx.options,
+                                                               ctx.finite)
+        else:  # the usual case: no second autograd.Function around the kernels (its apply is host time per step)
+            grad_text, grad_images = _score_tokens_backward_impl(grad_scores, *ctx.saved_tensors, *ctx.options,
+                                                                 ctx.finite)
         return (grad_text if ctx.needs_input_grad[0] else None, grad_images if ctx.needs_input_grad[1] else None,
                 *([None] * 12))
 

@@ -15,14 +15,12 @@ measurement only, never a product setting (non-finite tokens need the fallback).
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
 import os
-import pstats
 import time
 
 import torch
+from host_overhead import print_host_profile  # (this folder: the script's own directory is on sys.path)
 from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
@@ -106,18 +104,7 @@ def main():
                 text.grad = images.grad = None
                 ours(text, images).float().logsumexp(1).sum().backward()
             set_config(args.cprofile, real_check)
-            step()
-            torch.cuda.synchronize()
-            profiler = cProfile.Profile()
-            profiler.enable()
-            for _ in range(50):
-                step()
-            profiler.disable()
-            torch.cuda.synchronize()
-            for key in ("tottime", "cumtime"):
-                stream = io.StringIO()
-                pstats.Stats(profiler, stream=stream).sort_stats(key).print_stats(40)
-                print(stream.getvalue()[-12000:], flush=True)
+            print_host_profile(step, steps=50, rows=40, chars=12000)
     alignment_op._tokens_finite = real_check
     if args.out:
         with open(args.out, "w") as f:

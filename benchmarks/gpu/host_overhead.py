@@ -71,16 +71,24 @@ def main():
     def step():
         text.grad = images.grad = None
         aladin_fast.alignment_scores(text, images, backend="triton").float().logsumexp(1).sum().backward()
+    print_host_profile(step, steps=100, rows=35)
+
+
+def print_host_profile(step, steps=100, rows=35, chars=9000):
+    """cProfile of ``steps`` calls of ``step`` (after one warm call): the costliest functions by own and by
+    cumulative host time."""
+    step()
+    torch.cuda.synchronize()
     profiler = cProfile.Profile()
     profiler.enable()
-    for _ in range(100):
+    for _ in range(steps):
         step()
     profiler.disable()
     torch.cuda.synchronize()
     for key in ("tottime", "cumtime"):
         stream = io.StringIO()
-        pstats.Stats(profiler, stream=stream).sort_stats(key).print_stats(35)
-        print(stream.getvalue()[-9000:], flush=True)
+        pstats.Stats(profiler, stream=stream).sort_stats(key).print_stats(rows)
+        print(stream.getvalue()[-chars:], flush=True)
 
 
 if __name__ == "__main__":
