@@ -79,6 +79,9 @@ CASES = {
     "paired_1000_W32_R36_D1024_f32": dict(nt=1000, ni=1000, W=32, R=36, D=1024, k="paired", dtype="float32"),
     "allpairs_128x128_W32_R36_D1024_f32": dict(nt=128, ni=128, W=32, R=36, D=1024, k=None, dtype="float32"),
     "allpairs_128x128_W32_R36_D1024_bf16": dict(nt=128, ni=128, W=32, R=36, D=1024, k=None, dtype="bfloat16"),
+    # fast-maxsim's own shape (ColBERT-like: 1 query x 3,000 documents of 300 tokens, D=128)
+    "maxsim_Lq32_Ld300_D128_N3000_f32": dict(nt=1, ni=3000, W=32, R=300, D=128, k=None, dtype="float32"),
+    "maxsim_Lq32_Ld300_D128_N3000_bf16": dict(nt=1, ni=3000, W=32, R=300, D=128, k=None, dtype="bfloat16"),
 }
 
 
