@@ -599,3 +599,27 @@ def test_gather_strategy_through_autograd(monkeypatch):
         for got, want in zip(*results):
             assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
             torch.testing.assert_close(got.nan_to_num(0, 0, 0), want.nan_to_num(0, 0, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_finiteness_check_never_syncs_inside_cuda_graph_capture(monkeypatch):
+    """The GEMM backwards' finiteness check: a started :class:`FiniteCheck` answers without the tokens; inside a
+    CUDA-graph capture (where ``.item()`` would raise) the answer is False, so the argmax kernels run; otherwise
+    one reduction of the tokens (NaN and inf both count)."""
+    from aladin_fast.ops import alignment_op
+
+    class CapturedTokens:  # stands for CUDA tensors during a capture: any use but ``is_cuda`` would fail
+        is_cuda = True
+
+    class Started:
+        def __bool__(self):
+            return True
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert alignment_op._tokens_finite(CapturedTokens(), CapturedTokens()) is False
+    assert alignment_op._tokens_finite(CapturedTokens(), CapturedTokens(), Started()) is True
+    tokens = torch.ones(3, 4)
+    assert alignment_op._tokens_finite(tokens, tokens) is True
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        poisoned = tokens.clone()
+        poisoned[2, 1] = bad
+        assert alignment_op._tokens_finite(tokens, poisoned) is False

@@ -441,9 +441,12 @@ def start_finite_check(text, images, candidates, aggregation, backend):
 
 def _tokens_finite(text, images, finite=None) -> bool:
     """Whether every token is finite: ``finite`` (a :class:`FiniteCheck` the forward started) or one
-    device sync."""
+    device sync. Inside a CUDA-graph capture (no sync allowed) the answer is False: the caller then runs
+    the argmax kernels, which need no finiteness."""
     if finite is not None:
         return bool(finite)
+    if text.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
     return bool(_finite_total(text, images).item())
 
 
