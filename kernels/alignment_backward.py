@@ -257,7 +257,9 @@ def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, im
                               candidates, argmax, region_argmax, aggregation: int, zero_padding: bool, text_pad: int,
                               image_pad: int, grad_text, grad_images, *, strategy: str = "segmented",
                               config: dict | None = None, sides=("text", "images")) -> None:
-    """Write ``d text`` into ``grad_text`` and ``d images`` into ``grad_images`` (float32, zero-filled by the caller).
+    """Write ``d text`` into ``grad_text`` and ``d images`` into ``grad_images`` (zero-filled by the caller; float32,
+    or the tokens' dtype with the "segmented" strategy, whose kernels store each row once; "atomic" accumulates
+    into float32).
 
     ``grad`` float32 [Nt, K] contiguous; ``argmax`` int32 [Nt, K, text_pad] (MrSw,
     MrAVGw, symm) and ``region_argmax`` int32 [Nt, K, image_pad] (MwSr, symm) as

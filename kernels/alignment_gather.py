@@ -102,8 +102,8 @@ def gather_config(pad: int, dim: int) -> dict:
 def launch_gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                            argmax, region_argmax, aggregation: int, zero_padding: bool, text_pad: int, image_pad: int,
                            out, *, text_side: bool) -> None:
-    """Write the gathered side's rows into ``out`` (fp32, zero-filled by the caller; rows outside the sequences
-    untouched): ``d text`` for MrSw / MrAVGw (any mode) with ``text_side``, else ``d images`` for MwSr (all pairs).
+    """Write the gathered side's rows into ``out`` (fp32 or the tokens' dtype: each row is stored once, cast from
+    the fp32 accumulator; rows outside the sequences untouched): ``d text`` for MrSw / MrAVGw (any mode) with ``text_side``, else ``d images`` for MwSr (all pairs).
 
     ``grad`` float32 [Nt, K] contiguous; ``argmax`` int32 [Nt, K, text_pad] / ``region_argmax`` int32
     [Nt, K, image_pad] as written by the forward; other arguments as in ``launch_alignment``.
@@ -155,7 +155,8 @@ def gather_aot_specs() -> list:
                           TEXT_SIDE=text_side, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"])
         spec = _aot_spec(name, _gather_rows_kernel, dtype_name, constexprs,
                          {"num_warps": cfg["num_warps"], "num_stages": 3})
-        spec.signature.update(partner_ptr="*" + dtype_name, out_ptr="*fp32", owner_offsets_ptr="*i64",
+        # the gradient rows in the tokens' dtype, as the "gather" strategy allocates them
+        spec.signature.update(partner_ptr="*" + dtype_name, out_ptr="*" + dtype_name, owner_offsets_ptr="*i64",
                               partner_offsets_ptr="*i64", candidates_ptr="*i64" if candidates else "*i32")
         specs.append(spec)
     return specs

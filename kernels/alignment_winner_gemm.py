@@ -161,7 +161,8 @@ def winner_gemm_config(*, text_pad: int, image_pad: int, dim: int, element_size:
 def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                 argmax, region_argmax, aggregation: int, text_pad: int, image_pad: int, grad_text,
                                 grad_images, *, config: dict | None = None, sides=("text", "images")) -> None:
-    """Write the all-pairs ``d text`` / ``d images`` rows of every sequence (fp32; other rows untouched); only
+    """Write the all-pairs ``d text`` / ``d images`` rows of every sequence (fp32 buffers, or the tokens' dtype:
+    each row is stored once from an fp32 accumulator; other rows untouched); only
     the ``sides`` named (another kernel may own the other side).
 
     ``grad`` float32 [Nt, Ni] contiguous; ``argmax`` int32 [Nt, Ni, text_pad] for
@@ -227,4 +228,9 @@ def winner_gemm_aot_specs() -> list:
                 constexprs["IMGS"] = cfg["IMGS"]
             specs.append(_aot_spec(f"winner_gemm_{side}_{name}", kernel, _TRITON_DTYPE[dtype], constexprs,
                                    {"num_warps": _warps(rows, block_d), "num_stages": cfg["num_stages"]}))
+            if side == "images" and name == "bf16_MrSw":  # the "gather" strategy's image side: bf16 gradient rows
+                spec = _aot_spec(f"winner_gemm_{side}_{name}_bf16_out", kernel, _TRITON_DTYPE[dtype], constexprs,
+                                 {"num_warps": _warps(rows, block_d), "num_stages": cfg["num_stages"]})
+                spec.signature["out_ptr"] = "*bf16"
+                specs.append(spec)
     return specs

@@ -623,3 +623,45 @@ def test_finiteness_check_never_syncs_inside_cuda_graph_capture(monkeypatch):
         poisoned = tokens.clone()
         poisoned[2, 1] = bad
         assert alignment_op._tokens_finite(tokens, poisoned) is False
+
+
+@in_process
+def test_gather_full_padded_writes_every_row_in_token_dtype(monkeypatch):
+    """Full-length padded batches (no lengths): "gather" returns gradients in the tokens' dtype from
+    uninitialised buffers -- filled with NaN here, so a row no kernel wrote would show -- equal to float64
+    autograd of the reference; with lengths the buffers are zero-filled (rows past a length stay 0)."""
+    import aladin_fast
+    from aladin_fast.ops import alignment_op
+
+    monkeypatch.setattr(alignment_op, "triton_kernels", lambda: kernels)
+    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", "gather")
+    real = alignment_op._new_gradient
+    calls = []
+
+    def poisoned(tokens, every_row_written):
+        calls.append((tokens.dtype, every_row_written))
+        out = real(tokens, every_row_written)
+        return out.fill_(float("nan")) if every_row_written else out
+
+    monkeypatch.setattr(alignment_op, "_new_gradient", poisoned)
+    gen = torch.Generator().manual_seed(17)
+    text0 = torch.randn(3, 5, 24, generator=gen, dtype=torch.float64)
+    images0 = torch.randn(4, 7, 24, generator=gen, dtype=torch.float64)
+    upstream = torch.randint(-4, 5, (3, 4), generator=gen).double() / 2
+    for dtype in (torch.float32, torch.bfloat16):
+        for aggregation in ("MrSw", "MrAVGw", "MwSr"):
+            for lengths in ({}, dict(text_lengths=torch.tensor([5, 2, 1]), image_lengths=torch.tensor([7, 1, 3, 4]))):
+                calls.clear()
+                grads = []
+                for backend, compute in (("reference", torch.float64), ("triton", dtype)):
+                    text = text0.to(dtype).to(compute).requires_grad_()
+                    images = images0.to(dtype).to(compute).requires_grad_()
+                    scores = aladin_fast.alignment_scores(text, images, aggregation=aggregation, backend=backend,
+                                                          **lengths)
+                    (scores * upstream.to(scores.dtype)).sum().backward()
+                    grads.append((text.grad.double(), images.grad.double()))
+                assert calls == [(dtype, not lengths)] * 2, (dtype, aggregation, lengths)
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                for got, want in zip(grads[1], grads[0]):
+                    torch.testing.assert_close(got, want, rtol=tol, atol=tol,
+                                               msg=lambda m: f"{dtype} {aggregation} {bool(lengths)}: {m}")

@@ -507,17 +507,29 @@ def _cached_padded_sequence(count: int, pad: int, device: torch.device) -> torch
         return torch.arange(count * pad, dtype=torch.int32, device=device) // pad
 
 
-def _token_sequence(offsets, lengths, num_tokens, pad):
-    """``token_sequence_ids`` of one side; a padded batch of full lengths (the op layer's shared
-    ``padded_layout`` tensors, the training case) reuses one cached map per (N, pad, device) instead of a
-    fill and a kernel launch per backward."""
+def _shared_full_layout(offsets, lengths, num_tokens, pad) -> bool:
+    """Whether one side is a padded batch of full lengths laid out by the op layer itself (its shared
+    ``padded_layout`` tensors, the training case): every token row belongs to a sequence."""
     count = offsets.shape[0]
-    if (not tracing() and isinstance(count, int) and isinstance(pad, int) and count and num_tokens == count * pad
-            and not (offsets.is_cuda and torch.cuda.is_current_stream_capturing())):
-        shared_offsets, shared_lengths = padded_layout(count, pad, offsets.device)
-        if offsets is shared_offsets and lengths is shared_lengths:
-            return _cached_padded_sequence(count, pad, offsets.device)
+    if (tracing() or not isinstance(count, int) or not isinstance(pad, int) or not count
+            or num_tokens != count * pad or (offsets.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return False
+    shared_offsets, shared_lengths = padded_layout(count, pad, offsets.device)
+    return offsets is shared_offsets and lengths is shared_lengths
+
+
+def _token_sequence(offsets, lengths, num_tokens, pad):
+    """``token_sequence_ids`` of one side; a padded batch of full lengths (``_shared_full_layout``) reuses one
+    cached map per (N, pad, device) instead of a fill and a kernel launch per backward."""
+    if _shared_full_layout(offsets, lengths, num_tokens, pad):
+        return _cached_padded_sequence(offsets.shape[0], pad, offsets.device)
     return triton_kernels().token_sequence_ids(offsets, lengths, num_tokens, pad)
+
+
+def _new_gradient(tokens, every_row_written: bool) -> torch.Tensor:
+    """A gradient buffer for ``tokens`` in their dtype (the kernels store each row once, casting from their fp32
+    accumulators): uninitialised when the kernels write every row, else zero-filled."""
+    return (torch.empty if every_row_written else torch.zeros)(tokens.shape, dtype=tokens.dtype, device=tokens.device)
 
 
 def _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, argmax,
@@ -547,10 +559,15 @@ def _gather_backward(grad, text, text_offsets, text_lengths, images, image_offse
                      argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad, finite):
     """The "gather" strategy (``grad`` float32 contiguous): the gathered side by ``kernels/alignment_gather.py``,
     the other by the winner-GEMM images kernel (MrSw / MrAVGw, all pairs, where "dense" applies) or the
-    segmented kernels. Returns ``(d text, d images)`` float32."""
+    segmented kernels. Every kernel here stores each row once, so the gradients are returned in the tokens'
+    dtype directly (no float32 buffers and casts), uninitialised where every row is written."""
     kernels = triton_kernels()
-    grad_text = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
-    grad_images = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
+    num_candidates = image_offsets.shape[0] if candidates is None else candidates.shape[1]
+    writes = text_offsets.shape[0] > 0 and num_candidates > 0 and text.shape[1] > 0  # else no kernel runs
+    grad_text = _new_gradient(text, writes and _shared_full_layout(text_offsets, text_lengths, text.shape[0],
+                                                                   text_pad))
+    grad_images = _new_gradient(images, writes and _shared_full_layout(image_offsets, image_lengths,
+                                                                       images.shape[0], image_pad))
     text_side = aggregation in kernels.GATHER_TEXT_AGGREGATIONS
     kernels.launch_gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                    candidates, argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad,
@@ -571,7 +588,8 @@ def _gather_backward(grad, text, text_offsets, text_lengths, images, image_offse
 def triton_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                     argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad, finite=None):
     """The Triton backward (``triton_backward_strategy``: the winner-GEMM kernels, the chunked weight matrix
-    times torch.mm, or the argmax kernels of ``kernels/alignment_backward.py``): ``(d text, d images)`` float32."""
+    times torch.mm, or the argmax kernels of ``kernels/alignment_backward.py``): ``(d text, d images)`` float32
+    ("gather": in the tokens' dtype)."""
     strategy = triton_backward_strategy(aggregation)
     grad = grad.float().contiguous()
     word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
