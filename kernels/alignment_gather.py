@@ -29,21 +29,24 @@ import triton
 import triton.language as tl
 
 from .alignment import _pow2_block
-from .alignment_backward import _pair_coefficient
+from .alignment_backward import _pair_coefficient, image_segments
 
 
 @triton.jit(do_not_specialize=["text_pad", "image_pad"])
 def _gather_rows_kernel(
     grad_ptr, owner_offsets_ptr, owner_lengths_ptr, partner_ptr, partner_offsets_ptr, partner_lengths_ptr,
-    candidates_ptr, winners_ptr, out_ptr, num_owners, num_candidates, D, text_pad, image_pad,
+    candidates_ptr, pair_order_ptr, segment_starts_ptr, winners_ptr, out_ptr, num_owners, num_steps, num_candidates,
+    D, text_pad, image_pad,
     AGGREGATION: tl.constexpr, ZERO_PADDING: tl.constexpr, HAS_CANDIDATES: tl.constexpr, TEXT_SIDE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rows ``[p0, p0 + BLOCK_P) x [d0, d0 + BLOCK_D)`` of owner ``program_id(0)``'s gradient.
 
-    TEXT_SIDE: owners are captions, pair ``owner * K + k``, partner image ``candidates[pair]`` (or k),
-    winners ``argmax [pairs, text_pad]``. Else owners are images (all pairs only), pair ``k * Ni + owner``
-    (caption k), winners ``region_argmax [pairs, image_pad]``.
+    TEXT_SIDE: owners are captions, pair ``owner * K + k`` (k < K = ``num_candidates``), partner image
+    ``candidates[pair]`` (or k), winners ``argmax [pairs, text_pad]``. Else owners are images, winners
+    ``region_argmax [pairs, image_pad]``: all pairs walk the captions k < ``num_steps`` (pair ``k * Ni + owner``);
+    with candidates, the image's pairs ``pair_order[segment_starts[owner] : segment_starts[owner + 1]]``
+    (increasing pair ids: a stable argsort of the candidate ids), partner caption ``pair // K``.
     """
     owner = tl.program_id(0)
     p0 = tl.program_id(1) * BLOCK_P
@@ -56,20 +59,26 @@ def _gather_rows_kernel(
         p_ok = offs_p < n_own
         d_ok = offs_d < D
         base = owner.to(tl.int64)
-        if TEXT_SIDE:
-            own_pad = text_pad
-            pair0 = base * num_candidates
-            pair_step = base * 0 + 1
+        own_pad = text_pad if TEXT_SIDE else image_pad
+        if TEXT_SIDE or not HAS_CANDIDATES:
+            k_begin = base * 0
+            k_end = base * 0 + num_steps
         else:
-            own_pad = image_pad
-            pair0 = base
-            pair_step = base * 0 + num_owners  # int64: caption k's pair with this image is k * Ni + owner
+            k_begin = tl.load(segment_starts_ptr + owner)
+            k_end = tl.load(segment_starts_ptr + owner + 1)
         acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
-        for k in range(0, num_candidates):
-            pair = pair0 + pair_step * k
-            if HAS_CANDIDATES:
-                partner = tl.load(candidates_ptr + pair)
+        for k in range(k_begin, k_end):
+            if TEXT_SIDE:
+                pair = base * num_candidates + k
+                if HAS_CANDIDATES:
+                    partner = tl.load(candidates_ptr + pair)
+                else:
+                    partner = k
+            elif HAS_CANDIDATES:
+                pair = tl.load(pair_order_ptr + k)
+                partner = pair // num_candidates
             else:
+                pair = base + (base * 0 + num_owners) * k  # int64: caption k's pair with this image
                 partner = k
             n_part = tl.load(partner_lengths_ptr + partner)
             if TEXT_SIDE:
@@ -102,17 +111,17 @@ def gather_config(pad: int, dim: int) -> dict:
 def launch_gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                            argmax, region_argmax, aggregation: int, zero_padding: bool, text_pad: int, image_pad: int,
                            out, *, text_side: bool) -> None:
-    """Write the gathered side's rows into ``out`` (fp32 or the tokens' dtype: each row is stored once, cast from
-    the fp32 accumulator; rows outside the sequences untouched): ``d text`` for MrSw / MrAVGw (any mode) with ``text_side``, else ``d images`` for MwSr (all pairs).
+    """Write the gathered side's rows into ``out``: ``d text`` for MrSw / MrAVGw with ``text_side``, else
+    ``d images`` for MwSr; all pairs, rerank and paired alike. ``out`` is fp32 or the tokens' dtype (each row is
+    stored once, cast from the fp32 accumulator); rows outside the sequences are left untouched.
 
     ``grad`` float32 [Nt, K] contiguous; ``argmax`` int32 [Nt, K, text_pad] / ``region_argmax`` int32
     [Nt, K, image_pad] as written by the forward; other arguments as in ``launch_alignment``.
     """
     if text_side and aggregation not in GATHER_TEXT_AGGREGATIONS:
         raise ValueError(f"the text-side gather covers MrSw / MrAVGw, got code {aggregation}")
-    if not text_side and (aggregation not in GATHER_IMAGE_AGGREGATIONS or candidates is not None):
-        raise ValueError(f"the image-side gather covers MwSr over all pairs, got code {aggregation}"
-                         + (" with candidates" if candidates is not None else ""))
+    if not text_side and aggregation not in GATHER_IMAGE_AGGREGATIONS:
+        raise ValueError(f"the image-side gather covers MwSr, got code {aggregation}")
     winners = argmax if text_side else region_argmax
     if winners is None:
         raise ValueError("argmax (text side) / region_argmax (image side) is required")
@@ -121,16 +130,21 @@ def launch_gather_backward(grad, text, text_offsets, text_lengths, images, image
     dim = text.shape[1]
     if num_texts == 0 or num_candidates == 0 or dim == 0:
         return
+    placeholder = text_lengths  # never read by a specialisation that does not need it
+    order = starts = placeholder
     if text_side:
         owners = (text_offsets, text_lengths, text_pad, images, image_offsets, image_lengths, num_texts, num_candidates)
     else:
         owners = (image_offsets, image_lengths, image_pad, text, text_offsets, text_lengths, num_images, num_texts)
+        if candidates is not None:  # each image walks its pairs in increasing pair order (deterministic)
+            order, starts = image_segments(candidates, num_images)
     owner_offsets, owner_lengths, owner_pad, partner, partner_offsets, partner_lengths, num_owners, steps = owners
     cfg = gather_config(owner_pad, dim)
     grid = (num_owners, triton.cdiv(max(owner_pad, 1), cfg["BLOCK_P"]), triton.cdiv(dim, cfg["BLOCK_D"]))
     _gather_rows_kernel[grid](
         grad, owner_offsets, owner_lengths, partner, partner_offsets, partner_lengths,
-        text_lengths if candidates is None else candidates, winners, out, num_owners, steps, dim, text_pad, image_pad,
+        placeholder if candidates is None else candidates, order, starts, winners, out, num_owners, steps,
+        num_candidates, dim, text_pad, image_pad,
         AGGREGATION=int(aggregation), ZERO_PADDING=bool(zero_padding), HAS_CANDIDATES=candidates is not None,
         TEXT_SIDE=text_side, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
 
@@ -149,7 +163,8 @@ def gather_aot_specs() -> list:
             ("gather_text_bfloat16_MrSw", "bf16", 0, True, False),
             ("gather_text_bfloat16_MrSw_rerank", "bf16", 0, True, True),
             ("gather_text_float32_MrAVGw", "fp32", 1, True, False),
-            ("gather_images_bfloat16_MwSr", "bf16", 2, False, False)):
+            ("gather_images_bfloat16_MwSr", "bf16", 2, False, False),
+            ("gather_images_bfloat16_MwSr_rerank", "bf16", 2, False, True)):
         cfg = gather_config(32 if text_side else 36, 1024)
         constexprs = dict(AGGREGATION=aggregation, ZERO_PADDING=False, HAS_CANDIDATES=candidates,
                           TEXT_SIDE=text_side, BLOCK_P=cfg["BLOCK_P"], BLOCK_D=cfg["BLOCK_D"])
@@ -157,6 +172,8 @@ def gather_aot_specs() -> list:
                          {"num_warps": cfg["num_warps"], "num_stages": 3})
         # the gradient rows in the tokens' dtype, as the "gather" strategy allocates them
         spec.signature.update(partner_ptr="*" + dtype_name, out_ptr="*" + dtype_name, owner_offsets_ptr="*i64",
-                              partner_offsets_ptr="*i64", candidates_ptr="*i64" if candidates else "*i32")
+                              partner_offsets_ptr="*i64", candidates_ptr="*i64" if candidates else "*i32",
+                              pair_order_ptr="*i64" if candidates else "*i32",
+                              segment_starts_ptr="*i64" if candidates else "*i32")
         specs.append(spec)
     return specs

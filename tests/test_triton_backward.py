@@ -514,8 +514,7 @@ def test_gather_strategy_through_autograd(monkeypatch):
     """``ALADIN_FAST_TRITON_BACKWARD=gather`` (row gathers for the one-sided argmax terms) through autograd vs
     float64 autograd of the reference: all pairs / rerank (repeated candidates) / paired, padded with lengths
     1, 0 and full, and packed; fp32 and bf16; both paddings. The gather kernel must run for MrSw / MrAVGw
-    (text side, every mode) and MwSr (image side, all pairs only). A NaN and an inf token give the
-    segmented kernels' NaN pattern."""
+    (text side) and MwSr (image side), every mode. Non-finite tokens give the C++ backward's gradients."""
     import aladin_fast
     from aladin_fast.ops import alignment_op
 
@@ -560,7 +559,7 @@ def test_gather_strategy_through_autograd(monkeypatch):
                         scores = call(mode, text, images, aggregation, padding, backend)
                         (scores * upstream[mode].to(scores.dtype)).sum().backward()
                         grads.append((text.grad.double(), images.grad.double()))
-                    want_side = {"MrSw": [True], "MrAVGw": [True], "MwSr": [False] if mode == "all_pairs" else []}
+                    want_side = {"MrSw": [True], "MrAVGw": [True], "MwSr": [False]}
                     assert launched == want_side.get(aggregation, []), (mode, aggregation)
                     tol = 1e-5 if dtype == torch.float32 else 1e-2
                     for got, want, name in zip(grads[1], grads[0], ("text", "images")):
@@ -584,21 +583,23 @@ def test_gather_strategy_through_autograd(monkeypatch):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"packed {aggregation}: {m}")
     # non-finite tokens: exactly the C++ backward's gradients (docs/kernel_contract.md: d t_w += c v_argmax(w), no
     # weight of 0 meets a token). The segmented kernels' one-hot tile dots differ here: for MwSr, pair (0, 1) has
-    # a finite score, and 0 x inf in their image-side dot writes NaN into image 1.
-    for aggregation in ("MrSw", "MwSr"):
-        poisoned_text, poisoned_images = text0.float().clone(), images0.float().clone()
-        poisoned_images[3, 1, 0] = float("nan")
-        poisoned_text[0, 2, 3] = float("inf")
-        results = []
-        for backend in ("triton", "cpu"):
-            text = poisoned_text.clone().requires_grad_()
-            images = poisoned_images.clone().requires_grad_()
-            scores = aladin_fast.alignment_scores(text, images, t_len, v_len, aggregation, backend=backend)
-            (scores.nan_to_num(0, 0, 0) * upstream["all_pairs"].float()).sum().backward()
-            results.append((text.grad, images.grad))
-        for got, want in zip(*results):
-            assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
-            torch.testing.assert_close(got.nan_to_num(0, 0, 0), want.nan_to_num(0, 0, 0), rtol=1e-5, atol=1e-5)
+    # a finite score, and 0 x inf in their image-side dot writes NaN into image 1 (all pairs and rerank alike).
+    for mode in ("all_pairs", "rerank", "paired"):
+        for aggregation in ("MrSw", "MwSr"):
+            poisoned_text, poisoned_images = text0.float().clone(), images0.float().clone()
+            poisoned_images[3, 1, 0] = float("nan")
+            poisoned_text[0, 2, 3] = float("inf")
+            results = []
+            for backend in ("triton", "cpu"):
+                text = poisoned_text.clone().requires_grad_()
+                images = poisoned_images.clone().requires_grad_()
+                scores = call(mode, text, images, aggregation, "neg_inf", backend)
+                (scores.nan_to_num(0, 0, 0) * upstream[mode].float()).sum().backward()
+                results.append((text.grad, images.grad))
+            for got, want in zip(*results):
+                assert torch.equal(torch.isnan(got), torch.isnan(want)), (mode, aggregation)
+                assert torch.equal(torch.isinf(got), torch.isinf(want)), (mode, aggregation)
+                torch.testing.assert_close(got.nan_to_num(0, 0, 0), want.nan_to_num(0, 0, 0), rtol=1e-5, atol=1e-5)
 
 
 def test_finiteness_check_never_syncs_inside_cuda_graph_capture(monkeypatch):

@@ -334,9 +334,9 @@ def triton_backward_strategy(aggregation: Optional[int] = None) -> str:
     """Backward of the Triton backend: "auto", "gather", "dense", "gemm", "segmented" or "atomic".
 
     * "auto" (the default): per aggregation, the strategy measured fastest (``AUTO_BACKWARD``).
-    * "gather": the one-sided argmax terms as row gathers (``kernels/alignment_gather.py``): MrSw / MrAVGw
-      text side in every mode (the image side as "dense"), MwSr image side over all pairs (the text side
-      as "segmented"); symm as "gemm". No weight of 0 ever meets a token, so no finiteness condition.
+    * "gather": the one-sided argmax terms as row gathers (``kernels/alignment_gather.py``), in every mode:
+      MrSw / MrAVGw text side (the image side as "dense"), MwSr image side (the text side as "segmented");
+      symm as "gemm". No weight of 0 ever meets a token, so no finiteness condition.
     * "dense": all pairs with MrSw / MrAVGw, padded lengths <= 128 and
       finite tokens run the winner-GEMM kernels (``kernels/alignment_winner_gemm.py``: the
       word x region-row weight matrix built tile by tile from the argmax, times the tokens,
@@ -595,8 +595,7 @@ def triton_backward(grad, text, text_offsets, text_lengths, images, image_offset
     word_term, region_term = aggregation in (MRSW, MRAVGW, SYMM), aggregation in (MWSR, SYMM)
     argmax, region_argmax = (argmax if word_term else None), (region_argmax if region_term else None)
     if strategy == "gather":
-        if aggregation in triton_kernels().GATHER_TEXT_AGGREGATIONS or (
-                aggregation in triton_kernels().GATHER_IMAGE_AGGREGATIONS and candidates is None):
+        if aggregation in triton_kernels().GATHER_TEXT_AGGREGATIONS + triton_kernels().GATHER_IMAGE_AGGREGATIONS:
             return _gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                     candidates, argmax, region_argmax, aggregation, zero_padding, text_pad,
                                     image_pad, finite)
