@@ -2,10 +2,12 @@
 # One GPU session: environment, GPU tests, GPU benchmarks. Run from a clean snapshot of the repo
 # (see benchmarks/gpu/README.md); writes logs and JSON under $OUT (default ./gpu-out).
 #
-# The backward strategies at the training shape in one short call (session 5 ran these):
-#   TEST_K="gather or gemm or memory or deterministic" BENCH_ARGS="--suites training" bash benchmarks/gpu/run_gpu.sh
-# then, from the snapshot, benchmarks/gpu/diagnose_backward.py (GPU-busy vs host time per step) and
-# benchmarks/gpu/compare_default.py (the default vs late-interaction-kernels, interleaved rounds).
+# The backward strategies at the training shape in one short call (about 4 minutes):
+#   TEST_K="gather or auto or full_padded or memory or deterministic" BENCH_ARGS="--suites training" \
+#     DIAG=1 COMPARE=1 bash benchmarks/gpu/run_gpu.sh
+# DIAG=1 adds benchmarks/gpu/diagnose_backward.py (GPU-busy vs host time per step, D1024 and D768 ->
+# $OUT/diag_{1024,768}.json), COMPARE=1 benchmarks/gpu/compare_default.py (the default vs
+# late-interaction-kernels, 5 interleaved rounds -> $OUT/compare_default.json).
 # SWEEP_WORKSPACE=1 adds the "gemm" workspace-cap sweep (benchmarks/gpu/sweep_workspace.py ->
 # $OUT/workspace_sweep.json; SWEEP_CAPS overrides the caps, default 4-64 MiB).
 set -u
@@ -34,5 +36,15 @@ timeout $((BENCH_BUDGET + 150)) python3 benchmarks/gpu/bench_gpu.py --out "$OUT/
 if [ -n "${SWEEP_WORKSPACE:-}" ]; then
   timeout 300 python3 benchmarks/gpu/sweep_workspace.py --out "$OUT/workspace_sweep.json" \
     --caps "${SWEEP_CAPS:-4,8,16,32,64}" 2>&1 | tee "$OUT/workspace_sweep.log" | tail -n 60
+fi
+if [ -n "${DIAG:-}" ]; then
+  for d in 1024 768; do
+    timeout 120 python3 benchmarks/gpu/diagnose_backward.py --dim $d --out "$OUT/diag_$d.json" \
+      --aggregations MrSw,MwSr,symm --configs "${DIAG_CONFIGS:-auto,gather,dense,segmented,lik}" > "$OUT/diag_$d.log" 2>&1
+  done
+fi
+if [ -n "${COMPARE:-}" ]; then
+  timeout 150 python3 benchmarks/gpu/compare_default.py --rounds 5 --out "$OUT/compare_default.json" 2>&1 \
+    | tee "$OUT/compare_default.log" | tail -n 16
 fi
 cat "$OUT/gpu_tests.log" | tail -n 25
