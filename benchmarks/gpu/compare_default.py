@@ -4,7 +4,8 @@ Training shape (bf16 unit vectors, 128 x 128, W=32, R=36, upstream = logsumexp o
 Host-bound steps vary between processes and over time, so every provider is timed in each of ``--rounds``
 rounds (do_bench each) and the medians over rounds are reported, with each round's ratio to the peer.
 
-    python benchmarks/gpu/compare_default.py [--out compare.json] [--rounds 5]
+    python benchmarks/gpu/compare_default.py [--out compare.json] [--rounds 5] [--plot compare.png]
+    python benchmarks/gpu/compare_default.py --plot-only compare.json --plot compare.png   (no GPU needed)
 """
 from __future__ import annotations
 
@@ -19,11 +20,39 @@ from triton.testing import do_bench
 import aladin_fast
 
 
+def plot(rows, out):
+    """Every round of every provider (dots) and its median (bar), one panel per D."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = sorted({row["dim"] for row in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 3.6), squeeze=False)
+    for ax, dim in zip(axes[0], dims):
+        items = [row for row in rows if row["dim"] == dim]
+        for y, row in enumerate(items):
+            peer = row["provider"].startswith("late-interaction")
+            ax.barh(y, row["median_ms"], color="tab:gray" if peer else "tab:blue", alpha=0.5)
+            ax.plot(row["rounds_ms"], [y] * len(row["rounds_ms"]), "k.", markersize=4)
+        ax.set_yticks(range(len(items)), [row["provider"] for row in items])
+        ax.invert_yaxis()
+        ax.set_xlabel("fwd+bwd ms (bar: median over rounds; dots: rounds)")
+        ax.set_title(f"128 x 128, W32 R36 D{dim}, bf16")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--plot", default=None, help="write a plot of the rounds here")
+    parser.add_argument("--plot-only", default=None, help="plot an earlier run's JSON and stop")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.load(open(args.plot_only))["rows"], args.plot or args.plot_only.replace(".json", ".png"))
+        return
     import late_interaction_kernels as lik
 
     results = []
@@ -63,6 +92,8 @@ def main():
                   + " ".join(f"{v:.3f}" for v in values)
                   + "  peer/ours " + " ".join(f"{r:.2f}" for r in row["peer_over_ours"]), flush=True)
     os.environ.pop("ALADIN_FAST_TRITON_BACKWARD", None)
+    if args.plot:
+        plot(results, args.plot)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, rows=results), f, indent=1)
