@@ -96,10 +96,33 @@ def padded_layout(count: int, pad: int, device: torch.device) -> tuple[torch.Ten
     each of these tensors is a kernel launch: eager calls share one read-only copy per
     (count, pad, device). Traced, captured (CUDA graphs) and symbolic-shape calls build their own.
     """
-    if (tracing() or not isinstance(count, int) or not isinstance(pad, int)
-            or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+    if not _cacheable(count, pad, device):
         return _padded_layout_tensors(count, pad, device)
     return _cached_padded_layout(count, pad, device)
+
+
+def _cacheable(count, pad, device: torch.device) -> bool:
+    """Eager calls with int shapes outside a CUDA-graph capture share the cached layout tensors."""
+    return (not tracing() and isinstance(count, int) and isinstance(pad, int)
+            and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+
+
+def is_shared_padded_layout(offsets: torch.Tensor, lengths: torch.Tensor, num_tokens, pad) -> bool:
+    """Whether ``(offsets, lengths)`` are the shared full-length layout :func:`padded_layout` handed out for a
+    padded batch of ``num_tokens`` rows (the training case): every token row belongs to a sequence."""
+    count = offsets.shape[0]
+    if not _cacheable(count, pad, offsets.device) or not count or num_tokens != count * pad:
+        return False
+    shared_offsets, shared_lengths = _cached_padded_layout(count, pad, offsets.device)
+    return offsets is shared_offsets and lengths is shared_lengths
+
+
+@functools.lru_cache(maxsize=64)
+def padded_sequence_ids(count: int, pad: int, device: torch.device) -> torch.Tensor:
+    """int32 ``[count * pad]``: the sequence owning each row of a shared full-length padded batch
+    (``row // pad``), one read-only copy per (count, pad, device)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.arange(count * pad, dtype=torch.int32, device=device) // pad
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -42,7 +42,6 @@ returned in the input dtype. Double backward is not implemented (raises
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -50,7 +49,7 @@ import numpy as np
 import torch
 
 from .. import reference
-from .._inputs import TokenBatch, padded_layout, tracing
+from .._inputs import TokenBatch, is_shared_padded_layout, padded_sequence_ids
 from .backends import cpu_kernels, triton_kernels
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -501,35 +500,19 @@ def _product_into(out, weights, tokens, accumulate=False):
         out.add_(torch.mm(weights, tokens, out_dtype=torch.float32))
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_padded_sequence(count: int, pad: int, device: torch.device) -> torch.Tensor:
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.arange(count * pad, dtype=torch.int32, device=device) // pad
-
-
-def _shared_full_layout(offsets, lengths, num_tokens, pad) -> bool:
-    """Whether one side is a padded batch of full lengths laid out by the op layer itself (its shared
-    ``padded_layout`` tensors, the training case): every token row belongs to a sequence."""
-    count = offsets.shape[0]
-    if (tracing() or not isinstance(count, int) or not isinstance(pad, int) or not count
-            or num_tokens != count * pad or (offsets.is_cuda and torch.cuda.is_current_stream_capturing())):
-        return False
-    shared_offsets, shared_lengths = padded_layout(count, pad, offsets.device)
-    return offsets is shared_offsets and lengths is shared_lengths
-
-
 def _token_sequence(offsets, lengths, num_tokens, pad):
-    """``token_sequence_ids`` of one side; a padded batch of full lengths (``_shared_full_layout``) reuses one
-    cached map per (N, pad, device) instead of a fill and a kernel launch per backward."""
-    if _shared_full_layout(offsets, lengths, num_tokens, pad):
-        return _cached_padded_sequence(offsets.shape[0], pad, offsets.device)
+    """``token_sequence_ids`` of one side; a shared full-length padded batch (``is_shared_padded_layout``)
+    reuses one cached map per (N, pad, device) instead of a fill and a kernel launch per backward."""
+    if is_shared_padded_layout(offsets, lengths, num_tokens, pad):
+        return padded_sequence_ids(offsets.shape[0], pad, offsets.device)
     return triton_kernels().token_sequence_ids(offsets, lengths, num_tokens, pad)
 
 
-def _new_gradient(tokens, every_row_written: bool) -> torch.Tensor:
-    """A gradient buffer for ``tokens`` in their dtype (the kernels store each row once, casting from their fp32
-    accumulators): uninitialised when the kernels write every row, else zero-filled."""
-    return (torch.empty if every_row_written else torch.zeros)(tokens.shape, dtype=tokens.dtype, device=tokens.device)
+def _new_gradient(tokens, every_row_written: bool, dtype=None) -> torch.Tensor:
+    """A gradient buffer shaped like ``tokens``, in ``dtype`` (default theirs: kernels that store each row once
+    cast from their fp32 accumulators): uninitialised when the kernels write every row, else zero-filled."""
+    return (torch.empty if every_row_written else torch.zeros)(tokens.shape, dtype=dtype or tokens.dtype,
+                                                               device=tokens.device)
 
 
 def _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, argmax,
@@ -564,10 +547,10 @@ def _gather_backward(grad, text, text_offsets, text_lengths, images, image_offse
     kernels = triton_kernels()
     num_candidates = image_offsets.shape[0] if candidates is None else candidates.shape[1]
     writes = text_offsets.shape[0] > 0 and num_candidates > 0 and text.shape[1] > 0  # else no kernel runs
-    grad_text = _new_gradient(text, writes and _shared_full_layout(text_offsets, text_lengths, text.shape[0],
-                                                                   text_pad))
-    grad_images = _new_gradient(images, writes and _shared_full_layout(image_offsets, image_lengths,
-                                                                       images.shape[0], image_pad))
+    grad_text = _new_gradient(text, writes and is_shared_padded_layout(text_offsets, text_lengths, text.shape[0],
+                                                                       text_pad))
+    grad_images = _new_gradient(images, writes and is_shared_padded_layout(image_offsets, image_lengths,
+                                                                           images.shape[0], image_pad))
     text_side = aggregation in kernels.GATHER_TEXT_AGGREGATIONS
     kernels.launch_gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                    candidates, argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad,
@@ -599,8 +582,7 @@ def triton_backward(grad, text, text_offsets, text_lengths, images, image_offset
             return _gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                     candidates, argmax, region_argmax, aggregation, zero_padding, text_pad,
                                     image_pad, finite)
-        else:
-            strategy = "segmented"
+        strategy = "segmented"  # sum / mean
     if strategy == "dense" and not _dense_applies(text, images, candidates, aggregation, text_pad, image_pad,
                                                   finite):
         strategy = "segmented"
@@ -609,9 +591,8 @@ def triton_backward(grad, text, text_offsets, text_lengths, images, image_offset
         strategy = "segmented"
     # "gemm" writes every row of both gradients (G is zero outside the sequences); the kernels only the
     # sequences' rows, so theirs start from zeros
-    new = torch.empty if strategy == "gemm" else torch.zeros
-    grad_text = new(text.shape, dtype=torch.float32, device=text.device)
-    grad_images = new(images.shape, dtype=torch.float32, device=images.device)
+    grad_text = _new_gradient(text, strategy == "gemm", torch.float32)
+    grad_images = _new_gradient(images, strategy == "gemm", torch.float32)
     if strategy == "dense":
         triton_kernels().launch_winner_gemm_backward(
             grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, argmax, region_argmax,
