@@ -3,7 +3,7 @@
 Only ``@triton.jit`` kernels, their launchers and launch heuristics live here: no
 validation, no autograd (see aladin_fast/ops/ and docs/kernel_contract.md).
 """
-from .alignment import LaunchConfig, alignment_launch_config, launch_alignment
+from .alignment import LaunchConfig, alignment_launch_config, forward_writes_every_output, launch_alignment
 from .alignment import aot_specs as _forward_aot_specs
 from .alignment_packed import packed_aot_specs
 from .alignment_backward import STRATEGIES, backward_aot_specs, backward_launch_blocks, launch_alignment_backward
@@ -20,7 +20,7 @@ def aot_specs() -> list:
 
 
 __all__ = ["GATHER_IMAGE_AGGREGATIONS", "GATHER_TEXT_AGGREGATIONS", "LaunchConfig", "STRATEGIES",
-           "alignment_launch_config", "aot_specs", "backward_launch_blocks", "launch_alignment",
+           "alignment_launch_config", "aot_specs", "backward_launch_blocks", "forward_writes_every_output", "launch_alignment",
            "launch_alignment_backward", "launch_alignment_weights", "launch_gather_backward",
            "launch_winner_gemm_backward",
            "token_sequence_ids", "weights_dtype", "winner_gemm_fits"]

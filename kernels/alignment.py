@@ -122,6 +122,16 @@ def _finish_cols(col_max, r_ok, n_w, text_pad, ZERO_PADDING: tl.constexpr):
 
 
 @triton.jit
+def _gate_closed(gate_ptr, GATE: tl.constexpr):
+    """Whether a gated launch skips its work (device-side, no host sync): GATE 1 runs only where the fp32
+    check value at ``gate_ptr`` (a sum of the tokens) is finite, GATE 2 only where it is not -- the two
+    halves of a fast path that needs finite tokens and its exact fallback, both launched."""
+    check = tl.load(gate_ptr)
+    finite = (check == check) & (tl.abs(check) < float("inf"))
+    return finite ^ (GATE == 1)
+
+
+@triton.jit
 def _count_nan(acc, valid):
     return tl.sum(((acc != acc) & valid).to(tl.int32))
 
@@ -374,6 +384,24 @@ def _num_sms(device: torch.device) -> int:
 # --------------------------------------------------------------------------- launcher
 
 
+def forward_kernel(text_pad: int, image_pad: int, config: dict | None = None) -> str:
+    """The kernel ``launch_alignment`` runs: "packed" (whole captions and images in one tile) or "pair".
+    ``config["kernel"]`` forces one (packed only where it fits); explicit per-pair block sizes select "pair"."""
+    config = config or {}
+    kernel = config.get("kernel")
+    if kernel is None:
+        pair_keys = {"BLOCK_W", "BLOCK_R", "BLOCK_D", "BLOCK_K"}  # (the packed kernel's keys need kernel="packed")
+        kernel = "pair" if pair_keys & set(config) else "packed"
+    return "packed" if kernel == "packed" and packed_fits(text_pad, image_pad) else "pair"
+
+
+def forward_writes_every_output(text_pad: int, image_pad: int, config: dict | None = None) -> bool:
+    """Whether ``launch_alignment`` stores every entry of ``out``, ``argmax`` and ``region_argmax`` (the packed
+    kernel: -1 at padded positions), so the caller may pass them uninitialised (no fill launches); the
+    per-pair kernel leaves padded argmax entries to the caller's -1 fill."""
+    return forward_kernel(text_pad, image_pad, config) == "packed"
+
+
 def launch_alignment(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                      aggregation: int, zero_padding: bool, text_pad: int, image_pad: int, out, argmax=None,
                      region_argmax=None, *, config: dict | None = None) -> None:
@@ -393,12 +421,10 @@ def launch_alignment(text, text_offsets, text_lengths, images, image_offsets, im
     if num_texts == 0 or num_candidates == 0:
         return
     dim = text.shape[1]
+    kernel = forward_kernel(text_pad, image_pad, config)
     config = dict(config or {})
-    kernel = config.pop("kernel", None)
-    if kernel is None:  # explicit per-pair block sizes select the per-pair kernel
-        pair_keys = {"BLOCK_W", "BLOCK_R", "BLOCK_D", "BLOCK_K"}  # (the packed kernel's keys need kernel="packed")
-        kernel = "pair" if pair_keys & set(config) or not packed_fits(text_pad, image_pad) else "packed"
-    if kernel == "packed" and packed_fits(text_pad, image_pad):
+    config.pop("kernel", None)
+    if kernel == "packed":
         _launch_packed(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                        aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax, config)
         return

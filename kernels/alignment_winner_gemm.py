@@ -26,7 +26,9 @@ tile in bf16 for bf16 inputs (rounding it like torch's own autograd of the plain
 formulation does); fp32 and fp16 inputs (fp16 lacks the range for arbitrary
 upstream gradients) use fp32 tiles and an IEEE fp32 dot.
 Tokens must be finite (a zero of ``G`` times an inf is NaN): the op layer checks
-and uses the argmax kernels otherwise. Sequences must not overlap in memory.
+and uses the argmax kernels otherwise -- on the host ("dense"), or on the device
+(the images kernel's ``GATE``: it returns at once unless the text's sum is
+finite, and the segmented images kernel, gated the other way, runs instead). Sequences must not overlap in memory.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .alignment import _INTERPRETED
+from .alignment import _INTERPRETED, _gate_closed
 
 MAX_BLOCK = 128  # BLOCK_W and BLOCK_R (padded caption / image lengths) this layout handles
 
@@ -103,11 +105,15 @@ def _winner_gemm_text_kernel(
 @triton.jit(do_not_specialize=["text_pad", "image_pad"])
 def _winner_gemm_images_kernel(
     grad_ptr, argmax_ptr, region_argmax_ptr, text_ptr, text_offsets_ptr, text_lengths_ptr, image_offsets_ptr,
-    image_lengths_ptr, out_ptr, num_texts, num_images, D, text_pad, image_pad,
+    image_lengths_ptr, out_ptr, gate_ptr, num_texts, num_images, D, text_pad, image_pad,
     WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr, CAPS: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr, GATE: tl.constexpr = 0,
 ):
-    """Rows: one image's BLOCK_R regions; each step reduces over CAPS captions x BLOCK_W words."""
+    """Rows: one image's BLOCK_R regions; each step reduces over CAPS captions x BLOCK_W words.
+    GATE 1: nothing runs unless the text check value at ``gate_ptr`` is finite (``_gate_closed``)."""
+    if GATE != 0:
+        if _gate_closed(gate_ptr, GATE):
+            return
     i = tl.program_id(0)
     i_len = tl.load(image_lengths_ptr + i)
     r = tl.arange(0, BLOCK_R)
@@ -160,13 +166,17 @@ def winner_gemm_config(*, text_pad: int, image_pad: int, dim: int, element_size:
 
 def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                 argmax, region_argmax, aggregation: int, text_pad: int, image_pad: int, grad_text,
-                                grad_images, *, config: dict | None = None, sides=("text", "images")) -> None:
+                                grad_images, *, config: dict | None = None, sides=("text", "images"),
+                                only_if_finite: torch.Tensor | None = None) -> None:
     """Write the all-pairs ``d text`` / ``d images`` rows of every sequence (fp32 buffers, or the tokens' dtype:
     each row is stored once from an fp32 accumulator; other rows untouched); only
     the ``sides`` named (another kernel may own the other side).
 
     ``grad`` float32 [Nt, Ni] contiguous; ``argmax`` int32 [Nt, Ni, text_pad] for
     MrSw / MrAVGw / symm, ``region_argmax`` int32 [Nt, Ni, image_pad] for MwSr / symm.
+    ``only_if_finite`` (image side only; a 0-d float32 device tensor, e.g. the text tokens' sum): the images
+    kernel does its work only where that value is finite, decided on the device -- no host sync; pair it with
+    the segmented image kernel gated ``only_if_nonfinite`` on the same value (``launch_alignment_backward``).
     """
     if aggregation not in (0, 1, 2, 3):
         raise ValueError(f"the winner GEMM backward handles MrSw / MrAVGw / MwSr / symm, got code {aggregation}")
@@ -196,7 +206,8 @@ def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, 
     if "images" in sides:
         _winner_gemm_images_kernel[(num_images, triton.cdiv(dim, cfg["IMAGE_BLOCK_D"]))](
             grad, argmax, region_argmax, text, text_offsets, text_lengths, image_offsets, image_lengths, grad_images,
-            num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["IMAGE_CAPS"], BLOCK_D=cfg["IMAGE_BLOCK_D"],
+            placeholder if only_if_finite is None else only_if_finite, num_texts, num_images, dim, text_pad,
+            image_pad, CAPS=cfg["IMAGE_CAPS"], BLOCK_D=cfg["IMAGE_BLOCK_D"], GATE=0 if only_if_finite is None else 1,
             num_warps=_warps(cfg["BLOCK_R"], cfg["IMAGE_BLOCK_D"]), **common)
 
 
@@ -226,10 +237,14 @@ def winner_gemm_aot_specs() -> list:
                               DOT_IN_FP32=dtype == torch.float32)
             if side == "text":
                 constexprs["IMGS"] = cfg["IMGS"]
+            else:
+                constexprs["GATE"] = 0
             specs.append(_aot_spec(f"winner_gemm_{side}_{name}", kernel, _TRITON_DTYPE[dtype], constexprs,
                                    {"num_warps": _warps(rows, block_d), "num_stages": cfg["num_stages"]}))
-            if side == "images" and name == "bf16_MrSw":  # the "gather" strategy's image side: bf16 gradient rows
-                spec = _aot_spec(f"winner_gemm_{side}_{name}_bf16_out", kernel, _TRITON_DTYPE[dtype], constexprs,
+            if side == "images" and name == "bf16_MrSw":
+                # the "gather" strategy's image side: bf16 gradient rows, gated on the text tokens' finiteness
+                spec = _aot_spec(f"winner_gemm_{side}_{name}_bf16_out", kernel, _TRITON_DTYPE[dtype],
+                                 dict(constexprs, GATE=1),
                                  {"num_warps": _warps(rows, block_d), "num_stages": cfg["num_stages"]})
                 spec.signature["out_ptr"] = "*bf16"
                 specs.append(spec)

@@ -158,6 +158,79 @@ def test_full_padded_backward_and_forward_finite_check(dtype, strategy, monkeypa
         [False] * 4 if strategy in ("auto", "gemm", "gather") else [])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gather_mrsw_decides_finiteness_on_device(dtype, monkeypatch):
+    """Default ("auto" = "gather") MrSw backward, all pairs: the winner-GEMM images kernel and its segmented
+    fallback are both launched, gated on the device by the text's sum (no host sync). Finite, NaN and inf text
+    tokens (and a NaN image token) must give the C++ backward's gradients: the same NaN / inf pattern, equal
+    values elsewhere."""
+    monkeypatch.delenv("ALADIN_FAST_TRITON_BACKWARD", raising=False)
+    gen = torch.Generator().manual_seed(12)
+    text0 = torch.randn(6, 7, 48, generator=gen).clamp(-2, 2).to(dtype).float()
+    images0 = torch.randn(5, 9, 48, generator=gen).clamp(-2, 2).to(dtype).float()
+    upstream = torch.randint(-4, 5, (6, 5), generator=gen).float() / 2
+    for side, index, value in (("text", None, 0.0), ("text", (2, 3, 5), float("nan")),
+                               ("text", (0, 6, 1), float("inf")), ("images", (4, 8, 0), float("nan"))):
+        results = []
+        for backend, device in (("triton", "cuda"), ("cpu", "cpu")):
+            text, images = text0.clone(), images0.clone()
+            if index is not None:
+                (text if side == "text" else images)[index] = value
+            text = text.to(device, dtype).requires_grad_()
+            images = images.to(device, dtype).requires_grad_()
+            scores = aladin_fast.alignment_scores(text, images, aggregation="MrSw", backend=backend)
+            (scores.nan_to_num(0, 0, 0) * upstream.to(device)).sum().backward()
+            results.append((text.grad.cpu().float(), images.grad.cpu().float()))
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for got, want in zip(*results):
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), (side, value)
+            assert torch.equal(torch.isinf(got), torch.isinf(want)), (side, value)
+            torch.testing.assert_close(got.nan_to_num(0, 0, 0), want.nan_to_num(0, 0, 0), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("aggregation", ["MrSw", "MrAVGw", "MwSr"])
+def test_training_step_captures_in_a_cuda_graph(aggregation, monkeypatch):
+    """The default ("auto") fwd + bwd has no host sync for MrSw / MrAVGw / MwSr, so a whole training step can
+    be captured in a CUDA graph (a sync would raise during capture). Replays on new values copied into the
+    static inputs -- including a NaN text token, which must switch the image side to the segmented fallback on
+    the device -- give the eager step's gradients."""
+    monkeypatch.delenv("ALADIN_FAST_TRITON_BACKWARD", raising=False)
+    gen = torch.Generator().manual_seed(13)
+    text = torch.zeros(6, 7, 48, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    images = torch.zeros(5, 9, 48, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        text.grad = images.grad = None
+        scores = aladin_fast.alignment_scores(text, images, aggregation=aggregation, backend="triton")
+        scores.nan_to_num(0, 0, 0).float().logsumexp(1).sum().backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    static_grads = (text.grad, images.grad)
+    for trial in range(3):
+        new_text = torch.randn(6, 7, 48, generator=gen).clamp(-2, 2)
+        new_images = torch.randn(5, 9, 48, generator=gen).clamp(-2, 2)
+        if trial == 2:
+            new_text[2, 3, 5] = float("nan")
+        with torch.no_grad():
+            text.copy_(new_text)
+            images.copy_(new_images)
+        graph.replay()
+        got = [grad.float().cpu() for grad in static_grads]
+        step()  # eager, same inputs
+        want = [grad.float().cpu() for grad in (text.grad, images.grad)]
+        for g, w in zip(got, want):
+            assert torch.equal(torch.isnan(g), torch.isnan(w)), (aggregation, trial)
+            torch.testing.assert_close(g.nan_to_num(0), w.nan_to_num(0), rtol=0, atol=0)
+
+
 def test_deterministic_algorithms_force_segmented(monkeypatch):
     from aladin_fast.ops.alignment_op import triton_backward_strategy
 

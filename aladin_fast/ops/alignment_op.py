@@ -21,8 +21,10 @@ the image, no atomics, deterministic). Backend "triton" chooses per aggregation
 * "gather" (MrSw / MrAVGw / MwSr): the one-sided term as row gathers
   (``kernels/alignment_gather.py``), the other side by the winner-GEMM image
   kernel (``kernels/alignment_winner_gemm.py``: weight tiles built from the
-  argmax in registers, times the tokens on tensor cores; all pairs, finite
-  tokens) or the per-pair kernels;
+  argmax in registers, times the tokens on tensor cores; all pairs) or the
+  per-pair kernels. The winner GEMM needs finite text tokens; both it and the
+  segmented image kernel are launched, gated on the device by the text's sum
+  (one runs, the other returns at once): no host sync in the step;
 * "gemm" (symm): the weight matrix written in capped row chunks
   (``kernels/alignment_weights.py``) and multiplied with ``torch.mm``;
 * otherwise the per-pair Triton backward kernels (``kernels/alignment_backward.py``):
@@ -123,12 +125,20 @@ def _score_tokens_impl(
     count = text_offsets.shape[0]
     k = image_offsets.shape[0] if candidates is None else candidates.shape[1]
     device = text.device
-    out = torch.zeros(count, k, dtype=torch.float64 if text.dtype == torch.float64 else torch.float32, device=device)
-    argmax = (torch.full((count, k, text_pad), -1, dtype=torch.int32, device=device)
-              if want_argmax else torch.empty(0, dtype=torch.int32, device=device))
+    # the packed Triton kernel stores every entry (no fill launches); the others need zeros / -1 at padding
+    written = backend == "triton" and triton_kernels().forward_writes_every_output(text_pad, image_pad,
+                                                                                     _triton_kernel_choice())
+    out = (torch.empty if written else torch.zeros)(
+        count, k, dtype=torch.float64 if text.dtype == torch.float64 else torch.float32, device=device)
+
+    def winners(pad):
+        if written:
+            return torch.empty((count, k, pad), dtype=torch.int32, device=device)
+        return torch.full((count, k, pad), -1, dtype=torch.int32, device=device)
+
+    argmax = winners(text_pad) if want_argmax else torch.empty(0, dtype=torch.int32, device=device)
     emit_region = want_region_argmax and backend in KERNEL_REGION_ARGMAX
-    region_argmax = (torch.full((count, k, image_pad), -1, dtype=torch.int32, device=device)
-                     if emit_region else torch.empty(0, dtype=torch.int32, device=device))
+    region_argmax = winners(image_pad) if emit_region else torch.empty(0, dtype=torch.int32, device=device)
     text, images = text.contiguous(), images.contiguous()
     run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                aggregation, zero_padding, text_pad, image_pad, out, argmax if want_argmax else None,
@@ -334,8 +344,9 @@ def triton_backward_strategy(aggregation: Optional[int] = None) -> str:
 
     * "auto" (the default): per aggregation, the strategy measured fastest (``AUTO_BACKWARD``).
     * "gather": the one-sided argmax terms as row gathers (``kernels/alignment_gather.py``), in every mode:
-      MrSw / MrAVGw text side (the image side as "dense"), MwSr image side (the text side as "segmented");
-      symm as "gemm". No weight of 0 ever meets a token, so no finiteness condition.
+      MrSw / MrAVGw text side (the image side by the winner-GEMM images kernel where the text is finite, else
+      the segmented one: both launched, gated on the device, no host sync), MwSr image side (the text side as
+      "segmented"); symm as "gemm". The gathers never meet a weight of 0, so no finiteness condition.
     * "dense": all pairs with MrSw / MrAVGw, padded lengths <= 128 and
       finite tokens run the winner-GEMM kernels (``kernels/alignment_winner_gemm.py``: the
       word x region-row weight matrix built tile by tile from the argmax, times the tokens,
@@ -432,7 +443,8 @@ def start_finite_check(text, images, candidates, aggregation, backend):
     if backend != "triton" or candidates is not None or not text.is_cuda or text.numel() == 0 or images.numel() == 0:
         return None
     strategy = triton_backward_strategy(aggregation)
-    if not ((strategy in ("dense", "gather") and aggregation in DENSE_AGGREGATIONS)
+    # ("gather" decides on the device: no host-side check)
+    if not ((strategy == "dense" and aggregation in DENSE_AGGREGATIONS)
             or (strategy == "gemm" and aggregation in GEMM_AGGREGATIONS)) or torch.cuda.is_current_stream_capturing():
         return None
     return FiniteCheck(text, images)
@@ -453,11 +465,13 @@ def _dense_applies(text, images, candidates, aggregation, text_pad, image_pad, f
     """The winner-GEMM backward: all pairs, MrSw / MrAVGw, padded lengths <= 128 and finite tokens.
     (A padded-layout variant that computed row offsets instead of loading them measured no faster on the
     H200 -- benchmarks/results/gpu-nvidia-h200/session3/run{4,5}-sweep.json -- and was removed.)"""
-    if candidates is not None or aggregation not in DENSE_AGGREGATIONS:
-        return False
-    if not triton_kernels().winner_gemm_fits(text_pad, image_pad):
-        return False
-    return _tokens_finite(text, images, finite)
+    return _winner_gemm_fits(candidates, aggregation, text_pad, image_pad) and _tokens_finite(text, images, finite)
+
+
+def _winner_gemm_fits(candidates, aggregation, text_pad, image_pad) -> bool:
+    """The winner-GEMM kernels' layout: all pairs, MrSw / MrAVGw, padded lengths <= 128 (finiteness aside)."""
+    return (candidates is None and aggregation in DENSE_AGGREGATIONS
+            and triton_kernels().winner_gemm_fits(text_pad, image_pad))
 
 
 def _gemm_rows_per_chunk(text, images, candidates, aggregation, finite=None) -> int:
@@ -539,10 +553,11 @@ def _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets
 
 
 def _gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
-                     argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad, finite):
+                     argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad):
     """The "gather" strategy (``grad`` float32 contiguous): the gathered side by ``kernels/alignment_gather.py``,
-    the other by the winner-GEMM images kernel (MrSw / MrAVGw, all pairs, where "dense" applies) or the
-    segmented kernels. Every kernel here stores each row once, so the gradients are returned in the tokens'
+    the other by the winner-GEMM images kernel (MrSw / MrAVGw, all pairs, padded lengths <= 128; run only where
+    the text is finite, with the segmented images kernel as its exact fallback otherwise, both decided on the
+    device) or the segmented kernels. Every kernel here stores each row once, so the gradients are returned in the tokens'
     dtype directly (no float32 buffers and casts), uninitialised where every row is written."""
     kernels = triton_kernels()
     num_candidates = image_offsets.shape[0] if candidates is None else candidates.shape[1]
@@ -555,10 +570,18 @@ def _gather_backward(grad, text, text_offsets, text_lengths, images, image_offse
     kernels.launch_gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                    candidates, argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad,
                                    grad_text if text_side else grad_images, text_side=text_side)
-    if text_side and _dense_applies(text, images, candidates, aggregation, text_pad, image_pad, finite):
+    if text_side and _winner_gemm_fits(candidates, aggregation, text_pad, image_pad):
+        # d images = G^T @ text needs finite text (0 x inf is NaN). Decided on the device, no host sync: the
+        # winner-GEMM images kernel runs where the text's sum is finite, the segmented kernel (exact for
+        # non-finite tokens) where it is not; the other launch returns at once
+        check = text.sum(dtype=torch.float32)
         kernels.launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
                                             image_lengths, argmax, None, aggregation, text_pad, image_pad,
-                                            grad_text, grad_images, sides=("images",))
+                                            grad_text, grad_images, sides=("images",), only_if_finite=check)
+        kernels.launch_alignment_backward(
+            grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, argmax, None,
+            aggregation, zero_padding, text_pad, image_pad, grad_text, grad_images, strategy="segmented",
+            config=_triton_kernel_choice(), sides=("images",), only_if_nonfinite=check)
     else:
         kernels.launch_alignment_backward(
             grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
@@ -581,7 +604,7 @@ def triton_backward(grad, text, text_offsets, text_lengths, images, image_offset
         if aggregation in triton_kernels().GATHER_TEXT_AGGREGATIONS + triton_kernels().GATHER_IMAGE_AGGREGATIONS:
             return _gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                     candidates, argmax, region_argmax, aggregation, zero_padding, text_pad,
-                                    image_pad, finite)
+                                    image_pad)
         strategy = "segmented"  # sum / mean
     if strategy == "dense" and not _dense_applies(text, images, candidates, aggregation, text_pad, image_pad,
                                                   finite):
@@ -728,6 +751,7 @@ class _EagerScore(torch.autograd.Function):
                 zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax):
         # issued before the forward kernel, so that the backward's read of it does not wait for that kernel
         ctx.finite = start_finite_check(text, images, candidates, aggregation, backend)
+        ctx.set_materialize_grads(False)  # the argmax outputs get no gradient: no zero-filled [pairs, W] buffers
         scores, argmax, region_argmax = _score_tokens_impl(
             text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, aggregation,
             zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax, validated=True)
@@ -739,6 +763,8 @@ class _EagerScore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_scores, grad_argmax, grad_region_argmax):
+        if grad_scores is None:  # (not materialised: no gradient reached the scores)
+            return (None,) * 14
         if torch.is_grad_enabled():
             # create_graph=True records the backward as a node whose own backward raises (like the registered op)
             grad_text, grad_images = _EagerScoreBackward.apply(grad_scores, *ctx.saved_tensors, *ctx.options,

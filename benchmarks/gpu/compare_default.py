@@ -4,7 +4,7 @@ Training shape (bf16 unit vectors, 128 x 128, W=32, R=36, upstream = logsumexp o
 Host-bound steps vary between processes and over time, so every provider is timed in each of ``--rounds``
 rounds (do_bench each) and the medians over rounds are reported, with each round's ratio to the peer.
 
-    python benchmarks/gpu/compare_default.py [--out compare.json] [--rounds 5] [--plot compare.png]
+    python benchmarks/gpu/compare_default.py [--out compare.json] [--rounds 5] [--plot compare.png] [--graphs]
     python benchmarks/gpu/compare_default.py --plot-only compare.json --plot compare.png   (no GPU needed)
 """
 from __future__ import annotations
@@ -49,6 +49,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--plot", default=None, help="write a plot of the rounds here")
     parser.add_argument("--plot-only", default=None, help="plot an earlier run's JSON and stop")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time ours and the peer with each step captured in a CUDA graph")
     args = parser.parse_args()
     if args.plot_only:
         plot(json.load(open(args.plot_only))["rows"], args.plot or args.plot_only.replace(".json", ".png"))
@@ -73,18 +75,49 @@ def main():
         def peer():
             text.grad = images.grad = None
             lik.maxsim(text, images).float().logsumexp(1).sum().backward()
+        def graphed(step):
+            """The step captured in a CUDA graph (one replay per step: no host time), or None where the
+            provider cannot be captured (a host sync inside). Inputs stay the same tensors (static)."""
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        step()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                graph.replay()
+                torch.cuda.synchronize()
+                return graph.replay
+            except Exception as err:  # noqa: BLE001 - a provider that cannot be captured is reported, not fatal
+                print(f"D{dim}: CUDA-graph capture failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+                torch.cuda.synchronize()
+                return None
+
         providers = {"late-interaction-kernels MrSw": peer, "auto MrSw": provider("MrSw", "auto"),
                      "dense MrSw": provider("MrSw", "dense"), "auto MwSr": provider("MwSr", "auto"),
                      "segmented MwSr": provider("MwSr", "segmented"), "auto symm": provider("symm", "auto"),
                      "segmented symm": provider("symm", "segmented")}
+        if args.graphs:  # both sides captured: GPU time per step, what a host running ahead would see
+            os.environ["ALADIN_FAST_TRITON_BACKWARD"] = "auto"
+            for name, step in (("late-interaction-kernels MrSw (CUDA graph)", peer),
+                               ("auto MrSw (CUDA graph)", provider("MrSw", "auto"))):
+                replay = graphed(step)
+                if replay is not None:
+                    providers[name] = replay
         times = {name: [] for name in providers}
         for fn in providers.values():
             fn()
         for _ in range(args.rounds):
             for name, fn in providers.items():
                 times[name].append(do_bench(fn, warmup=10, rep=60))
-        peer_times = times["late-interaction-kernels MrSw"]
         for name, values in times.items():
+            # captured steps against the captured peer (when it could be captured), eager against eager
+            graph_peer = "late-interaction-kernels MrSw (CUDA graph)"
+            peer_times = times[graph_peer if "(CUDA graph)" in name and graph_peer in times
+                               else "late-interaction-kernels MrSw"]
             row = dict(dim=dim, provider=name, median_ms=statistics.median(values), rounds_ms=values,
                        peer_over_ours=[p / v for p, v in zip(peer_times, values)])
             results.append(row)

@@ -7,7 +7,7 @@
 #     DIAG=1 COMPARE=1 bash benchmarks/gpu/run_gpu.sh
 # DIAG=1 adds benchmarks/gpu/diagnose_backward.py (GPU-busy vs host time per step, D1024 and D768 ->
 # $OUT/diag_{1024,768}.json), COMPARE=1 benchmarks/gpu/compare_default.py (the default vs
-# late-interaction-kernels, 5 interleaved rounds -> $OUT/compare_default.json).
+# late-interaction-kernels, 5 interleaved rounds, plus both captured in CUDA graphs -> $OUT/compare_default.json).
 # SWEEP_WORKSPACE=1 adds the "gemm" workspace-cap sweep (benchmarks/gpu/sweep_workspace.py ->
 # $OUT/workspace_sweep.json; SWEEP_CAPS overrides the caps, default 4-64 MiB).
 set -u
@@ -44,7 +44,7 @@ if [ -n "${DIAG:-}" ]; then
   done
 fi
 if [ -n "${COMPARE:-}" ]; then
-  timeout 150 python3 benchmarks/gpu/compare_default.py --rounds 5 --out "$OUT/compare_default.json" 2>&1 \
+  timeout 180 python3 benchmarks/gpu/compare_default.py --rounds 5 --graphs --out "$OUT/compare_default.json" 2>&1 \
     | tee "$OUT/compare_default.log" | tail -n 16
 fi
 cat "$OUT/gpu_tests.log" | tail -n 25
