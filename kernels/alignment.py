@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 from .alignment_packed import _packed_alignment_kernel, packed_fits, packed_launch_config
 
 # aggregation codes (docs/kernel_contract.md)
@@ -316,7 +318,7 @@ class LaunchConfig(NamedTuple):
 
 
 def _pow2_block(n: int, cap: int) -> int:
-    return min(triton.next_power_of_2(max(int(n), 16)), cap)
+    return min(next_power_of_2(max(int(n), 16)), cap)
 
 
 def alignment_launch_config(*, num_texts: int, num_candidates: int, dim: int, text_pad: int, image_pad: int,
@@ -352,7 +354,7 @@ def alignment_launch_config(*, num_texts: int, num_candidates: int, dim: int, te
     block_k = 1
     while block_k < 16 and pairs // (block_k * 2) >= target_programs:
         block_k *= 2
-    block_k = min(block_k, triton.next_power_of_2(max(num_candidates, 1)))
+    block_k = min(block_k, next_power_of_2(max(num_candidates, 1)))
     block_k = override.pop("BLOCK_K", block_k)
     group_size = override.pop("GROUP_SIZE", 8 if all_pairs else 1)
 
@@ -361,7 +363,7 @@ def alignment_launch_config(*, num_texts: int, num_candidates: int, dim: int, te
     num_warps = override.pop("num_warps", 4 if tile < (4096 if element_size >= 4 else 8192) else 8)
     if override:
         raise KeyError(f"unknown launch override(s): {sorted(override)}")
-    grid = (num_texts * triton.cdiv(num_candidates, block_k), )
+    grid = (num_texts * cdiv(num_candidates, block_k), )
     return LaunchConfig(block_w, block_r, block_d, block_k, group_size, num_warps, num_stages, single_tile,
                         query_resident, grid)
 
@@ -463,8 +465,8 @@ def _launch_packed(text, text_offsets, text_lengths, images, image_offsets, imag
         num_texts, num_candidates, text.shape[1], text_pad, image_pad,
         AGGREGATION=int(aggregation), ZERO_PADDING=bool(zero_padding), HAS_CANDIDATES=candidates is not None,
         WRITE_ARGMAX=argmax is not None, WRITE_REGION_ARGMAX=region_argmax is not None,
-        IMGS=cfg.IMGS, CAPS=cfg.CAPS, IMGS_P2=triton.next_power_of_2(cfg.IMGS),
-        CAPS_P2=triton.next_power_of_2(cfg.CAPS), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        IMGS=cfg.IMGS, CAPS=cfg.CAPS, IMGS_P2=next_power_of_2(cfg.IMGS),
+        CAPS_P2=next_power_of_2(cfg.CAPS), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         GROUP_SIZE=cfg.GROUP_SIZE, DOT_IN_FP32=_INTERPRETED and text.dtype == torch.bfloat16,
         NAN_VIA_FLAG=_INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=_FP_FUSION,
     )

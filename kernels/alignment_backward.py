@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 from .alignment import _INTERPRETED, _gate_closed, _pow2_block
 from .alignment_packed import _packed_backward_kernel, packed_backward_config, packed_fits
 
@@ -298,9 +300,9 @@ def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, im
         cfg = packed_backward_config(num_texts=num_texts, num_images=num_images, dim=dim, text_pad=text_pad,
                                      image_pad=image_pad, element_size=text.element_size(), override=config)
         placeholder = text_lengths
-        for text_side, out, owners in ((True, grad_text, triton.cdiv(num_texts, cfg["CAPS"])),
-                                       (False, grad_images, triton.cdiv(num_images, cfg["IMGS"]))):
-            _packed_backward_kernel[(owners, triton.cdiv(dim, cfg["BLOCK_D"]))](
+        for text_side, out, owners in ((True, grad_text, cdiv(num_texts, cfg["CAPS"])),
+                                       (False, grad_images, cdiv(num_images, cfg["IMGS"]))):
+            _packed_backward_kernel[(owners, cdiv(dim, cfg["BLOCK_D"]))](
                 grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                 placeholder if argmax is None else argmax, placeholder if region_argmax is None else region_argmax,
                 out, num_texts, num_images, dim, text_pad, image_pad,
@@ -318,10 +320,10 @@ def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, im
     common = dict(AGGREGATION=int(aggregation), ZERO_PADDING=bool(zero_padding), HAS_CANDIDATES=candidates is not None,
                   BLOCK_W=blocks["BLOCK_W"], BLOCK_R=blocks["BLOCK_R"], BLOCK_D=blocks["BLOCK_D"],
                   DOT_IN_FP32=_INTERPRETED and text.dtype == torch.bfloat16, num_warps=blocks["num_warps"])
-    d_blocks = triton.cdiv(dim, blocks["BLOCK_D"])
+    d_blocks = cdiv(dim, blocks["BLOCK_D"])
     cand = placeholder if candidates is None else candidates
     if "text" in sides:
-        _backward_text_kernel[(num_texts, triton.cdiv(max(text_pad, 1), blocks["BLOCK_W"]), d_blocks)](
+        _backward_text_kernel[(num_texts, cdiv(max(text_pad, 1), blocks["BLOCK_W"]), d_blocks)](
             grad, text_offsets, text_lengths, images, image_offsets, image_lengths, cand, argmax, region_argmax,
             grad_text, num_candidates, dim, text_pad, image_pad, **common)
     if "images" not in sides:
@@ -333,14 +335,14 @@ def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, im
             order, starts = placeholder, placeholder
         else:
             order, starts = image_segments(candidates, num_images)
-        grid = (num_images, triton.cdiv(max(image_pad, 1), blocks["BLOCK_R"]), d_blocks)
+        grid = (num_images, cdiv(max(image_pad, 1), blocks["BLOCK_R"]), d_blocks)
         _backward_images_kernel[grid](
             grad, text, text_offsets, text_lengths, image_offsets, image_lengths, order, starts, argmax,
             region_argmax, grad_images, placeholder if only_if_nonfinite is None else only_if_nonfinite, num_texts,
             num_candidates, dim, text_pad, image_pad, GATE=0 if only_if_nonfinite is None else 2, **common)
     else:
-        block_k = min(blocks["BLOCK_K"], triton.next_power_of_2(num_candidates))
-        grid = (num_texts * triton.cdiv(num_candidates, block_k), d_blocks)
+        block_k = min(blocks["BLOCK_K"], next_power_of_2(num_candidates))
+        grid = (num_texts * cdiv(num_candidates, block_k), d_blocks)
         _backward_images_atomic_kernel[grid](
             grad, text, text_offsets, text_lengths, image_offsets, image_lengths, cand, argmax, region_argmax,
             grad_images, num_candidates, dim, text_pad, image_pad, BLOCK_K=block_k, **common)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._host import cdiv
+
 from .alignment import _pow2_block
 from .alignment_backward import _pair_coefficient, image_segments
 
@@ -140,7 +142,7 @@ def launch_gather_backward(grad, text, text_offsets, text_lengths, images, image
             order, starts = image_segments(candidates, num_images)
     owner_offsets, owner_lengths, owner_pad, partner, partner_offsets, partner_lengths, num_owners, steps = owners
     cfg = gather_config(owner_pad, dim)
-    grid = (num_owners, triton.cdiv(max(owner_pad, 1), cfg["BLOCK_P"]), triton.cdiv(dim, cfg["BLOCK_D"]))
+    grid = (num_owners, cdiv(max(owner_pad, 1), cfg["BLOCK_P"]), cdiv(dim, cfg["BLOCK_D"]))
     _gather_rows_kernel[grid](
         grad, owner_offsets, owner_lengths, partner, partner_offsets, partner_lengths,
         placeholder if candidates is None else candidates, order, starts, winners, out, num_owners, steps,

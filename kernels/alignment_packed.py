@@ -34,6 +34,8 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 _NO_INDEX = tl.constexpr(1 << 30)
 MAX_PACKED = 8  # images (captions) per tile: the epilogue is unrolled over them
 
@@ -248,15 +250,15 @@ def packed_launch_config(*, num_texts: int, num_candidates: int, text_pad: int, 
                          all_pairs: bool, override: dict | None = None) -> PackedConfig:
     """Tile shape of ``_packed_alignment_kernel`` (``override`` for tests / tuning)."""
     override = dict(override or {})
-    block_m = override.pop("BLOCK_M", min(128, triton.next_power_of_2(max(16, image_pad * MAX_PACKED))))
+    block_m = override.pop("BLOCK_M", min(128, next_power_of_2(max(16, image_pad * MAX_PACKED))))
     imgs = override.pop("IMGS", max(1, min(block_m // image_pad, MAX_PACKED, num_candidates)))
     if all_pairs:
         # 128 x 64 tiles: 128 x 128 ones spill registers in the pooling epilogue (sm_90 AOT: 255 regs + stack)
-        block_n = override.pop("BLOCK_N", max(triton.next_power_of_2(text_pad),
-                                              min(64, triton.next_power_of_2(max(16, text_pad * MAX_PACKED)))))
+        block_n = override.pop("BLOCK_N", max(next_power_of_2(text_pad),
+                                              min(64, next_power_of_2(max(16, text_pad * MAX_PACKED)))))
         caps = override.pop("CAPS", max(1, min(block_n // text_pad, MAX_PACKED, num_texts)))
     else:
-        block_n = override.pop("BLOCK_N", triton.next_power_of_2(max(16, text_pad)))
+        block_n = override.pop("BLOCK_N", next_power_of_2(max(16, text_pad)))
         caps = override.pop("CAPS", 1)
     block_k = override.pop("BLOCK_K", 64 if element_size <= 2 else 32)
     group_size = override.pop("GROUP_SIZE", 8)
@@ -268,7 +270,7 @@ def packed_launch_config(*, num_texts: int, num_candidates: int, text_pad: int, 
     if imgs * image_pad > block_m or caps * text_pad > block_n or (not all_pairs and caps != 1):
         raise ValueError(f"tile {block_m}x{block_n} cannot hold {imgs} images of {image_pad} regions and "
                          f"{caps} captions of {text_pad} words")
-    tiles = triton.cdiv(num_candidates, imgs) * (triton.cdiv(num_texts, caps) if all_pairs else num_texts)
+    tiles = cdiv(num_candidates, imgs) * (cdiv(num_texts, caps) if all_pairs else num_texts)
     return PackedConfig(imgs, caps, block_m, block_n, block_k, group_size, num_warps, num_stages, (tiles, ))
 
 
@@ -417,7 +419,7 @@ def packed_backward_config(*, num_texts: int, num_images: int, dim: int, text_pa
                                override={key: override.pop(key) for key in ("BLOCK_M", "BLOCK_N", "IMGS", "CAPS")
                                          if key in override})
     cfg = dict(IMGS=fwd.IMGS, CAPS=fwd.CAPS, BLOCK_M=fwd.BLOCK_M, BLOCK_N=fwd.BLOCK_N,
-               BLOCK_D=override.pop("BLOCK_D", min(64, triton.next_power_of_2(max(16, dim)))),
+               BLOCK_D=override.pop("BLOCK_D", min(64, next_power_of_2(max(16, dim)))),
                SPLIT=override.pop("SPLIT", element_size <= 2),
                num_warps=override.pop("num_warps", 8), num_stages=override.pop("num_stages", 2))
     if override:
@@ -459,7 +461,7 @@ def packed_aot_specs() -> list:
                                    image_pad=36, element_size=size, all_pairs=all_pairs)
         constexprs = dict(AGGREGATION=aggregation, ZERO_PADDING=False, HAS_CANDIDATES=not all_pairs,
                           WRITE_ARGMAX=argmax, WRITE_REGION_ARGMAX=region, IMGS=cfg.IMGS, CAPS=cfg.CAPS,
-                          IMGS_P2=triton.next_power_of_2(cfg.IMGS), CAPS_P2=triton.next_power_of_2(cfg.CAPS),
+                          IMGS_P2=next_power_of_2(cfg.IMGS), CAPS_P2=next_power_of_2(cfg.CAPS),
                           BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_SIZE=cfg.GROUP_SIZE,
                           DOT_IN_FP32=False, NAN_VIA_FLAG=False)
         specs.append(_aot_spec(name, _packed_alignment_kernel, dtype_name, constexprs,

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 
 @triton.jit
 def _token_sequence_kernel(offsets_ptr, lengths_ptr, out_ptr, BLOCK: tl.constexpr):
@@ -103,7 +105,7 @@ def token_sequence_ids(offsets: torch.Tensor, lengths: torch.Tensor, num_tokens:
     out = torch.full((num_tokens, ), -1, dtype=torch.int32, device=offsets.device)
     if offsets.shape[0] and num_tokens:
         _token_sequence_kernel[(offsets.shape[0], )](offsets, lengths, out,
-                                                     BLOCK=min(1024, max(16, triton.next_power_of_2(pad))))
+                                                     BLOCK=min(1024, max(16, next_power_of_2(pad))))
     return out
 
 
@@ -127,7 +129,7 @@ def launch_alignment_weights(grad, argmax, region_argmax, text_sequence, text_of
         return
     cfg = alignment_weights_config()
     placeholder = text_lengths  # never read by a specialisation that does not need it
-    _alignment_weights_kernel[(triton.cdiv(num_rows, cfg["BLOCK_M"]), triton.cdiv(num_cols, cfg["BLOCK_N"]))](
+    _alignment_weights_kernel[(cdiv(num_rows, cfg["BLOCK_M"]), cdiv(num_cols, cfg["BLOCK_N"]))](
         grad, argmax if word else placeholder, region_argmax if region else placeholder, text_sequence,
         text_offsets, text_lengths, image_sequence, image_offsets, out, row_start, num_rows, num_cols,
         image_offsets.shape[0], text_pad, image_pad, WORD=word, REGION=region, MRAVGW=aggregation == 1,

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
+
 from .alignment import _INTERPRETED, _gate_closed
 
 MAX_BLOCK = 128  # BLOCK_W and BLOCK_R (padded caption / image lengths) this layout handles
@@ -147,9 +149,9 @@ def winner_gemm_config(*, text_pad: int, image_pad: int, dim: int, element_size:
     """Tile shapes. Text side: CAPS * BLOCK_W ~ 128 rows, IMGS images per reduction step; image side:
     one image's regions, CAPS * BLOCK_W ~ 64 reduction columns. ``override`` (tuning, tests) replaces
     any of TEXT_CAPS, IMGS, IMAGE_CAPS, BLOCK_D, IMAGE_BLOCK_D, num_stages."""
-    block_w = max(16, triton.next_power_of_2(text_pad))
-    block_r = max(16, triton.next_power_of_2(image_pad))
-    pow2_dim = max(16, triton.next_power_of_2(dim))
+    block_w = max(16, next_power_of_2(text_pad))
+    block_r = max(16, next_power_of_2(image_pad))
+    pow2_dim = max(16, next_power_of_2(dim))
     # the image side rebuilds its weight tiles once per D block: wider D blocks there (64-row tiles)
     block_d = min(128 if element_size <= 2 else 64, pow2_dim)
     image_block_d = min(256 if element_size <= 2 and block_r <= 64 else block_d, pow2_dim)
@@ -199,12 +201,12 @@ def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, 
                   num_stages=cfg["num_stages"])
     text_rows = cfg["TEXT_CAPS"] * cfg["BLOCK_W"]
     if "text" in sides:
-        _winner_gemm_text_kernel[(triton.cdiv(num_texts, cfg["TEXT_CAPS"]), triton.cdiv(dim, cfg["BLOCK_D"]))](
+        _winner_gemm_text_kernel[(cdiv(num_texts, cfg["TEXT_CAPS"]), cdiv(dim, cfg["BLOCK_D"]))](
             grad, argmax, region_argmax, text_offsets, text_lengths, images, image_offsets, image_lengths, grad_text,
             num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["TEXT_CAPS"], IMGS=cfg["IMGS"],
             BLOCK_D=cfg["BLOCK_D"], num_warps=_warps(text_rows, cfg["BLOCK_D"]), **common)
     if "images" in sides:
-        _winner_gemm_images_kernel[(num_images, triton.cdiv(dim, cfg["IMAGE_BLOCK_D"]))](
+        _winner_gemm_images_kernel[(num_images, cdiv(dim, cfg["IMAGE_BLOCK_D"]))](
             grad, argmax, region_argmax, text, text_offsets, text_lengths, image_offsets, image_lengths, grad_images,
             placeholder if only_if_finite is None else only_if_finite, num_texts, num_images, dim, text_pad,
             image_pad, CAPS=cfg["IMAGE_CAPS"], BLOCK_D=cfg["IMAGE_BLOCK_D"], GATE=0 if only_if_finite is None else 1,

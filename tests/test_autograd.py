@@ -64,7 +64,6 @@ def test_cpu_gradients_match_reference(generator, padding, aggregation, mode):
 
 @pytest.mark.parametrize("aggregation", ["MrSw", "symm", "mean"])
 def test_packed_gradients(generator, aggregation):
-    lengths_t, lengths_v = torch.tensor([3, 0, 5]), torch.tensor([4, 2])
     text0 = torch.randn(8, 16, generator=generator)
     images0 = torch.randn(6, 16, generator=generator)
     cu_t = torch.tensor([0, 3, 3, 8])

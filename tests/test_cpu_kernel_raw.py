@@ -13,7 +13,6 @@ repeats, padded and packed (gapped) layouts.  Two data kinds:
   tolerance relative to the sum of |products|; argmax is checked by value.
 """
 import math
-import os
 
 import numpy as np
 import pytest

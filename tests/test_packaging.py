@@ -1,5 +1,4 @@
 """The package works without triton, and the CLI reports backends."""
-import json
 import os
 import subprocess
 import sys

@@ -106,3 +106,15 @@ def test_specs_are_well_formed():
     assert len(set(names)) == len(names)
     for required in ("all_pairs_bf16", "all_pairs_fp32", "rerank_bf16", "rerank_fp32", "packed_all_pairs", "packed_bwd"):
         assert any(name.startswith(required) for name in names), required
+
+
+def test_host_integer_helpers_match_triton():
+    """The launchers' ``cdiv`` / ``next_power_of_2`` (kernels/_host.py, no constexpr-function wrapper) equal
+    Triton's for every value the launch configurations meet."""
+    import triton
+
+    host = load_kernels("_aladin_fast_kernels_compiled", interpret=False)._host
+    for n in range(0, 5000):
+        assert host.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 16, 36, 64, 128):
+            assert host.cdiv(n, d) == triton.cdiv(n, d), (n, d)

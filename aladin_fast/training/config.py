@@ -12,8 +12,8 @@ import argparse
 import dataclasses
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 __all__ = ["TUNED_STUDENT", "TrainConfig", "load_config_file", "add_config_arguments", "config_from_arguments"]
 

@@ -15,11 +15,11 @@ Modes: ``pool_then_proj`` (max-pool the head's tokens, then project: the Student
 (project every padded token, then max-pool), ``mlp_then_pool`` (an MLP per token), ``lib`` / ``lib_mlp`` (the
 library's PoolingHead with ``project_tokens=True``: only valid tokens are projected).
 """
-import sys, time, json, math, argparse, os
+import time, json, math, argparse, os
 import torch, torch.nn.functional as F
 from torch import nn
 from aladin_fast.data import SyntheticScenes
-from aladin_fast.training import Trainer, TrainConfig
+from aladin_fast.training import Trainer
 from aladin_fast.training.data import encode_captions, as_source
 from aladin_fast.models.encoders import TokenTransformer
 from aladin_fast.losses import listnet_loss, hinge_loss, infonce_loss
