@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cached_config, cdiv, next_power_of_2
 
 from .alignment import _INTERPRETED, _gate_closed, _pow2_block
 from .alignment_packed import _packed_backward_kernel, packed_backward_config, packed_fits
@@ -235,6 +235,7 @@ def _backward_images_atomic_kernel(
                                   mask=(offs_r < n_r)[:, None] & d_ok[None, :])
 
 
+@cached_config
 def backward_launch_blocks(*, text_pad: int, image_pad: int, dim: int, element_size: int,
                            override: dict | None = None) -> dict:
     """Tile sizes of the backward kernels (``override`` for tests / tuning)."""

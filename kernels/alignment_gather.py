@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._host import cdiv
+from ._host import cached_config, cdiv
 
 from .alignment import _pow2_block
 from .alignment_backward import _pair_coefficient, image_segments
@@ -102,6 +102,7 @@ GATHER_TEXT_AGGREGATIONS = (0, 1)  # MrSw, MrAVGw: d text is the word term alone
 GATHER_IMAGE_AGGREGATIONS = (2, )  # MwSr: d images is the region term alone
 
 
+@cached_config
 def gather_config(pad: int, dim: int) -> dict:
     """[positions, D] tile: every position of a caption / image up to 64 (W=32 -> 32 rows, R=36 -> 64), 128-wide
     D slices (a 256-byte bf16 row segment per position and gather); 4 warps up to 32 x 128, else 8."""

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cached_config, cdiv, next_power_of_2
 
 _NO_INDEX = tl.constexpr(1 << 30)
 MAX_PACKED = 8  # images (captions) per tile: the epilogue is unrolled over them
@@ -246,6 +246,7 @@ def packed_fits(text_pad: int, image_pad: int) -> bool:
     return 1 <= text_pad <= 128 and 1 <= image_pad <= 128
 
 
+@cached_config
 def packed_launch_config(*, num_texts: int, num_candidates: int, text_pad: int, image_pad: int, element_size: int,
                          all_pairs: bool, override: dict | None = None) -> PackedConfig:
     """Tile shape of ``_packed_alignment_kernel`` (``override`` for tests / tuning)."""

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cached_config, cdiv, next_power_of_2
 
 from .alignment import _INTERPRETED, _gate_closed
 
@@ -144,6 +144,7 @@ def winner_gemm_fits(text_pad: int, image_pad: int) -> bool:
     return 0 < text_pad <= MAX_BLOCK and 0 < image_pad <= MAX_BLOCK
 
 
+@cached_config
 def winner_gemm_config(*, text_pad: int, image_pad: int, dim: int, element_size: int,
                        override: dict | None = None) -> dict:
     """Tile shapes. Text side: CAPS * BLOCK_W ~ 128 rows, IMGS images per reduction step; image side:

@@ -670,7 +670,9 @@ def _score_tokens_backward_impl(
         grad_text, grad_images = sparse_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
                                                  image_lengths, candidates, argmax, region_argmax, aggregation,
                                                  zero_padding, text_pad, image_pad, backend)
-    return grad_text.to(text.dtype), grad_images.to(images.dtype)
+    # ("gather" writes the tokens' dtype already: no cast dispatch then)
+    return (grad_text if grad_text.dtype == text.dtype else grad_text.to(text.dtype),
+            grad_images if grad_images.dtype == images.dtype else grad_images.to(images.dtype))
 
 
 @torch.library.custom_op("aladin_fast::score_tokens_backward", mutates_args=())
@@ -747,8 +749,11 @@ class _EagerScore(torch.autograd.Function):
     """The same forward / backward as the registered ops, without torch.library dispatch (eager calls only)."""
 
     @staticmethod
-    def forward(ctx, text, images, text_offsets, text_lengths, image_offsets, image_lengths, candidates, aggregation,
-                zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax):
+    def forward(ctx, text, images, call):
+        # the non-differentiable arguments travel as one tuple: autograd inspects every argument of apply
+        # (measured 46 -> 29 us per call on the CPU for 14 -> 3 arguments)
+        (text_offsets, text_lengths, image_offsets, image_lengths, candidates, aggregation, zero_padding, text_pad,
+         image_pad, backend, want_argmax, want_region_argmax) = call
         # issued before the forward kernel, so that the backward's read of it does not wait for that kernel
         ctx.finite = start_finite_check(text, images, candidates, aggregation, backend)
         ctx.set_materialize_grads(False)  # the argmax outputs get no gradient: no zero-filled [pairs, W] buffers
@@ -764,7 +769,7 @@ class _EagerScore(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_scores, grad_argmax, grad_region_argmax):
         if grad_scores is None:  # (not materialised: no gradient reached the scores)
-            return (None,) * 14
+            return None, None, None
         if torch.is_grad_enabled():
             # create_graph=True records the backward as a node whose own backward raises (like the registered op)
             grad_text, grad_images = _EagerScoreBackward.apply(grad_scores, *ctx.saved_tensors, *ctx.options,
@@ -772,8 +777,7 @@ class _EagerScore(torch.autograd.Function):
         else:  # the usual case: no second autograd.Function around the kernels (its apply is host time per step)
             grad_text, grad_images = _score_tokens_backward_impl(grad_scores, *ctx.saved_tensors, *ctx.options,
                                                                  ctx.finite)
-        return (grad_text if ctx.needs_input_grad[0] else None, grad_images if ctx.needs_input_grad[1] else None,
-                *([None] * 12))
+        return grad_text if ctx.needs_input_grad[0] else None, grad_images if ctx.needs_input_grad[1] else None, None
 
 
 class _EagerScoreBackward(torch.autograd.Function):
@@ -795,9 +799,9 @@ def score_tokens_eager(text, text_offsets, text_lengths, images, image_offsets, 
     without the torch.library dispatch and the second value-range check (each a host cost per call, large
     next to a small rerank on a GPU). ``torch.compile`` traces the registered op instead."""
     if torch.is_grad_enabled() and (text.requires_grad or images.requires_grad):
-        return _EagerScore.apply(text, images, text_offsets, text_lengths, image_offsets, image_lengths, candidates,
-                                 aggregation, zero_padding, text_pad, image_pad, backend, want_argmax,
-                                 want_region_argmax)
+        return _EagerScore.apply(text, images, (text_offsets, text_lengths, image_offsets, image_lengths, candidates,
+                                                aggregation, zero_padding, text_pad, image_pad, backend, want_argmax,
+                                                want_region_argmax))
     return _score_tokens_impl(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                               aggregation, zero_padding, text_pad, image_pad, backend, want_argmax,
                               want_region_argmax, validated=True)
