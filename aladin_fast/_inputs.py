@@ -72,8 +72,10 @@ def tracing() -> bool:
     Value-range checks need the tensors' values (``int(x.max())``), which would
     break the graph; while tracing they are skipped here and re-checked on the
     real values by the op's implementation (the C++ bindings check lengths and
-    candidate ids; the Triton path checks them before launching). A length mask
-    is checked in-graph with ``torch._assert_async``.
+    candidate ids; the Triton path checks them before launching, except for
+    layouts the op layer built itself -- full-length padded batches, all pairs
+    or paired: ``score_tokens(layout_checked=True)``, so such a compiled step has
+    no device sync). A length mask is checked in-graph with ``torch._assert_async``.
     """
     return torch.compiler.is_compiling()
 

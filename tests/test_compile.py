@@ -3,7 +3,8 @@
 The fused op is opaque to the compiler (``torch.library.custom_op`` with a fake
 implementation and a registered backward op); the op layer skips its
 value-dependent checks while tracing (``_inputs.tracing()``) and the op
-implementation re-checks them on the real values. Packed ``cu_seqlens``
+implementation re-checks them on the real values (the Triton path skips that for
+layouts the op layer built: tests/test_triton_backward.py). Packed ``cu_seqlens``
 inputs have a data-dependent padded length (the longest sequence): given as
 Python ints (``max_text_len`` / ``max_image_len``) they compile without graph
 breaks too; without them the host read of ``cu_seqlens`` breaks the graph.

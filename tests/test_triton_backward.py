@@ -765,3 +765,41 @@ def test_training_step_host_work(monkeypatch, dtype):
             assert backward["ops"] == {"sum": 1}, aggregation  # the finiteness value
         assert forward["ops"] == {}, aggregation
         assert forward["syncs"] == backward["syncs"] == forward["fills"] == backward["fills"] == 0
+
+
+@in_process
+def test_compiled_op_skips_range_check_only_for_layouts_it_built(monkeypatch):
+    """Under torch.compile the op re-checks lengths / candidates on the real values (a device sync per call on
+    a GPU), except where the op layer built them itself (no lengths, all pairs or paired): those compiled steps
+    have no sync. User-given lengths are still checked, and refused when out of range; results and gradients
+    match eager."""
+    import aladin_fast
+    from aladin_fast.ops import alignment_op
+
+    monkeypatch.setattr(alignment_op, "triton_kernels", lambda: kernels)
+    checks = []
+    real = alignment_op._check_metadata
+    monkeypatch.setattr(alignment_op, "_check_metadata", lambda *args: checks.append(args[0]) or real(*args))
+    gen = torch.Generator().manual_seed(3)
+    text0 = torch.randn(3, 5, 16, generator=gen)
+    images0 = torch.randn(4, 6, 16, generator=gen)
+
+    def step(text, images, text_lengths, paired):
+        if paired:
+            return aladin_fast.paired_scores(text, images[:3], text_lengths, backend="triton").sum()
+        return aladin_fast.alignment_scores(text, images, text_lengths, backend="triton").logsumexp(1).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    for lengths, paired in ((None, False), (None, True), (torch.tensor([5, 2, 1]), False)):
+        results = []
+        checks.clear()
+        for fn in (step, compiled):
+            text, images = text0.clone().requires_grad_(), images0.clone().requires_grad_()
+            loss = fn(text, images, lengths, paired)
+            loss.backward()
+            results.append((loss.detach(), text.grad, images.grad))
+        assert len(checks) == (0 if lengths is None else 1), (lengths, paired)
+        for got, want in zip(results[1], results[0]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="text_lengths"):
+        compiled(text0, images0, torch.tensor([5, 9, 1]), False)

@@ -78,14 +78,18 @@ def _score(
     want_argmax = return_argmax or (needs_grad and aggregation in ("MrSw", "MrAVGw", "symm"))
     # both kernel backends emit the region -> word argmax for the MwSr-type backward in the same pass
     want_region_argmax = needs_grad and chosen in ("cpu", "triton") and aggregation in ("MwSr", "symm")
-    # torch.compile traces the registered op; eager calls skip its dispatch (validated above)
-    op = score_tokens if tracing() else score_tokens_eager
-    scores, argmax, _ = op(
-        text_batch.tokens, text_batch.offsets, text_batch.lengths,
-        image_batch.tokens, image_batch.offsets, image_batch.lengths,
-        candidates, AGGREGATION_CODES[aggregation], zero_padding, text_batch.pad, image_batch.pad,
-        chosen, want_argmax, want_region_argmax,
-    )
+    args = (text_batch.tokens, text_batch.offsets, text_batch.lengths, image_batch.tokens, image_batch.offsets,
+            image_batch.lengths, candidates, AGGREGATION_CODES[aggregation], zero_padding, text_batch.pad,
+            image_batch.pad, chosen, want_argmax, want_region_argmax)
+    if tracing():
+        # torch.compile traces the registered op. Lengths / candidates built here (no lengths, no cu_seqlens;
+        # all pairs or paired) are in range by construction: the op then skips its per-call range check (a
+        # device sync); user-given ones are checked by the op on the real values
+        built_here = (text_lengths is None and text_cu_seqlens is None and image_lengths is None
+                      and image_cu_seqlens is None and (paired or candidates is None))
+        scores, argmax, _ = score_tokens(*args, layout_checked=built_here)
+    else:  # eager calls skip the dispatch (validated above)
+        scores, argmax, _ = score_tokens_eager(*args)
     return scores, (argmax if return_argmax else None)
 
 

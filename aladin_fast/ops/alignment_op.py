@@ -155,17 +155,23 @@ def score_tokens(
     images: torch.Tensor, image_offsets: torch.Tensor, image_lengths: torch.Tensor,
     candidates: Optional[torch.Tensor], aggregation: int, zero_padding: bool,
     text_pad: int, image_pad: int, backend: str, want_argmax: bool, want_region_argmax: bool = False,
+    layout_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused scores ``[Nt, K]``, word -> region argmax ``[Nt, K, text_pad]`` int32 and region -> word argmax
-    ``[Nt, K, image_pad]`` int32 (each ``[0]`` when not wanted): the op ``torch.compile`` sees."""
+    ``[Nt, K, image_pad]`` int32 (each ``[0]`` when not wanted): the op ``torch.compile`` sees.
+
+    ``layout_checked``: the caller built the lengths / candidates itself and knows them in range (full-length
+    padded batches, all pairs or paired), so the Triton backend skips its value-range check -- a
+    device-to-host copy, i.e. a sync per call in a compiled graph and a failure under CUDA-graph capture.
+    Otherwise every call checks (the C++ bindings check on their own)."""
     return _score_tokens_impl(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                               aggregation, zero_padding, text_pad, image_pad, backend, want_argmax,
-                              want_region_argmax)
+                              want_region_argmax, validated=layout_checked)
 
 
 @score_tokens.register_fake
 def _(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, aggregation,
-      zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax=False):
+      zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax=False, layout_checked=False):
     count = text_offsets.shape[0]
     k = image_offsets.shape[0] if candidates is None else candidates.shape[1]
     out = text.new_empty((count, k), dtype=torch.float64 if text.dtype == torch.float64 else torch.float32)
@@ -729,7 +735,7 @@ def _backward(ctx, grad_scores, grad_argmax, grad_region_argmax):
         grad_scores, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, argmax,
         region_argmax, aggregation, zero_padding, text_pad, image_pad, backend,
     )
-    return grad_text, None, None, grad_images, None, None, None, None, None, None, None, None, None, None
+    return (grad_text, None, None, grad_images) + (None,) * 11  # one per input of score_tokens
 
 
 torch.library.register_autograd("aladin_fast::score_tokens", _backward, setup_context=_setup_context)
