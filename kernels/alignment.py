@@ -124,16 +124,6 @@ def _finish_cols(col_max, r_ok, n_w, text_pad, ZERO_PADDING: tl.constexpr):
 
 
 @triton.jit
-def _gate_closed(gate_ptr, GATE: tl.constexpr):
-    """Whether a gated launch skips its work (device-side, no host sync): GATE 1 runs only where the fp32
-    check value at ``gate_ptr`` (a sum of the tokens) is finite, GATE 2 only where it is not -- the two
-    halves of a fast path that needs finite tokens and its exact fallback, both launched."""
-    check = tl.load(gate_ptr)
-    finite = (check == check) & (tl.abs(check) < float("inf"))
-    return finite ^ (GATE == 1)
-
-
-@triton.jit
 def _count_nan(acc, valid):
     return tl.sum(((acc != acc) & valid).to(tl.int32))
 

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from ._host import cached_config, cdiv, next_power_of_2
 
-from .alignment import _INTERPRETED, _gate_closed, _pow2_block
+from .alignment import _INTERPRETED, _pow2_block
 from .alignment_packed import _packed_backward_kernel, packed_backward_config, packed_fits
 
 STRATEGIES = ("segmented", "atomic")
@@ -139,17 +139,11 @@ def _backward_text_kernel(
 @triton.jit(do_not_specialize=["text_pad", "image_pad"])
 def _backward_images_kernel(
     grad_ptr, text_ptr, text_offsets_ptr, text_lengths_ptr, image_offsets_ptr, image_lengths_ptr,
-    pair_order_ptr, segment_starts_ptr, argmax_ptr, region_argmax_ptr, grad_images_ptr, gate_ptr,
+    pair_order_ptr, segment_starts_ptr, argmax_ptr, region_argmax_ptr, grad_images_ptr,
     num_texts, num_candidates, D, text_pad, image_pad,
     AGGREGATION: tl.constexpr, ZERO_PADDING: tl.constexpr, HAS_CANDIDATES: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-    GATE: tl.constexpr = 0,
 ):
-    """GATE 2: nothing runs unless the text check value at ``gate_ptr`` is non-finite (the exact fallback of a
-    GATE 1 winner-GEMM images kernel; ``_gate_closed``)."""
-    if GATE != 0:
-        if _gate_closed(gate_ptr, GATE):
-            return
     image_idx = tl.program_id(0)
     r0 = tl.program_id(1) * BLOCK_R
     d0 = tl.program_id(2) * BLOCK_D
@@ -265,8 +259,7 @@ def image_segments(candidates: torch.Tensor, image_count: int):
 def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                               candidates, argmax, region_argmax, aggregation: int, zero_padding: bool, text_pad: int,
                               image_pad: int, grad_text, grad_images, *, strategy: str = "segmented",
-                              config: dict | None = None, sides=("text", "images"),
-                              only_if_nonfinite: torch.Tensor | None = None) -> None:
+                              config: dict | None = None, sides=("text", "images")) -> None:
     """Write ``d text`` into ``grad_text`` and ``d images`` into ``grad_images`` (zero-filled by the caller; float32,
     or the tokens' dtype with the "segmented" strategy, whose kernels store each row once; "atomic" accumulates
     into float32).
@@ -276,9 +269,6 @@ def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, im
     written by the forward kernel; other arguments as in ``launch_alignment``.
     ``strategy``: "segmented" (deterministic) or "atomic" for the image side. Only the ``sides`` named are
     written (per-pair kernels; the packed-tile kernels always write both).
-    ``only_if_nonfinite`` (a 0-d float32 device tensor, e.g. the text tokens' sum): the segmented image kernel
-    does its work only where that value is NaN or inf -- the exact fallback of a winner-GEMM images launch
-    gated with ``only_if_finite`` on the same value, decided on the device (no host sync).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -329,8 +319,6 @@ def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, im
             grad_text, num_candidates, dim, text_pad, image_pad, **common)
     if "images" not in sides:
         return
-    if only_if_nonfinite is not None and strategy != "segmented":
-        raise ValueError("only_if_nonfinite gates the segmented image kernel; strategy must be 'segmented'")
     if strategy == "segmented":
         if candidates is None:
             order, starts = placeholder, placeholder
@@ -339,8 +327,7 @@ def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, im
         grid = (num_images, cdiv(max(image_pad, 1), blocks["BLOCK_R"]), d_blocks)
         _backward_images_kernel[grid](
             grad, text, text_offsets, text_lengths, image_offsets, image_lengths, order, starts, argmax,
-            region_argmax, grad_images, placeholder if only_if_nonfinite is None else only_if_nonfinite, num_texts,
-            num_candidates, dim, text_pad, image_pad, GATE=0 if only_if_nonfinite is None else 2, **common)
+            region_argmax, grad_images, num_texts, num_candidates, dim, text_pad, image_pad, **common)
     else:
         block_k = min(blocks["BLOCK_K"], next_power_of_2(num_candidates))
         grid = (num_texts * cdiv(num_candidates, block_k), d_blocks)
@@ -353,7 +340,7 @@ def launch_alignment_backward(grad, text, text_offsets, text_lengths, images, im
 
 
 def _backward_aot_spec(name, kernel, dtype, *, aggregation, zero_padding, has_candidates, dim=1024, text_pad=32,
-                       image_pad=36, gate=0):
+                       image_pad=36):
     from .alignment import _FP_FUSION, _TRITON_DTYPE, AotSpec
 
     element_size = torch.empty((), dtype=dtype).element_size()
@@ -361,7 +348,7 @@ def _backward_aot_spec(name, kernel, dtype, *, aggregation, zero_padding, has_ca
     element = "*" + _TRITON_DTYPE[dtype]
     pointer_types = {
         "grad_ptr": "*fp32", "text_ptr": element, "images_ptr": element, "grad_text_ptr": "*fp32",
-        "grad_images_ptr": "*fp32", "gate_ptr": "*fp32", "text_offsets_ptr": "*i64", "image_offsets_ptr": "*i64",
+        "grad_images_ptr": "*fp32", "text_offsets_ptr": "*i64", "image_offsets_ptr": "*i64",
         "candidates_ptr": "*i64", "pair_order_ptr": "*i64", "segment_starts_ptr": "*i64",
     }
     constexprs = dict(AGGREGATION=aggregation, ZERO_PADDING=zero_padding, HAS_CANDIDATES=has_candidates,
@@ -369,10 +356,6 @@ def _backward_aot_spec(name, kernel, dtype, *, aggregation, zero_padding, has_ca
                       DOT_IN_FP32=False)
     if "BLOCK_K" in kernel.arg_names:
         constexprs["BLOCK_K"] = blocks["BLOCK_K"]
-    if "GATE" in kernel.arg_names:
-        constexprs["GATE"] = gate
-    if gate:  # the "gather" strategy's gated fallback stores the gradient rows in the tokens' dtype
-        pointer_types["grad_images_ptr"] = element
     signature = {}
     for arg in kernel.arg_names:
         if arg in constexprs:
@@ -396,9 +379,6 @@ def backward_aot_specs() -> list:
                            zero_padding=True, has_candidates=True),
         _backward_aot_spec("bwd_images_segmented_bf16_MrSw_all_pairs", _backward_images_kernel, torch.bfloat16,
                            aggregation=0, zero_padding=False, has_candidates=False),
-        # the "gather" MrSw step's fallback, launched every step and skipped on the device for finite text
-        _backward_aot_spec("bwd_images_segmented_bf16_MrSw_all_pairs_gated", _backward_images_kernel,
-                           torch.bfloat16, aggregation=0, zero_padding=False, has_candidates=False, gate=2),
         _backward_aot_spec("bwd_images_segmented_fp16_symm_rerank", _backward_images_kernel, torch.float16,
                            aggregation=3, zero_padding=True, has_candidates=True),
         _backward_aot_spec("bwd_images_atomic_bf16_MrSw_all_pairs", _backward_images_atomic_kernel, torch.bfloat16,

@@ -435,7 +435,7 @@ def _aot_spec(name, kernel, dtype_name, constexprs, options, dim=1024):
     from .alignment import _FP_FUSION, AotSpec
 
     element = "*" + dtype_name
-    pointer_types = {"text_ptr": element, "images_ptr": element, "out_ptr": "*fp32", "grad_ptr": "*fp32", "gate_ptr": "*fp32",
+    pointer_types = {"text_ptr": element, "images_ptr": element, "out_ptr": "*fp32", "grad_ptr": "*fp32",
                      "text_offsets_ptr": "*i64", "image_offsets_ptr": "*i64", "candidates_ptr": "*i64"}
     signature = {}
     for arg in kernel.arg_names:

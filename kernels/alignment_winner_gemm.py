@@ -26,9 +26,10 @@ tile in bf16 for bf16 inputs (rounding it like torch's own autograd of the plain
 formulation does); fp32 and fp16 inputs (fp16 lacks the range for arbitrary
 upstream gradients) use fp32 tiles and an IEEE fp32 dot.
 Tokens must be finite (a zero of ``G`` times an inf is NaN): the op layer checks
-and uses the argmax kernels otherwise -- on the host ("dense"), or on the device
-(the images kernel's ``GATE``: it returns at once unless the text's sum is
-finite, and the segmented images kernel, gated the other way, runs instead). Sequences must not overlap in memory.
+and uses the argmax kernels otherwise ("dense"). The images kernel can instead
+recompute, word by word, the rows of any program whose accumulator ended
+non-finite (``EXACT``, the "gather" strategy's image side): exact for non-finite
+values, no check before the launch. Sequences must not overlap in memory.
 """
 from __future__ import annotations
 
@@ -38,16 +39,17 @@ import triton.language as tl
 
 from ._host import cached_config, cdiv, next_power_of_2
 
-from .alignment import _INTERPRETED, _gate_closed
+from .alignment import _INTERPRETED
 
 MAX_BLOCK = 128  # BLOCK_W and BLOCK_R (padded caption / image lengths) this layout handles
 
 
 @triton.jit
-def _winner_tile(grad_ptr, argmax_ptr, region_argmax_ptr, t, w, i, r, ok, t_len, i_len, num_images, text_pad,
+def _winner_hits(grad_ptr, argmax_ptr, region_argmax_ptr, t, w, i, r, ok, t_len, i_len, num_images, text_pad,
                  image_pad, WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr):
-    """fp32 tile of ``G`` for broadcastable (caption t, word w) x (image i, region r) index tensors;
-    ``ok``: the (caption, image) pair exists."""
+    """``(hits, c)`` for broadcastable (caption t, word w) x (image i, region r) index tensors: how often the
+    word won the region (fp32 0 / 1, or 2 for symm) and the pair's coefficient (the upstream gradient, over
+    n_w for MrAVGw); ``ok``: the (caption, image) pair exists."""
     pair = t.to(tl.int64) * num_images + i
     c = tl.load(grad_ptr + pair, mask=ok, other=0.0)
     if MRAVGW:
@@ -59,7 +61,40 @@ def _winner_tile(grad_ptr, argmax_ptr, region_argmax_ptr, t, w, i, r, ok, t_len,
     if REGION:  # the region's winning word
         winner = tl.load(region_argmax_ptr + pair * image_pad + r, mask=ok & (r < i_len), other=-1)
         hits += ((winner == w) & (winner < t_len)).to(tl.float32)
+    return hits, c
+
+
+@triton.jit
+def _winner_tile(grad_ptr, argmax_ptr, region_argmax_ptr, t, w, i, r, ok, t_len, i_len, num_images, text_pad,
+                 image_pad, WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr):
+    """fp32 tile of ``G`` (``hits * c`` of ``_winner_hits``)."""
+    hits, c = _winner_hits(grad_ptr, argmax_ptr, region_argmax_ptr, t, w, i, r, ok, t_len, i_len, num_images,
+                           text_pad, image_pad, WORD, REGION, MRAVGW)
     return hits * c
+
+
+@triton.jit
+def _exact_image_rows(grad_ptr, argmax_ptr, region_argmax_ptr, text_ptr, text_offsets_ptr, text_lengths_ptr, i,
+                      i_len, r, offs_d, d_ok, num_texts, num_images, D, text_pad, image_pad, WORD: tl.constexpr,
+                      REGION: tl.constexpr, MRAVGW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Image i's [BLOCK_R, BLOCK_D] gradient rows by the contract's sparse sum, word by word: each valid word of
+    a pair with a nonzero (or NaN) coefficient adds ``hits * c * t_w`` to the regions it won and nothing
+    elsewhere (``where``, not a product with 0), so a
+    NaN / inf token or upstream gradient reaches exactly the rows the C++ backward's does. Slow (one word
+    per step): the recomputation of a program whose tile GEMM met a non-finite value."""
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    zero = i * 0  # loop indices as tensors (the interpreter's are Python ints)
+    for t in range(0, num_texts):
+        t_len = tl.load(text_lengths_ptr + t)
+        t_row0 = tl.load(text_offsets_ptr + t)
+        for w in range(0, t_len):
+            hits, c = _winner_hits(grad_ptr, argmax_ptr, region_argmax_ptr, t + zero, w + zero, i, r,
+                                   t + zero < num_texts, t_len, i_len, num_images, text_pad, image_pad, WORD,
+                                   REGION, MRAVGW)
+            u = tl.load(text_ptr + (t_row0 + w) * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            hits = hits * (c != 0).to(tl.float32)  # a pair with a zero upstream is skipped, a NaN one is not
+            acc += tl.where(hits[:, None] != 0, (hits * c)[:, None] * u[None, :], 0.0)
+    return acc
 
 
 @triton.jit
@@ -107,15 +142,16 @@ def _winner_gemm_text_kernel(
 @triton.jit(do_not_specialize=["text_pad", "image_pad"])
 def _winner_gemm_images_kernel(
     grad_ptr, argmax_ptr, region_argmax_ptr, text_ptr, text_offsets_ptr, text_lengths_ptr, image_offsets_ptr,
-    image_lengths_ptr, out_ptr, gate_ptr, num_texts, num_images, D, text_pad, image_pad,
+    image_lengths_ptr, out_ptr, num_texts, num_images, D, text_pad, image_pad,
     WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr, CAPS: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr, GATE: tl.constexpr = 0,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr, EXACT: tl.constexpr = False,
 ):
     """Rows: one image's BLOCK_R regions; each step reduces over CAPS captions x BLOCK_W words.
-    GATE 1: nothing runs unless the text check value at ``gate_ptr`` is finite (``_gate_closed``)."""
-    if GATE != 0:
-        if _gate_closed(gate_ptr, GATE):
-            return
+
+    EXACT: a program whose accumulator ends non-finite recomputes its rows with ``_exact_image_rows``. A
+    non-finite text value in this program's D columns (or a non-finite coefficient) makes every row of its
+    column NaN or inf -- 0 x inf is NaN, and no later sum is finite again -- so finite accumulators are the
+    GEMM's exact sums and only the affected programs pay. No finiteness check before the kernel, no sync."""
     i = tl.program_id(0)
     i_len = tl.load(image_lengths_ptr + i)
     r = tl.arange(0, BLOCK_R)
@@ -135,6 +171,11 @@ def _winner_gemm_images_kernel(
         u = tl.load(text_ptr + (t_row0 + w)[:, None] * D + offs_d[None, :],
                     mask=(t_ok & (w < t_len))[:, None] & d_ok[None, :], other=0.0)
         acc = _tile_dot(weights, u, acc, DOT_IN_FP32)
+    if EXACT:
+        if tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32)) > 0:
+            acc = _exact_image_rows(grad_ptr, argmax_ptr, region_argmax_ptr, text_ptr, text_offsets_ptr,
+                                    text_lengths_ptr, i, i_len, r, offs_d, d_ok, num_texts, num_images, D, text_pad,
+                                    image_pad, WORD, REGION, MRAVGW, BLOCK_R, BLOCK_D)
     rows = tl.load(image_offsets_ptr + i) + r
     tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], acc, mask=(r < i_len)[:, None] & d_ok[None, :])
 
@@ -170,16 +211,16 @@ def winner_gemm_config(*, text_pad: int, image_pad: int, dim: int, element_size:
 def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                 argmax, region_argmax, aggregation: int, text_pad: int, image_pad: int, grad_text,
                                 grad_images, *, config: dict | None = None, sides=("text", "images"),
-                                only_if_finite: torch.Tensor | None = None) -> None:
+                                exact_images: bool = False) -> None:
     """Write the all-pairs ``d text`` / ``d images`` rows of every sequence (fp32 buffers, or the tokens' dtype:
     each row is stored once from an fp32 accumulator; other rows untouched); only
     the ``sides`` named (another kernel may own the other side).
 
     ``grad`` float32 [Nt, Ni] contiguous; ``argmax`` int32 [Nt, Ni, text_pad] for
     MrSw / MrAVGw / symm, ``region_argmax`` int32 [Nt, Ni, image_pad] for MwSr / symm.
-    ``only_if_finite`` (image side only; a 0-d float32 device tensor, e.g. the text tokens' sum): the images
-    kernel does its work only where that value is finite, decided on the device -- no host sync; pair it with
-    the segmented image kernel gated ``only_if_nonfinite`` on the same value (``launch_alignment_backward``).
+    ``exact_images``: the images kernel recomputes, word by word, the rows of any program whose GEMM met a
+    NaN / inf (``EXACT``): ``d images`` is then exact for non-finite text and upstream gradients too, with no
+    finiteness check before the launch (the text side still needs finite tokens).
     """
     if aggregation not in (0, 1, 2, 3):
         raise ValueError(f"the winner GEMM backward handles MrSw / MrAVGw / MwSr / symm, got code {aggregation}")
@@ -209,9 +250,8 @@ def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, 
     if "images" in sides:
         _winner_gemm_images_kernel[(num_images, cdiv(dim, cfg["IMAGE_BLOCK_D"]))](
             grad, argmax, region_argmax, text, text_offsets, text_lengths, image_offsets, image_lengths, grad_images,
-            placeholder if only_if_finite is None else only_if_finite, num_texts, num_images, dim, text_pad,
-            image_pad, CAPS=cfg["IMAGE_CAPS"], BLOCK_D=cfg["IMAGE_BLOCK_D"], GATE=0 if only_if_finite is None else 1,
-            num_warps=_warps(cfg["BLOCK_R"], cfg["IMAGE_BLOCK_D"]), **common)
+            num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["IMAGE_CAPS"], BLOCK_D=cfg["IMAGE_BLOCK_D"],
+            EXACT=bool(exact_images), num_warps=_warps(cfg["BLOCK_R"], cfg["IMAGE_BLOCK_D"]), **common)
 
 
 def _warps(rows: int, block_d: int) -> int:
@@ -241,13 +281,13 @@ def winner_gemm_aot_specs() -> list:
             if side == "text":
                 constexprs["IMGS"] = cfg["IMGS"]
             else:
-                constexprs["GATE"] = 0
+                constexprs["EXACT"] = False
             specs.append(_aot_spec(f"winner_gemm_{side}_{name}", kernel, _TRITON_DTYPE[dtype], constexprs,
                                    {"num_warps": _warps(rows, block_d), "num_stages": cfg["num_stages"]}))
             if side == "images" and name == "bf16_MrSw":
-                # the "gather" strategy's image side: bf16 gradient rows, gated on the text tokens' finiteness
+                # the "gather" strategy's image side: bf16 gradient rows, exact for non-finite values
                 spec = _aot_spec(f"winner_gemm_{side}_{name}_bf16_out", kernel, _TRITON_DTYPE[dtype],
-                                 dict(constexprs, GATE=1),
+                                 dict(constexprs, EXACT=True),
                                  {"num_warps": _warps(rows, block_d), "num_stages": cfg["num_stages"]})
                 spec.signature["out_ptr"] = "*bf16"
                 specs.append(spec)

@@ -160,10 +160,10 @@ def test_full_padded_backward_and_forward_finite_check(dtype, strategy, monkeypa
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gather_mrsw_decides_finiteness_on_device(dtype, monkeypatch):
-    """Default ("auto" = "gather") MrSw backward, all pairs: the winner-GEMM images kernel and its segmented
-    fallback are both launched, gated on the device by the text's sum (no host sync). Finite, NaN and inf text
-    tokens (and a NaN image token) must give the C++ backward's gradients: the same NaN / inf pattern, equal
-    values elsewhere."""
+    """Default ("auto" = "gather") MrSw backward, all pairs: no finiteness check before the winner-GEMM images
+    kernel; its programs whose accumulators end non-finite recompute their rows word by word (on tensor-core
+    GEMMs too: 0 x inf must be NaN there). Finite, NaN and inf text tokens (and a NaN image token) must give
+    the C++ backward's gradients: the same NaN / inf pattern, equal values elsewhere."""
     monkeypatch.delenv("ALADIN_FAST_TRITON_BACKWARD", raising=False)
     gen = torch.Generator().manual_seed(12)
     text0 = torch.randn(6, 7, 48, generator=gen).clamp(-2, 2).to(dtype).float()
@@ -192,7 +192,7 @@ def test_gather_mrsw_decides_finiteness_on_device(dtype, monkeypatch):
 def test_training_step_captures_in_a_cuda_graph(aggregation, monkeypatch):
     """The default ("auto") fwd + bwd has no host sync for MrSw / MrAVGw / MwSr, so a whole training step can
     be captured in a CUDA graph (a sync would raise during capture). Replays on new values copied into the
-    static inputs -- including a NaN text token, which must switch the image side to the segmented fallback on
+    static inputs -- including a NaN text token, whose programs must recompute their image rows exactly on
     the device -- give the eager step's gradients."""
     monkeypatch.delenv("ALADIN_FAST_TRITON_BACKWARD", raising=False)
     gen = torch.Generator().manual_seed(13)

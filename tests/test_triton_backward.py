@@ -661,44 +661,67 @@ def test_gather_full_padded_writes_every_row_in_token_dtype(monkeypatch):
 
 
 @in_process
-def test_gated_image_kernels_run_exactly_one():
-    """The "gather" MrSw step launches the winner-GEMM images kernel gated ``only_if_finite`` and the segmented
-    images kernel gated ``only_if_nonfinite`` on the same device value (the text's sum): for a finite value only
-    the first writes, for NaN / +-inf only the second (rows left at a sentinel show a skipped kernel; a kernel
-    that ran writes the ungated kernel's rows)."""
-    case = make_case(11, 3, 4, 5, 7, 24, torch.float32, text_lengths=[5, 1, 0], image_lengths=[7, 0, 3, 1])
-    text, t_off, t_len, images, i_off, i_len, w_pad, r_pad = case
-    grad = upstream(case, None, 3)
-    _, argmax, _ = forward(case, None, 0, False)
+@pytest.mark.parametrize("aggregation", [0, 1], ids=["MrSw", "MrAVGw"])
+def test_winner_images_kernel_exact_for_nonfinite_values(aggregation):
+    """The "gather" step's image side (winner-GEMM images kernel, ``exact_images``) needs no finiteness check:
+    a program whose accumulator ends NaN / inf recomputes its rows word by word. Against the C++ backward
+    (the contract: d v_argmax(w) += c t_w, a zero upstream skips its pair, a NaN one does not) for finite
+    tokens, a NaN / +inf / -inf valid text token, a NaN in a padding row (never read), a NaN upstream and an
+    inf token whose pairs all have zero upstream. Finite inputs give the plain GEMM's bits; without
+    ``exact_images`` the NaN token spreads (so the recomputation is what makes it exact)."""
+    from aladin_fast.ops import alignment_op
 
-    def images_side(kind, check):
+    case = make_case(11, 3, 4, 5, 7, 24, torch.float32, text_lengths=[5, 1, 3], image_lengths=[7, 0, 3, 1])
+    text0, t_off, t_len, images, i_off, i_len, w_pad, r_pad = case
+    grad0 = upstream(case, None, 3)
+    _, argmax, _ = forward(case, None, aggregation, False)
+
+    def images_side(text, grad, exact):
         out = torch.full(images.shape, 7.25)
-        if kind == "winner":
-            kernels.launch_winner_gemm_backward(grad, text, t_off, t_len, images, i_off, i_len, argmax, None, 0,
-                                                w_pad, r_pad, None, out, sides=("images",), only_if_finite=check)
-        else:
-            kernels.launch_alignment_backward(grad, text, t_off, t_len, images, i_off, i_len, None, argmax, None, 0,
-                                              False, w_pad, r_pad, None, out, sides=("images",),
-                                              only_if_nonfinite=check)
+        kernels.launch_winner_gemm_backward(grad, text, t_off, t_len, images, i_off, i_len, argmax, None,
+                                            aggregation, w_pad, r_pad, None, out, sides=("images",),
+                                            exact_images=exact)
         return out
 
+    def contract(text, grad):
+        _, d_images = alignment_op.cpu_backward(grad, text, t_off, t_len, images, i_off, i_len, None, argmax,
+                                                torch.empty(0, dtype=torch.int32), aggregation, False, w_pad, r_pad)
+        return d_images
+
     written = torch.zeros(images.shape[0], dtype=torch.bool)
-    for i, (start, length) in enumerate(zip(i_off.tolist(), i_len.tolist())):
+    for start, length in zip(i_off.tolist(), i_len.tolist()):
         written[start:start + length] = True
-    for kind in ("winner", "segmented"):
-        ungated = images_side(kind, None)
-        assert not (ungated[written] == 7.25).any(), kind
-        for value in (0.0, -3.5, 1e30, float("nan"), float("inf"), -float("inf")):
-            got = images_side(kind, torch.tensor(value))
-            runs = (kind == "winner") == bool(torch.isfinite(torch.tensor(value)))
-            if runs:
-                assert torch.equal(got, ungated), (kind, value)
-            else:
-                assert bool((got == 7.25).all()), (kind, value)
-    with pytest.raises(ValueError, match="only_if_nonfinite"):
-        kernels.launch_alignment_backward(grad, text, t_off, t_len, images, i_off, i_len, None, argmax, None, 0,
-                                          False, w_pad, r_pad, None, torch.zeros(images.shape), strategy="atomic",
-                                          sides=("images",), only_if_nonfinite=torch.tensor(1.0))
+    finite = images_side(text0, grad0, True)
+    assert torch.equal(finite, images_side(text0, grad0, False))
+    torch.testing.assert_close(finite[written], contract(text0, grad0)[written], rtol=1e-5, atol=1e-5)
+    row = int(t_off[0]) + 2  # caption 0, word 2 (valid)
+    cases = []
+    for value in (float("nan"), float("inf"), -float("inf")):
+        text = text0.clone()
+        text[row, 5] = value
+        cases.append((f"token {value}", text, grad0))
+    padded = text0.clone()
+    padded[int(t_off[1]) + 3, :] = float("nan")  # caption 1 has 1 word: row 3 is padding
+    cases.append(("padding NaN", padded, grad0))
+    nan_grad = grad0.clone()
+    nan_grad[1, 2] = float("nan")
+    cases.append(("NaN upstream", text0, nan_grad))
+    zero_grad = grad0.clone()
+    zero_grad[0] = 0.0  # every pair of caption 0: its inf token must not reach any image
+    inf_text = text0.clone()
+    inf_text[row, 5] = float("inf")
+    cases.append(("inf token, zero upstream", inf_text, zero_grad))
+    for name, text, grad in cases:
+        got, want = images_side(text, grad, True)[written], contract(text, grad)[written]
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), name
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), name
+        torch.testing.assert_close(got.nan_to_num(0, 0, 0), want.nan_to_num(0, 0, 0), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+        assert not (images_side(text, grad, True)[~written] != 7.25).any(), name  # rows outside: untouched
+    nan_text = text0.clone()
+    nan_text[row, 5] = float("nan")
+    plain = images_side(nan_text, grad0, False)[written]
+    assert torch.isnan(plain).sum() > torch.isnan(contract(nan_text, grad0)[written]).sum()
 
 
 @in_process
@@ -736,9 +759,9 @@ def test_training_step_host_work(monkeypatch, dtype):
     """Host work of the default ("auto") training step on the Triton backend, counted by
     ``benchmarks/host_work.py`` with the kernels stubbed out: the step was host-bound on an H200
     (benchmarks/results/gpu-nvidia-h200/SUMMARY.md), so every device sync, fill and extra launch is a
-    regression. MrSw / MrAVGw: forward one kernel into uninitialised outputs; backward the text-side gather,
-    the gated winner-GEMM / segmented image kernels and one reduction (the text's finiteness, decided on the
-    device). MwSr: the segmented text kernel and the image-side gather, nothing else. No sync (``.item()``,
+    regression. Forward: one kernel into uninitialised outputs. Backward, MrSw / MrAVGw: the text-side gather
+    and the winner-GEMM images kernel (exact for non-finite values by itself: no finiteness check); MwSr: the
+    segmented text kernel and the image-side gather. Nothing else: no sync (``.item()``,
     ``torch.equal``, ``nonzero``), no fill, no zero-filled gradient of the argmax outputs."""
     import importlib.util
 
@@ -760,9 +783,8 @@ def test_training_step_host_work(monkeypatch, dtype):
             assert backward["launches"] == {"_backward_text_kernel": 1, "_gather_rows_kernel": 1}
             assert backward["ops"] == {}
         else:
-            assert backward["launches"] == {"_gather_rows_kernel": 1, "_winner_gemm_images_kernel": 1,
-                                            "_backward_images_kernel": 1}, aggregation
-            assert backward["ops"] == {"sum": 1}, aggregation  # the finiteness value
+            assert backward["launches"] == {"_gather_rows_kernel": 1, "_winner_gemm_images_kernel": 1}, aggregation
+            assert backward["ops"] == {}, aggregation
         assert forward["ops"] == {}, aggregation
         assert forward["syncs"] == backward["syncs"] == forward["fills"] == backward["fills"] == 0
 

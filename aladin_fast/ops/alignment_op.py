@@ -22,9 +22,9 @@ the image, no atomics, deterministic). Backend "triton" chooses per aggregation
   (``kernels/alignment_gather.py``), the other side by the winner-GEMM image
   kernel (``kernels/alignment_winner_gemm.py``: weight tiles built from the
   argmax in registers, times the tokens on tensor cores; all pairs) or the
-  per-pair kernels. The winner GEMM needs finite text tokens; both it and the
-  segmented image kernel are launched, gated on the device by the text's sum
-  (one runs, the other returns at once): no host sync in the step;
+  per-pair kernels. A winner-GEMM images program whose accumulator ends NaN /
+  inf recomputes its rows word by word (exact for non-finite values): no
+  finiteness check, no host sync in the step;
 * "gemm" (symm): the weight matrix written in capped row chunks
   (``kernels/alignment_weights.py``) and multiplied with ``torch.mm``;
 * otherwise the per-pair Triton backward kernels (``kernels/alignment_backward.py``):
@@ -350,9 +350,9 @@ def triton_backward_strategy(aggregation: Optional[int] = None) -> str:
 
     * "auto" (the default): per aggregation, the strategy measured fastest (``AUTO_BACKWARD``).
     * "gather": the one-sided argmax terms as row gathers (``kernels/alignment_gather.py``), in every mode:
-      MrSw / MrAVGw text side (the image side by the winner-GEMM images kernel where the text is finite, else
-      the segmented one: both launched, gated on the device, no host sync), MwSr image side (the text side as
-      "segmented"); symm as "gemm". The gathers never meet a weight of 0, so no finiteness condition.
+      MrSw / MrAVGw text side (the image side by the winner-GEMM images kernel, whose programs recompute their
+      rows word by word where the GEMM met a NaN / inf: no finiteness check, no sync), MwSr image side (the
+      text side as "segmented"); symm as "gemm". The gathers never meet a weight of 0.
     * "dense": all pairs with MrSw / MrAVGw, padded lengths <= 128 and
       finite tokens run the winner-GEMM kernels (``kernels/alignment_winner_gemm.py``: the
       word x region-row weight matrix built tile by tile from the argmax, times the tokens,
@@ -561,9 +561,8 @@ def _gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets
 def _gather_backward(grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                      argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad):
     """The "gather" strategy (``grad`` float32 contiguous): the gathered side by ``kernels/alignment_gather.py``,
-    the other by the winner-GEMM images kernel (MrSw / MrAVGw, all pairs, padded lengths <= 128; run only where
-    the text is finite, with the segmented images kernel as its exact fallback otherwise, both decided on the
-    device) or the segmented kernels. Every kernel here stores each row once, so the gradients are returned in the tokens'
+    the other by the winner-GEMM images kernel (MrSw / MrAVGw, all pairs, padded lengths <= 128; exact for
+    non-finite values: an affected program recomputes its rows word by word) or the segmented kernels. Every kernel here stores each row once, so the gradients are returned in the tokens'
     dtype directly (no float32 buffers and casts), uninitialised where every row is written."""
     kernels = triton_kernels()
     num_candidates = image_offsets.shape[0] if candidates is None else candidates.shape[1]
@@ -577,17 +576,11 @@ def _gather_backward(grad, text, text_offsets, text_lengths, images, image_offse
                                    candidates, argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad,
                                    grad_text if text_side else grad_images, text_side=text_side)
     if text_side and _winner_gemm_fits(candidates, aggregation, text_pad, image_pad):
-        # d images = G^T @ text needs finite text (0 x inf is NaN). Decided on the device, no host sync: the
-        # winner-GEMM images kernel runs where the text's sum is finite, the segmented kernel (exact for
-        # non-finite tokens) where it is not; the other launch returns at once
-        check = text.sum(dtype=torch.float32)
+        # d images = G^T @ text: a program whose tile GEMM met a NaN / inf recomputes its rows word by word
+        # (exact_images), so no finiteness check runs before the launch and nothing syncs
         kernels.launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, image_offsets,
                                             image_lengths, argmax, None, aggregation, text_pad, image_pad,
-                                            grad_text, grad_images, sides=("images",), only_if_finite=check)
-        kernels.launch_alignment_backward(
-            grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, argmax, None,
-            aggregation, zero_padding, text_pad, image_pad, grad_text, grad_images, strategy="segmented",
-            config=_triton_kernel_choice(), sides=("images",), only_if_nonfinite=check)
+                                            grad_text, grad_images, sides=("images",), exact_images=True)
     else:
         kernels.launch_alignment_backward(
             grad, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
