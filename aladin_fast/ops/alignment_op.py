@@ -449,7 +449,7 @@ def start_finite_check(text, images, candidates, aggregation, backend):
     if backend != "triton" or candidates is not None or not text.is_cuda or text.numel() == 0 or images.numel() == 0:
         return None
     strategy = triton_backward_strategy(aggregation)
-    # ("gather" decides on the device: no host-side check)
+    # ("gather" needs no check: its image kernel recomputes non-finite programs exactly)
     if not ((strategy == "dense" and aggregation in DENSE_AGGREGATIONS)
             or (strategy == "gemm" and aggregation in GEMM_AGGREGATIONS)) or torch.cuda.is_current_stream_capturing():
         return None
