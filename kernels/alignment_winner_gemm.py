@@ -40,16 +40,16 @@ import triton.language as tl
 from ._host import cached_config, cdiv, next_power_of_2
 
 from .alignment import _INTERPRETED
+from .alignment_backward import _exact_image_rows, _nonfinite
 
 MAX_BLOCK = 128  # BLOCK_W and BLOCK_R (padded caption / image lengths) this layout handles
 
 
 @triton.jit
-def _winner_hits(grad_ptr, argmax_ptr, region_argmax_ptr, t, w, i, r, ok, t_len, i_len, num_images, text_pad,
+def _winner_tile(grad_ptr, argmax_ptr, region_argmax_ptr, t, w, i, r, ok, t_len, i_len, num_images, text_pad,
                  image_pad, WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr):
-    """``(hits, c)`` for broadcastable (caption t, word w) x (image i, region r) index tensors: how often the
-    word won the region (fp32 0 / 1, or 2 for symm) and the pair's coefficient (the upstream gradient, over
-    n_w for MrAVGw); ``ok``: the (caption, image) pair exists."""
+    """fp32 tile of ``G`` for broadcastable (caption t, word w) x (image i, region r) index tensors;
+    ``ok``: the (caption, image) pair exists."""
     pair = t.to(tl.int64) * num_images + i
     c = tl.load(grad_ptr + pair, mask=ok, other=0.0)
     if MRAVGW:
@@ -61,40 +61,7 @@ def _winner_hits(grad_ptr, argmax_ptr, region_argmax_ptr, t, w, i, r, ok, t_len,
     if REGION:  # the region's winning word
         winner = tl.load(region_argmax_ptr + pair * image_pad + r, mask=ok & (r < i_len), other=-1)
         hits += ((winner == w) & (winner < t_len)).to(tl.float32)
-    return hits, c
-
-
-@triton.jit
-def _winner_tile(grad_ptr, argmax_ptr, region_argmax_ptr, t, w, i, r, ok, t_len, i_len, num_images, text_pad,
-                 image_pad, WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr):
-    """fp32 tile of ``G`` (``hits * c`` of ``_winner_hits``)."""
-    hits, c = _winner_hits(grad_ptr, argmax_ptr, region_argmax_ptr, t, w, i, r, ok, t_len, i_len, num_images,
-                           text_pad, image_pad, WORD, REGION, MRAVGW)
     return hits * c
-
-
-@triton.jit
-def _exact_image_rows(grad_ptr, argmax_ptr, region_argmax_ptr, text_ptr, text_offsets_ptr, text_lengths_ptr, i,
-                      i_len, r, offs_d, d_ok, num_texts, num_images, D, text_pad, image_pad, WORD: tl.constexpr,
-                      REGION: tl.constexpr, MRAVGW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Image i's [BLOCK_R, BLOCK_D] gradient rows by the contract's sparse sum, word by word: each valid word of
-    a pair with a nonzero (or NaN) coefficient adds ``hits * c * t_w`` to the regions it won and nothing
-    elsewhere (``where``, not a product with 0), so a
-    NaN / inf token or upstream gradient reaches exactly the rows the C++ backward's does. Slow (one word
-    per step): the recomputation of a program whose tile GEMM met a non-finite value."""
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    zero = i * 0  # loop indices as tensors (the interpreter's are Python ints)
-    for t in range(0, num_texts):
-        t_len = tl.load(text_lengths_ptr + t)
-        t_row0 = tl.load(text_offsets_ptr + t)
-        for w in range(0, t_len):
-            hits, c = _winner_hits(grad_ptr, argmax_ptr, region_argmax_ptr, t + zero, w + zero, i, r,
-                                   t + zero < num_texts, t_len, i_len, num_images, text_pad, image_pad, WORD,
-                                   REGION, MRAVGW)
-            u = tl.load(text_ptr + (t_row0 + w) * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-            hits = hits * (c != 0).to(tl.float32)  # a pair with a zero upstream is skipped, a NaN one is not
-            acc += tl.where(hits[:, None] != 0, (hits * c)[:, None] * u[None, :], 0.0)
-    return acc
 
 
 @triton.jit
@@ -145,13 +112,15 @@ def _winner_gemm_images_kernel(
     image_lengths_ptr, out_ptr, num_texts, num_images, D, text_pad, image_pad,
     WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr, CAPS: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr, EXACT: tl.constexpr = False,
+    AGGREGATION: tl.constexpr = 0,
 ):
     """Rows: one image's BLOCK_R regions; each step reduces over CAPS captions x BLOCK_W words.
 
     EXACT: a program whose accumulator ends non-finite recomputes its rows with ``_exact_image_rows``. A
     non-finite text value in this program's D columns (or a non-finite coefficient) makes every row of its
     column NaN or inf -- 0 x inf is NaN, and no later sum is finite again -- so finite accumulators are the
-    GEMM's exact sums and only the affected programs pay. No finiteness check before the kernel, no sync."""
+    GEMM's exact sums and only the affected programs pay. No finiteness check before the kernel, no sync.
+    (AGGREGATION: the op's code, for that recomputation: the segmented kernel's ``_exact_image_rows``.)"""
     i = tl.program_id(0)
     i_len = tl.load(image_lengths_ptr + i)
     r = tl.arange(0, BLOCK_R)
@@ -171,13 +140,17 @@ def _winner_gemm_images_kernel(
         u = tl.load(text_ptr + (t_row0 + w)[:, None] * D + offs_d[None, :],
                     mask=(t_ok & (w < t_len))[:, None] & d_ok[None, :], other=0.0)
         acc = _tile_dot(weights, u, acc, DOT_IN_FP32)
+    row0 = tl.load(image_offsets_ptr + i)
+    exact = False
     if EXACT:
-        if tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32)) > 0:
-            acc = _exact_image_rows(grad_ptr, argmax_ptr, region_argmax_ptr, text_ptr, text_offsets_ptr,
-                                    text_lengths_ptr, i, i_len, r, offs_d, d_ok, num_texts, num_images, D, text_pad,
-                                    image_pad, WORD, REGION, MRAVGW, BLOCK_R, BLOCK_D)
-    rows = tl.load(image_offsets_ptr + i) + r
-    tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], acc, mask=(r < i_len)[:, None] & d_ok[None, :])
+        exact = _nonfinite(acc)
+    if exact:  # all pairs: image i's pairs are caption t's pair t * Ni + i, t = 0 .. Nt - 1
+        first = (i * 0).to(tl.int64)
+        _exact_image_rows(grad_ptr, text_ptr, text_offsets_ptr, text_lengths_ptr, grad_ptr, argmax_ptr,
+                          region_argmax_ptr, out_ptr, i, row0, i_len, 0, offs_d, d_ok, first, first + num_texts,
+                          num_images, D, text_pad, image_pad, AGGREGATION, False, False, BLOCK_R)
+    else:
+        tl.store(out_ptr + (row0 + r)[:, None] * D + offs_d[None, :], acc, mask=(r < i_len)[:, None] & d_ok[None, :])
 
 
 def winner_gemm_fits(text_pad: int, image_pad: int) -> bool:
@@ -251,7 +224,8 @@ def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, 
         _winner_gemm_images_kernel[(num_images, cdiv(dim, cfg["IMAGE_BLOCK_D"]))](
             grad, argmax, region_argmax, text, text_offsets, text_lengths, image_offsets, image_lengths, grad_images,
             num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["IMAGE_CAPS"], BLOCK_D=cfg["IMAGE_BLOCK_D"],
-            EXACT=bool(exact_images), num_warps=_warps(cfg["BLOCK_R"], cfg["IMAGE_BLOCK_D"]), **common)
+            EXACT=bool(exact_images), AGGREGATION=int(aggregation),
+            num_warps=_warps(cfg["BLOCK_R"], cfg["IMAGE_BLOCK_D"]), **common)
 
 
 def _warps(rows: int, block_d: int) -> int:
@@ -281,7 +255,7 @@ def winner_gemm_aot_specs() -> list:
             if side == "text":
                 constexprs["IMGS"] = cfg["IMGS"]
             else:
-                constexprs["EXACT"] = False
+                constexprs.update(EXACT=False, AGGREGATION=aggregation)
             specs.append(_aot_spec(f"winner_gemm_{side}_{name}", kernel, _TRITON_DTYPE[dtype], constexprs,
                                    {"num_warps": _warps(rows, block_d), "num_stages": cfg["num_stages"]}))
             if side == "images" and name == "bf16_MrSw":

@@ -825,3 +825,54 @@ def test_compiled_op_skips_range_check_only_for_layouts_it_built(monkeypatch):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="text_lengths"):
         compiled(text0, images0, torch.tensor([5, 9, 1]), False)
+
+
+@in_process
+@pytest.mark.parametrize("strategy", ["segmented", "gather", "dense"])
+def test_nonfinite_tokens_give_the_contract_gradients(monkeypatch, strategy):
+    """NaN / inf tokens: every deterministic Triton backward gives the C++ backward's gradients (the contract:
+    d t_w += c v_argmax(w), no weight of 0 ever meets a token) -- same NaN / inf pattern, equal values
+    elsewhere -- in all pairs / rerank / paired, for MrSw / MrAVGw / MwSr / symm, both paddings. The segmented
+    kernels' one-hot tile dots spread 0 x inf; their programs recompute exactly where an accumulator ended
+    non-finite (an inf text token under MwSr and an inf image token under MrSw used to differ here)."""
+    import aladin_fast
+    from aladin_fast.ops import alignment_op
+
+    monkeypatch.setattr(alignment_op, "triton_kernels", lambda: kernels)
+    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", strategy)
+    gen = torch.Generator().manual_seed(29)
+    text0 = torch.randn(3, 5, 24, generator=gen)
+    images0 = torch.randn(4, 7, 24, generator=gen)
+    t_len, v_len = torch.tensor([5, 0, 3]), torch.tensor([7, 1, 0, 4])
+    candidates = torch.tensor([[3, 3, 0], [1, 2, 0], [0, 3, 1]])
+    text0[0, 2, 3] = float("inf")
+    text0[2, 1, 7] = -float("inf")
+    images0[3, 1, 0] = float("nan")
+    images0[0, 4, 9] = float("inf")
+    text0[2, 4, 0] = float("nan")  # padding (caption 2 has 3 words): never read
+    for mode in ("all_pairs", "rerank", "paired"):
+        k = {"all_pairs": 4, "rerank": 3, "paired": 1}[mode]
+        upstream = torch.randint(-4, 5, (3, k), generator=gen).float() / 2
+        upstream[1, 0] = 0.0
+        for aggregation in ("MrSw", "MrAVGw", "MwSr", "symm"):
+            for padding in ("neg_inf", "zero"):
+                results = []
+                for backend in ("triton", "cpu"):
+                    text, images = text0.clone().requires_grad_(), images0.clone().requires_grad_()
+                    if mode == "all_pairs":
+                        scores = aladin_fast.alignment_scores(text, images, t_len, v_len, aggregation, padding,
+                                                              backend=backend)
+                    elif mode == "rerank":
+                        scores = aladin_fast.rerank_scores(text, images, candidates, t_len, v_len, aggregation,
+                                                           padding, backend=backend)
+                    else:
+                        scores = aladin_fast.paired_scores(text, images[:3], t_len, v_len[:3], aggregation, padding,
+                                                           backend=backend)[:, None]
+                    (scores.nan_to_num(0, 0, 0) * upstream).sum().backward()
+                    results.append((text.grad, images.grad))
+                for got, want, name in zip(*results, ("text", "images")):
+                    where = f"{mode} {aggregation} {padding} d {name}"
+                    assert torch.equal(torch.isnan(got), torch.isnan(want)), where
+                    assert torch.equal(torch.isinf(got), torch.isinf(want)), where
+                    torch.testing.assert_close(got.nan_to_num(0, 0, 0), want.nan_to_num(0, 0, 0), rtol=1e-5,
+                                               atol=1e-5, msg=lambda m: f"{where}: {m}")
