@@ -158,13 +158,16 @@ def test_full_padded_backward_and_forward_finite_check(dtype, strategy, monkeypa
         [False] * 4 if strategy in ("auto", "gemm", "gather") else [])
 
 
+@pytest.mark.parametrize("strategy", ["auto", "segmented"])
+@pytest.mark.parametrize("aggregation", ["MrSw", "MwSr", "symm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gather_mrsw_decides_finiteness_on_device(dtype, monkeypatch):
-    """Default ("auto" = "gather") MrSw backward, all pairs: no finiteness check before the winner-GEMM images
-    kernel; its programs whose accumulators end non-finite recompute their rows word by word (on tensor-core
-    GEMMs too: 0 x inf must be NaN there). Finite, NaN and inf text tokens (and a NaN image token) must give
-    the C++ backward's gradients: the same NaN / inf pattern, equal values elsewhere."""
-    monkeypatch.delenv("ALADIN_FAST_TRITON_BACKWARD", raising=False)
+def test_nonfinite_tokens_decided_on_device(dtype, aggregation, strategy, monkeypatch):
+    """All pairs: no finiteness check before the winner-GEMM images kernel ("auto" MrSw) -- programs whose
+    accumulators end non-finite recompute their rows by the sparse sum, on tensor-core GEMMs too -- and the
+    same recomputation in the segmented kernels (MwSr's text side, symm's fallback). Finite, NaN and inf
+    text tokens (and a NaN image token) must give the C++ backward's gradients: the same NaN / inf pattern,
+    equal values elsewhere."""
+    monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", strategy)
     gen = torch.Generator().manual_seed(12)
     text0 = torch.randn(6, 7, 48, generator=gen).clamp(-2, 2).to(dtype).float()
     images0 = torch.randn(5, 9, 48, generator=gen).clamp(-2, 2).to(dtype).float()
@@ -178,7 +181,7 @@ def test_gather_mrsw_decides_finiteness_on_device(dtype, monkeypatch):
                 (text if side == "text" else images)[index] = value
             text = text.to(device, dtype).requires_grad_()
             images = images.to(device, dtype).requires_grad_()
-            scores = aladin_fast.alignment_scores(text, images, aggregation="MrSw", backend=backend)
+            scores = aladin_fast.alignment_scores(text, images, aggregation=aggregation, backend=backend)
             (scores.nan_to_num(0, 0, 0) * upstream.to(device)).sum().backward()
             results.append((text.grad.cpu().float(), images.grad.cpu().float()))
         tol = 1e-5 if dtype == torch.float32 else 2e-2
