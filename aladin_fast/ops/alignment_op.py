@@ -562,8 +562,9 @@ def _gather_backward(grad, text, text_offsets, text_lengths, images, image_offse
                      argmax, region_argmax, aggregation, zero_padding, text_pad, image_pad):
     """The "gather" strategy (``grad`` float32 contiguous): the gathered side by ``kernels/alignment_gather.py``,
     the other by the winner-GEMM images kernel (MrSw / MrAVGw, all pairs, padded lengths <= 128; exact for
-    non-finite values: an affected program recomputes its rows word by word) or the segmented kernels. Every kernel here stores each row once, so the gradients are returned in the tokens'
-    dtype directly (no float32 buffers and casts), uninitialised where every row is written."""
+    non-finite values: an affected program recomputes its rows word by word) or the segmented kernels. Every
+    kernel here stores each row once, so the gradients are returned in the tokens' dtype directly (no float32
+    buffers and casts), uninitialised where every row is written."""
     kernels = triton_kernels()
     num_candidates = image_offsets.shape[0] if candidates is None else candidates.shape[1]
     writes = text_offsets.shape[0] > 0 and num_candidates > 0 and text.shape[1] > 0  # else no kernel runs
