@@ -9,8 +9,9 @@ launch replaced by a no-op and counts, for the forward and the backward of ``ali
 * ``torch_ops``: aten ops that do work (views, detach and ``empty`` excluded), ``fills`` (zeros / full / fill)
   and ``syncs`` (ops that read a device value on the host: ``.item()``, ``torch.equal``, ``nonzero``, ...);
 * ``python_us``: host time of forward + ``autograd.grad`` with stubbed kernels on tiny tensors (8 x 8
-  sequences, W=32, R=36, D=16, so the CPU torch ops and fills cost next to nothing; best of ``--rounds``). Python and dispatch cost only: a real Triton
-  launch and a CUDA launch per torch op come on top on a GPU machine.
+  sequences, W=32, R=36, D=16, so the CPU torch ops and fills cost next to nothing; best of ``--rounds``).
+  Python and dispatch cost only: a real Triton launch and a CUDA launch per torch op come on top on a GPU
+  machine.
 
 Syncs are counted on CPU tensors: where a GPU backward reads a check its forward started (a
 ``FiniteCheck`` behind an event: the "dense" and "gemm" strategies), the CPU path syncs instead.
