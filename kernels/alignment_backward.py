@@ -36,7 +36,7 @@ non-finite values included: a one-hot dot multiplies zeros with every token, so
 a program of the text / segmented image kernel whose fp32 accumulator ends NaN
 or inf (argmax aggregations) stores its rows from the contract's sparse sum
 instead (``_exact_text_rows`` / ``_exact_image_rows``: one row at a time, no
-product with a weight of 0). The atomic kernel keeps the plain dots.
+product with a weight of 0); the atomic kernel adds such a pair's exact rows.
 """
 from __future__ import annotations
 
@@ -144,6 +144,24 @@ def _exact_text_rows(grad_ptr, images_ptr, image_offsets_ptr, image_lengths_ptr,
 
 
 @triton.jit
+def _pair_image_row(text_ptr, argmax_ptr, region_argmax_ptr, pair, c, text_row0, n_w, r, offs_d, d_ok, D, text_pad,
+                    image_pad, AGGREGATION: tl.constexpr):
+    """One pair's share of image row r (one D block, fp32) by the contract's sparse sum: ``c`` times the rows
+    of the words that won region r, plus the region's winning word (a zero pad: nothing). No product with a
+    weight of 0; see ``_exact_text_rows``."""
+    acc = offs_d * 0.0
+    if AGGREGATION != 2:  # the words that won this region
+        for w in range(0, n_w):
+            if tl.load(argmax_ptr + pair * text_pad + w) == r:
+                acc += c * tl.load(text_ptr + (text_row0 + w) * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    if AGGREGATION == 2 or AGGREGATION == 3:  # the region's winning word
+        won = tl.load(region_argmax_ptr + pair * image_pad + r)
+        if (won >= 0) & (won < n_w):
+            acc += c * tl.load(text_ptr + (text_row0 + won) * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _exact_image_rows(grad_ptr, text_ptr, text_offsets_ptr, text_lengths_ptr, pair_order_ptr, argmax_ptr,
                       region_argmax_ptr, out_ptr, image_idx, image_row0, n_r, r0, offs_d, d_ok, seg_begin, seg_end,
                       num_candidates, D, text_pad, image_pad, AGGREGATION: tl.constexpr, ZERO_PADDING: tl.constexpr,
@@ -164,17 +182,9 @@ def _exact_image_rows(grad_ptr, text_ptr, text_offsets_ptr, text_lengths_ptr, pa
             n_w = tl.load(text_lengths_ptr + text_idx)
             c = _pair_coefficient(grad_ptr, pair, n_w, n_r, text_pad, image_pad, AGGREGATION, ZERO_PADDING)
             if c != 0.0:
-                text_row0 = tl.load(text_offsets_ptr + text_idx)
-                if AGGREGATION != 2:  # the words that won this region
-                    for w in range(0, n_w):
-                        if tl.load(argmax_ptr + pair * text_pad + w) == r:
-                            acc += c * tl.load(text_ptr + (text_row0 + w) * D + offs_d, mask=d_ok,
-                                               other=0.0).to(tl.float32)
-                if AGGREGATION == 2 or AGGREGATION == 3:  # the region's winning word (a zero pad: nothing)
-                    won = tl.load(region_argmax_ptr + pair * image_pad + r)
-                    if (won >= 0) & (won < n_w):
-                        acc += c * tl.load(text_ptr + (text_row0 + won) * D + offs_d, mask=d_ok,
-                                           other=0.0).to(tl.float32)
+                acc += _pair_image_row(text_ptr, argmax_ptr, region_argmax_ptr, pair, c,
+                                       tl.load(text_offsets_ptr + text_idx), n_w, r, offs_d, d_ok, D, text_pad,
+                                       image_pad, AGGREGATION)
         tl.store(out_ptr + (image_row0 + r) * D + offs_d, acc, mask=d_ok)
 
 
@@ -325,8 +335,19 @@ def _backward_images_atomic_kernel(
                         t = tl.load(text_ptr + (text_row0 + offs_w)[:, None] * D + offs_d[None, :],
                                     mask=(offs_w < n_w)[:, None] & d_ok[None, :], other=0.0)
                         part += _weighted_sum(weights, t, True, DOT_IN_FP32)
-                    tl.atomic_add(grad_images_ptr + (image_row0 + offs_r)[:, None] * D + offs_d[None, :], c * part,
-                                  mask=(offs_r < n_r)[:, None] & d_ok[None, :])
+                    part = c * part
+                    exact = False
+                    if AGGREGATION < 4:  # argmax terms: a one-hot dot spreads 0 x inf; add exact rows instead
+                        exact = _nonfinite(part)
+                    if exact:
+                        for r in range(r0, tl.minimum(r0 + BLOCK_R, n_r)):
+                            tl.atomic_add(grad_images_ptr + (image_row0 + r) * D + offs_d,
+                                          _pair_image_row(text_ptr, argmax_ptr, region_argmax_ptr, pair, c,
+                                                          text_row0, n_w, r, offs_d, d_ok, D, text_pad, image_pad,
+                                                          AGGREGATION), mask=d_ok)
+                    else:
+                        tl.atomic_add(grad_images_ptr + (image_row0 + offs_r)[:, None] * D + offs_d[None, :], part,
+                                      mask=(offs_r < n_r)[:, None] & d_ok[None, :])
 
 
 @cached_config

@@ -828,9 +828,9 @@ def test_compiled_op_skips_range_check_only_for_layouts_it_built(monkeypatch):
 
 
 @in_process
-@pytest.mark.parametrize("strategy", ["segmented", "gather", "dense"])
+@pytest.mark.parametrize("strategy", ["segmented", "gather", "dense", "atomic"])
 def test_nonfinite_tokens_give_the_contract_gradients(monkeypatch, strategy):
-    """NaN / inf tokens: every deterministic Triton backward gives the C++ backward's gradients (the contract:
+    """NaN / inf tokens: every per-pair Triton backward gives the C++ backward's gradients (the contract:
     d t_w += c v_argmax(w), no weight of 0 ever meets a token) -- same NaN / inf pattern, equal values
     elsewhere -- in all pairs / rerank / paired, for MrSw / MrAVGw / MwSr / symm, both paddings. The segmented
     kernels' one-hot tile dots spread 0 x inf; their programs recompute exactly where an accumulator ended
