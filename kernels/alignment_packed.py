@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ._host import cached_config, cdiv, next_power_of_2
+from .alignment_exact import _exact_image_rows, _exact_text_rows, _nonfinite
 
 _NO_INDEX = tl.constexpr(1 << 30)
 MAX_PACKED = 8  # images (captions) per tile: the epilogue is unrolled over them
@@ -408,7 +409,31 @@ def _packed_backward_kernel(
         g_m, r_m, row0_m, n_r_m, ok = _tile_rows(image_offsets_ptr, image_lengths_ptr, owner * IMGS, num_images,
                                                  image_pad, BLOCK_M, IMGS)
         rows = row0_m + r_m
-    tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], acc, mask=ok[:, None] & d_ok[None, :])
+    exact = False
+    if AGGREGATION < 4:  # argmax terms: the one-hot tiles spread 0 x inf; store the sparse sums instead
+        exact = _nonfinite(acc)
+    if exact:
+        zero = owner * 0
+        if TEXT_SIDE:
+            for c in tl.static_range(CAPS):
+                text_idx = owner * CAPS + c
+                if text_idx < num_texts:
+                    _exact_text_rows(grad_ptr, images_ptr, image_offsets_ptr, image_lengths_ptr, grad_ptr, argmax_ptr,
+                                     region_argmax_ptr, out_ptr, text_idx, tl.load(text_offsets_ptr + text_idx),
+                                     tl.load(text_lengths_ptr + text_idx), zero, offs_d, d_ok, num_images, D,
+                                     text_pad, image_pad, AGGREGATION, ZERO_PADDING, False, BLOCK_N)
+        else:
+            for g in tl.static_range(IMGS):
+                image_idx = owner * IMGS + g
+                if image_idx < num_images:
+                    first = zero.to(tl.int64)
+                    _exact_image_rows(grad_ptr, text_ptr, text_offsets_ptr, text_lengths_ptr, grad_ptr, argmax_ptr,
+                                      region_argmax_ptr, out_ptr, image_idx, tl.load(image_offsets_ptr + image_idx),
+                                      tl.load(image_lengths_ptr + image_idx), zero, offs_d, d_ok, first,
+                                      first + num_texts, num_images, D, text_pad, image_pad, AGGREGATION,
+                                      ZERO_PADDING, False, BLOCK_M)
+    else:
+        tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], acc, mask=ok[:, None] & d_ok[None, :])
 
 
 def packed_backward_config(*, num_texts: int, num_images: int, dim: int, text_pad: int, image_pad: int,

@@ -40,7 +40,7 @@ import triton.language as tl
 from ._host import cached_config, cdiv, next_power_of_2
 
 from .alignment import _INTERPRETED
-from .alignment_backward import _exact_image_rows, _nonfinite
+from .alignment_exact import _exact_image_rows, _nonfinite
 
 MAX_BLOCK = 128  # BLOCK_W and BLOCK_R (padded caption / image lengths) this layout handles
 

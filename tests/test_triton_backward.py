@@ -828,9 +828,9 @@ def test_compiled_op_skips_range_check_only_for_layouts_it_built(monkeypatch):
 
 
 @in_process
-@pytest.mark.parametrize("strategy", ["segmented", "gather", "dense", "atomic"])
+@pytest.mark.parametrize("strategy", ["segmented", "gather", "dense", "atomic", "packed"])
 def test_nonfinite_tokens_give_the_contract_gradients(monkeypatch, strategy):
-    """NaN / inf tokens: every per-pair Triton backward gives the C++ backward's gradients (the contract:
+    """NaN / inf tokens: every Triton backward gives the C++ backward's gradients (the contract:
     d t_w += c v_argmax(w), no weight of 0 ever meets a token) -- same NaN / inf pattern, equal values
     elsewhere -- in all pairs / rerank / paired, for MrSw / MrAVGw / MwSr / symm, both paddings. The segmented
     kernels' one-hot tile dots spread 0 x inf; their programs recompute exactly where an accumulator ended
@@ -839,6 +839,9 @@ def test_nonfinite_tokens_give_the_contract_gradients(monkeypatch, strategy):
     from aladin_fast.ops import alignment_op
 
     monkeypatch.setattr(alignment_op, "triton_kernels", lambda: kernels)
+    if strategy == "packed":  # the packed-tile kernels (all pairs; the other modes take the per-pair ones)
+        monkeypatch.setenv("ALADIN_FAST_TRITON_KERNEL", "packed")
+        strategy = "segmented"
     monkeypatch.setenv("ALADIN_FAST_TRITON_BACKWARD", strategy)
     gen = torch.Generator().manual_seed(29)
     text0 = torch.randn(3, 5, 24, generator=gen)
