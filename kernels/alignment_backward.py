@@ -35,8 +35,9 @@ caller's zeros.  Semantics are those of the C++ backward (docs/kernel_contract.m
 non-finite values included: a one-hot dot multiplies zeros with every token, so
 a program of the text / segmented image kernel whose fp32 accumulator ends NaN
 or inf (argmax aggregations) stores its rows from the contract's sparse sum
-instead (``_exact_text_rows`` / ``_exact_image_rows``: one row at a time, no
-product with a weight of 0; kernels/alignment_exact.py); the atomic kernel adds such a pair's exact rows.
+instead (``_exact_text_rows`` / ``_exact_image_rows`` in kernels/alignment_exact.py:
+one row at a time, no product with a weight of 0); the atomic kernel adds such a
+pair's exact rows.
 """
 from __future__ import annotations
 
@@ -45,10 +46,8 @@ import triton
 import triton.language as tl
 
 from ._host import cached_config, cdiv, next_power_of_2
-
 from .alignment import _INTERPRETED, _pow2_block
-from .alignment_exact import (_exact_image_rows, _exact_text_rows, _nonfinite, _pair_coefficient,  # noqa: F401
-                              _pair_image_row)
+from .alignment_exact import _exact_image_rows, _exact_text_rows, _nonfinite, _pair_coefficient, _pair_image_row
 from .alignment_packed import _packed_backward_kernel, packed_backward_config, packed_fits
 
 STRATEGIES = ("segmented", "atomic")

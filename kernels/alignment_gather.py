@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 
 from ._host import cached_config, cdiv
-
 from .alignment import _pow2_block
-from .alignment_backward import _pair_coefficient, image_segments
+from .alignment_backward import image_segments
+from .alignment_exact import _pair_coefficient
 
 
 @triton.jit(do_not_specialize=["text_pad", "image_pad"])

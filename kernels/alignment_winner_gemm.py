@@ -38,7 +38,6 @@ import triton
 import triton.language as tl
 
 from ._host import cached_config, cdiv, next_power_of_2
-
 from .alignment import _INTERPRETED
 from .alignment_exact import _exact_image_rows, _nonfinite
 
@@ -112,15 +111,15 @@ def _winner_gemm_images_kernel(
     image_lengths_ptr, out_ptr, num_texts, num_images, D, text_pad, image_pad,
     WORD: tl.constexpr, REGION: tl.constexpr, MRAVGW: tl.constexpr, CAPS: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, DOT_IN_FP32: tl.constexpr, EXACT: tl.constexpr = False,
-    AGGREGATION: tl.constexpr = 0,
 ):
     """Rows: one image's BLOCK_R regions; each step reduces over CAPS captions x BLOCK_W words.
 
     EXACT: a program whose accumulator ends non-finite recomputes its rows with ``_exact_image_rows``. A
     non-finite text value in this program's D columns (or a non-finite coefficient) makes every row of its
     column NaN or inf -- 0 x inf is NaN, and no later sum is finite again -- so finite accumulators are the
-    GEMM's exact sums and only the affected programs pay. No finiteness check before the kernel, no sync.
-    (AGGREGATION: the op's code, for that recomputation: the segmented kernel's ``_exact_image_rows``.)"""
+    GEMM's exact sums and only the affected programs pay. No finiteness check before the kernel, no sync."""
+    # the op's aggregation code (MrSw 0, MrAVGw 1, MwSr 2, symm 3) for that recomputation
+    AGGREGATION: tl.constexpr = MRAVGW + 2 * REGION + (WORD and REGION)
     i = tl.program_id(0)
     i_len = tl.load(image_lengths_ptr + i)
     r = tl.arange(0, BLOCK_R)
@@ -224,8 +223,7 @@ def launch_winner_gemm_backward(grad, text, text_offsets, text_lengths, images, 
         _winner_gemm_images_kernel[(num_images, cdiv(dim, cfg["IMAGE_BLOCK_D"]))](
             grad, argmax, region_argmax, text, text_offsets, text_lengths, image_offsets, image_lengths, grad_images,
             num_texts, num_images, dim, text_pad, image_pad, CAPS=cfg["IMAGE_CAPS"], BLOCK_D=cfg["IMAGE_BLOCK_D"],
-            EXACT=bool(exact_images), AGGREGATION=int(aggregation),
-            num_warps=_warps(cfg["BLOCK_R"], cfg["IMAGE_BLOCK_D"]), **common)
+            EXACT=bool(exact_images), num_warps=_warps(cfg["BLOCK_R"], cfg["IMAGE_BLOCK_D"]), **common)
 
 
 def _warps(rows: int, block_d: int) -> int:
@@ -255,7 +253,7 @@ def winner_gemm_aot_specs() -> list:
             if side == "text":
                 constexprs["IMGS"] = cfg["IMGS"]
             else:
-                constexprs.update(EXACT=False, AGGREGATION=aggregation)
+                constexprs["EXACT"] = False
             specs.append(_aot_spec(f"winner_gemm_{side}_{name}", kernel, _TRITON_DTYPE[dtype], constexprs,
                                    {"num_warps": _warps(rows, block_d), "num_stages": cfg["num_stages"]}))
             if side == "images" and name == "bf16_MrSw":

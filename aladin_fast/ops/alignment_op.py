@@ -68,10 +68,12 @@ def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
 
 
 def run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
-               aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax=None, validated=False):
+               aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax=None, validated=False,
+               triton_config=None):
     """Launch one backend kernel on kernel-layout tensors (writes ``out``, ``argmax``, ``region_argmax``).
 
-    ``region_argmax [Nt, K, image_pad]`` (region -> winning word, pre-filled with -1) or None.
+    ``region_argmax [Nt, K, image_pad]`` (region -> winning word, pre-filled with -1) or None;
+    ``triton_config``: ``_triton_kernel_choice()``, read once by the caller.
     """
     if out.numel() == 0:
         return
@@ -89,7 +91,7 @@ def run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets,
             _check_metadata(text_lengths, text_pad, image_lengths, image_pad, candidates, image_offsets.shape[0])
         triton_kernels().launch_alignment(
             text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
-            aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax, config=_triton_kernel_choice(),
+            aggregation, zero_padding, text_pad, image_pad, out, argmax, region_argmax, config=triton_config,
         )
     else:  # pragma: no cover - the op layer only passes kernel backends here
         raise RuntimeError(f"score_tokens runs kernel backends only, got {backend!r}")
@@ -126,8 +128,8 @@ def _score_tokens_impl(
     k = image_offsets.shape[0] if candidates is None else candidates.shape[1]
     device = text.device
     # the packed Triton kernel stores every entry (no fill launches); the others need zeros / -1 at padding
-    written = backend == "triton" and triton_kernels().forward_writes_every_output(text_pad, image_pad,
-                                                                                     _triton_kernel_choice())
+    triton_config = _triton_kernel_choice() if backend == "triton" else None
+    written = backend == "triton" and triton_kernels().forward_writes_every_output(text_pad, image_pad, triton_config)
     out = (torch.empty if written else torch.zeros)(
         count, k, dtype=torch.float64 if text.dtype == torch.float64 else torch.float32, device=device)
 
@@ -142,7 +144,7 @@ def _score_tokens_impl(
     text, images = text.contiguous(), images.contiguous()
     run_kernel(backend, text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
                aggregation, zero_padding, text_pad, image_pad, out, argmax if want_argmax else None,
-               region_argmax if emit_region else None, validated)
+               region_argmax if emit_region else None, validated, triton_config)
     if want_region_argmax and not emit_region:
         region_argmax = _region_argmax(text, text_offsets, text_lengths, images, image_offsets, image_lengths,
                                        candidates, zero_padding, text_pad, image_pad, backend)
