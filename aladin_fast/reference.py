@@ -81,8 +81,12 @@ def aggregate(
             maxima = sim.new_zeros(values.shape[:-1])
             index = torch.full(values.shape[:-1], -1, dtype=torch.int32, device=sim.device)
             return maxima, index
-        maxima = values.amax(dim=-1)
-        first = (values == maxima[..., None]).to(torch.uint8).argmax(dim=-1).to(torch.int32)
+        largest = values.amax(dim=-1)
+        first = (values == largest[..., None]).to(torch.uint8).argmax(dim=-1)
+        # the value at the first winner, so that autograd sends the whole gradient there as every kernel backend
+        # does (amax would split it evenly between tied entries); a NaN max stays amax's (it has no winner)
+        maxima = torch.where(largest.isnan(), largest, values.gather(-1, first[..., None]).squeeze(-1))
+        first = first.to(torch.int32)
         # neg_inf mode with nothing valid to take the max over: contributes 0
         empty = (own_count == 0)[..., None].expand_as(maxima) if not zero_padding else torch.zeros_like(maxima, dtype=torch.bool)
         maxima = torch.where(empty, zero, maxima)
@@ -151,7 +155,7 @@ def score_token_batches(
                 scores[t0:t1, i0:i1] = s.to(out_dtype)
                 if want_argmax:
                     argmax[t0:t1, i0:i1] = a
-        return scores, argmax
+        return _connected(scores, text_padded, image_padded), argmax
     text_chunk = max(1, CHUNK_ELEMENTS // (per_pair * max(1, k)))
     for t0 in range(0, nt, text_chunk):
         t1 = min(nt, t0 + text_chunk)
@@ -161,7 +165,17 @@ def score_token_batches(
         scores[t0:t1] = s.to(out_dtype)
         if want_argmax:
             argmax[t0:t1] = a
-    return scores, argmax
+    return _connected(scores, text_padded, image_padded), argmax
+
+
+def _connected(scores: torch.Tensor, *tokens: torch.Tensor) -> torch.Tensor:
+    """``scores`` in the autograd graph of ``tokens`` even where no similarity reached it (no pairs, no
+    words / regions, every token masked): like the kernel backends, such scores then backpropagate zero
+    gradients instead of raising "does not require grad". The added term is an empty sum: exactly 0, and
+    never NaN whatever the tokens hold."""
+    if scores.requires_grad or not torch.is_grad_enabled() or not any(t.requires_grad for t in tokens):
+        return scores
+    return scores + sum(t.flatten()[:0].sum() for t in tokens).to(scores.dtype)
 
 
 def _prepare(text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, aggregation, padding, normalize):

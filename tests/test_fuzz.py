@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 import aladin_fast
-from aladin_fast import reference
+from aladin_fast import _C, reference
 from cases import AGGREGATIONS, PADDINGS, fp32_tolerance
 
 DATABASE = DirectoryBasedExampleDatabase(os.path.join(os.path.dirname(__file__), ".hypothesis-db"))
@@ -90,3 +90,88 @@ def test_cpu_kernel_matches_reference(problem):
 @given(problem=problems())
 def test_cpu_kernel_matches_reference_thorough(problem):
     _check(problem, "cpu")
+
+
+# --------------------------------------------------------------------------- exact on a grid: forward, argmax, backward
+#
+# Token values are multiples of 1/8 in [-2, 2] and the upstream gradient multiples of 1/4: every product and every
+# fp32 sum of them is exact, in any order. So the kernel's fp32 accumulation and the float64 oracle compute the same
+# similarities, ties included (they are frequent on the grid): the winners -- first index on ties -- must be the very
+# same, and scores and gradients equal to the last rounding of a division (mean, MrAVGw) or of the output dtype.
+
+CPU_ISAS = [isa for isa in ("avx512", "avx2", "scalar") if isa in _C.available_isas()]
+
+
+@st.composite
+def grid_problems(draw):
+    problem = draw(problems())
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    def grid(shape, scale, limit):
+        return torch.randint(-limit, limit + 1, shape, generator=generator).double() / scale
+
+    problem["text"] = grid(problem["text"].shape, 8, 16)
+    problem["images"] = grid(problem["images"].shape, 8, 16)
+    problem["grid_seed"] = draw(st.integers(0, 2**31 - 1))
+    problem["isa"] = draw(st.sampled_from(CPU_ISAS))
+    problem["layout"] = draw(st.sampled_from(["auto", "words", "dot"]))
+    problem["dtype"] = draw(st.sampled_from(sorted(DTYPES)))
+    return problem
+
+
+def _largest(values: torch.Tensor) -> float:
+    return float(values.abs().max()) if values.numel() else 0.0
+
+
+def _grid_check(problem):
+    dtype = DTYPES[problem["dtype"]]
+    text0, images0 = problem["text"], problem["images"]
+    argmax_kind = problem["aggregation"] in ("MrSw", "MrAVGw", "symm")
+
+    def run(module, text, images, **extra):
+        text, images = text.detach().requires_grad_(), images.detach().requires_grad_()
+        if argmax_kind:
+            scores, argmax = _call(module, problem, text, images, return_argmax=True, **extra)
+        else:
+            scores, argmax = _call(module, problem, text, images, **extra), None
+        upstream = torch.randint(-8, 9, scores.shape, generator=torch.Generator().manual_seed(problem["grid_seed"]))
+        grads = torch.autograd.grad((scores * (upstream.to(scores.dtype) / 4)).sum(), (text, images),
+                                    allow_unused=True) if scores.numel() else (None, None)
+        return scores, argmax, grads, (text, images)
+
+    expected, expected_argmax, (ref_text, ref_images), _ = run(reference, text0, images0)
+    env = {"ALADIN_FAST_ISA": problem["isa"], "ALADIN_FAST_CPU_LAYOUT": problem["layout"]}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        got, got_argmax, (got_text, got_images), _ = run(aladin_fast, text0.to(dtype), images0.to(dtype), backend="cpu")
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    expected = expected.detach()
+    torch.testing.assert_close(got.detach().double(), expected, atol=1e-6 * max(_largest(expected), 1.0), rtol=0)
+    if argmax_kind:
+        assert torch.equal(got_argmax.long(), expected_argmax.long()), "winners (first index on ties) differ"
+    output_eps = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    for name, got_grad, ref_grad in (("text", got_text, ref_text), ("images", got_images, ref_images)):
+        if ref_grad is None:
+            assert got_grad is None or not got_grad.any(), f"d {name}: gradient where the oracle has none"
+            continue
+        assert got_grad is not None and got_grad.dtype == dtype and got_grad.shape == ref_grad.shape, name
+        # padding rows (garbage values on the grid) get exactly zero in both
+        tolerance = output_eps * _largest(ref_grad) + 1e-6
+        torch.testing.assert_close(got_grad.double(), ref_grad, atol=tolerance, rtol=0, msg=lambda m: f"d {name}: {m}")
+
+
+@DEFAULT
+@given(problem=grid_problems())
+def test_cpu_kernel_exact_on_a_grid_forward_argmax_backward(problem):
+    _grid_check(problem)
+
+
+@pytest.mark.slow
+@THOROUGH
+@given(problem=grid_problems())
+def test_cpu_kernel_exact_on_a_grid_thorough(problem):
+    _grid_check(problem)
