@@ -8,6 +8,8 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import aladin_fast
 from aladin_fast.data import (
@@ -299,6 +301,24 @@ def test_save_precomp_scan_round_trip(tmp_path):
     dataset = PrecompDataset(tmp_path, "test")
     assert dataset.captions == scenes.captions
     np.testing.assert_array_equal(dataset.image(2), scenes.image_features[2])
+
+
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(captions=st.lists(st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",))),
+                         min_size=5, max_size=5))
+def test_save_precomp_captions_round_trip_any_text(tmp_path_factory, captions):
+    """Any caption without a line break comes back as written -- separators that str.splitlines() also
+    breaks at (\v, \f, \x1c-\x1e, \x85, \u2028, \u2029) included, empty and blank captions included."""
+    for layout in ("scan", "tokens"):
+        root = tmp_path_factory.mktemp(layout)
+        save_precomp(root, "test", np.zeros((1, 2, 4), np.float32), captions, layout=layout)
+        assert PrecompDataset(root, "test", layout=layout).captions == captions
+
+
+def test_precomp_reads_crlf_caption_files(tmp_path):
+    np.save(tmp_path / "test_ims.npy", np.zeros((1, 2, 4), np.float32))
+    (tmp_path / "test_caps.txt").write_bytes("a dog\r\nb\u2028c\r\n\r\nd\r\ne".encode())
+    assert PrecompDataset(tmp_path, "test").captions == ["a dog", "b\u2028c", "", "d", "e"]
 
 
 def test_precomp_errors(tmp_path):

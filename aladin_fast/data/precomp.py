@@ -52,8 +52,14 @@ def _require_file(path: str, what: str) -> str:
 
 
 def _read_captions(path: str) -> List[str]:
-    with open(path, encoding="utf-8") as handle:
-        return handle.read().splitlines()
+    """One caption per line: lines end at "\n" (a "\r" before it is dropped: CRLF files). Not
+    ``str.splitlines``: it also breaks at \v, \f, \x1c-\x1e, \x85, \u2028 and \u2029, which scraped
+    captions can hold, and would shift every later caption onto the wrong image."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        lines = handle.read().split("\n")
+    if lines and lines[-1] == "":  # the final line break ends the last caption
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _check_offsets(offsets: np.ndarray, count: int, total: int, name: str, path: str) -> np.ndarray:
