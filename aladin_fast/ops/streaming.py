@@ -72,7 +72,7 @@ def full_scores(
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     num_texts, num_images = text.shape[0], images.shape[0]
-    image_chunk = num_images if image_chunk is None else int(image_chunk)
+    image_chunk = max(num_images, 1) if image_chunk is None else int(image_chunk)  # an empty gallery: no blocks
     if image_chunk < 1:
         raise ValueError(f"image_chunk must be >= 1, got {image_chunk}")
     device = images.device
@@ -99,8 +99,9 @@ def full_scores(
                 block = alignment_scores(text_rows, image_rows, text_len, image_len, **op_kwargs)
                 out[start:stop, image_start:image_stop] = block.to(out.device)
         else:
-            values = torch.full((stop - start, topk), float("-inf"))
-            indices = torch.zeros(stop - start, topk, dtype=torch.int64)
+            # start empty: (-inf, image 0) placeholders would win every tie with a real -inf score
+            values = torch.empty(stop - start, 0)
+            indices = torch.empty(stop - start, 0, dtype=torch.int64)
             for image_start in range(0, num_images, image_chunk):
                 image_stop = min(num_images, image_start + image_chunk)
                 image_rows, image_len = _rows(images, image_lengths, image_start, image_stop)
