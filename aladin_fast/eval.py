@@ -184,6 +184,10 @@ def metrics_from_ranks(i2t_ranks: torch.Tensor, t2i_ranks: torch.Tensor) -> Dict
         value = torch.as_tensor(value)
         if value.dim() != 1 or value.numel() == 0:
             raise ValueError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(value.shape)}")
+        if value.is_floating_point():
+            bad = ~(value.isfinite() & (value == value.floor()))  # NaN, inf, fractions
+            if bool(bad.any()):
+                raise ValueError(f"{name} must hold whole ranks, got {value[bad][0].item()}")
         if bool((value < 1).any()):
             raise ValueError(f"{name} must be 1-based (all >= 1), got minimum {int(value.min())}")
         ranks[name] = value
@@ -294,7 +298,7 @@ def evaluate_scorer(
         image_block / caption_block: block sizes; one call scores
             ``image_block x caption_block`` pairs (bounding the scorer's memory).
         fold_size: also report fold-averaged metrics (COCO 1K with 1000) when
-            it divides ``N_images``; None to skip.
+            it is smaller than ``N_images`` and divides it; None to skip.
         warmup: score the first block once, untimed, before timing (JIT,
             autotuning, lazy allocation).
         nan: NaN policy, see :func:`retrieval_metrics`.
@@ -302,6 +306,8 @@ def evaluate_scorer(
     Returns:
         ``{"all": metrics on the whole matrix, "folds": fold-averaged metrics or
         None, "latency": {...}, "scores": [N_images, N_captions] float32 CPU}``.
+        The blocks are stored, and ranked, in float32: float64 scores closer than
+        float32 resolution become ties (ranked pessimistically).
         ``latency`` holds ``score_seconds`` (total scoring wall time, device
         synchronised), ``rank_seconds``, ``blocks``, ``block_ms_median`` /
         ``block_ms_max``, and the amortised per-query costs of batched
@@ -313,6 +319,8 @@ def evaluate_scorer(
     for name, value in (("image_block", image_block), ("caption_block", caption_block)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if fold_size is not None and (not isinstance(fold_size, int) or isinstance(fold_size, bool) or fold_size < 1):
+        raise ValueError(f"fold_size must be a positive int or None, got {fold_size!r}")  # before any scoring
     num_images, num_captions = _length(images, "images"), _length(captions, "captions")
     if num_images == 0 or num_captions != captions_per_image * num_images:
         raise ValueError(

@@ -399,10 +399,11 @@ def gallery_problems(draw, max_texts=9, max_images=8):
 
 
 def brute_force_topk(whole: torch.Tensor, topk: int):
-    """Best ``topk`` images per caption, higher score first, lower image id first on ties (finite scores)."""
+    """Best ``topk`` images per caption, higher score first, lower image id first on ties, NaN last."""
     values, indices = [], []
     for row in whole.tolist():
-        order = sorted(range(len(row)), key=lambda i: (-row[i], i))[:topk]
+        order = sorted(range(len(row)), key=lambda i: (math.isnan(row[i]), -row[i] if row[i] == row[i] else 0, i))
+        order = order[:topk]
         indices.append(order)
         values.append([row[i] for i in order])
     return torch.tensor(values, dtype=torch.float32).reshape(-1, topk), torch.tensor(indices).reshape(-1, topk)
@@ -432,13 +433,12 @@ def _check_full_scores(problem):
     for row in indices.tolist():
         assert len(set(row)) == topk and all(0 <= i < ni for i in row), row  # distinct real image ids
     torch.testing.assert_close(values, whole.gather(1, indices), rtol=0, atol=0, equal_nan=True)
-    # the documented order: the whole matrix sorted descending, stable (lower image id first on ties)
-    expected = torch.sort(whole, dim=1, descending=True, stable=True)
-    assert torch.equal(indices, expected.indices[:, :topk])
-    if not problem["extreme"]:
-        expected_values, expected_indices = brute_force_topk(whole, topk)
-        assert torch.equal(indices, expected_indices)
-        assert torch.equal(values, expected_values)
+    # the documented order: descending, lower image id first on ties, NaN last (after -inf)
+    expected_values, expected_indices = brute_force_topk(whole, topk)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=0, equal_nan=True)
+    if not whole.isnan().any():  # the same as sorting the whole matrix, stable
+        assert torch.equal(indices, torch.sort(whole, dim=1, descending=True, stable=True).indices[:, :topk])
 
 
 @default(400)
@@ -512,3 +512,42 @@ def test_alignment_score_fn_in_evaluate_scorer(problem, k, blocks):
     direct = aladin_fast.alignment_scores(text, problem["images"], text_lengths, problem["image_lengths"], **op_kwargs).T
     assert torch.equal(result["scores"], direct)  # exact on the grid, whatever the blocks
     assert_metrics_equal(result["all"], oracle_metrics(*oracle_ranks(direct.double().tolist(), k)))
+
+
+def test_full_scores_topk_ranks_nan_last():
+    """A NaN score (an image with a NaN token) is the worst match, after -inf, as nan="worst" ranks it: it must
+    not top every caption's list."""
+    text = torch.tensor([[[1.0]], [[2.0**80]]])
+    images = torch.tensor([[[float("nan")]], [[1.0]], [[-(2.0**80)]], [[float("nan")]], [[0.5]]])
+    whole = aladin_fast.alignment_scores(text, images, backend="cpu")
+    for image_chunk in (1, 2, 5):
+        values, indices = aladin_fast.full_scores(text, images, topk=5, image_chunk=image_chunk, backend="cpu")
+        assert indices.tolist() == [[1, 4, 2, 0, 3], [1, 4, 2, 0, 3]]
+        torch.testing.assert_close(values, whole.gather(1, indices), rtol=0, atol=0, equal_nan=True)
+        _, top1 = aladin_fast.full_scores(text, images, topk=1, image_chunk=image_chunk, backend="cpu")
+        assert top1.tolist() == [[1], [1]]
+
+
+def test_full_scores_refuses_out_with_topk():
+    text, images = torch.ones(2, 1, 3), torch.ones(3, 1, 3)
+    with pytest.raises(ValueError, match="with topk the result is"):
+        aladin_fast.full_scores(text, images, topk=1, out=torch.empty(2, 3), backend="cpu")
+
+
+@pytest.mark.parametrize("fold_size", [0, -5, 2.5, True])
+def test_evaluate_scorer_checks_fold_size_before_scoring(fold_size):
+    calls = []
+
+    def score_fn(image_rows, caption_rows):
+        calls.append(1)
+        return torch.zeros(len(image_rows), len(caption_rows))
+
+    with pytest.raises(ValueError, match="fold_size must be a positive int or None"):
+        evaluate_scorer(score_fn, torch.zeros(4), torch.zeros(20), fold_size=fold_size)
+    assert not calls
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1.5])
+def test_metrics_from_ranks_refuses_non_whole_ranks(bad):
+    with pytest.raises(ValueError, match="t2i_ranks must hold whole ranks"):
+        metrics_from_ranks(torch.tensor([1, 2]), torch.tensor([1.0, bad]))

@@ -30,6 +30,17 @@ def _rows(tensor: torch.Tensor, lengths: Optional[torch.Tensor], start: int, sto
     return tensor[start:stop], None if lengths is None else lengths[start:stop]
 
 
+def _topk_order(values: torch.Tensor, topk: int) -> torch.Tensor:
+    """Column order of the best ``topk`` per row: descending, stable (the earlier column first on ties), NaN
+    last. The columns hold increasing image ids (the running best, then the next image block), so stable
+    means the lower image id first."""
+    nan = values.isnan()
+    order = torch.sort(values.masked_fill(nan, float("-inf")), dim=1, descending=True, stable=True).indices
+    if bool(nan.any()):  # then NaN after every number, -inf included, keeping that order otherwise
+        order = order.gather(1, torch.sort(nan.gather(1, order).to(torch.uint8), dim=1, stable=True).indices)
+    return order[:, :topk]
+
+
 def full_scores(
     text: torch.Tensor,
     images: torch.Tensor,
@@ -53,9 +64,12 @@ def full_scores(
         chunk: captions per kernel call (bounds the workspace).
         image_chunk: images per kernel call (None: all images at once).
         topk: if given, return ``(values [Nt, topk] float32, indices [Nt, topk] int64)``
-            of the best images per caption instead of the full matrix.
+            of the best images per caption instead of the full matrix: higher score first,
+            the lower image id first on ties, NaN scores last (after -inf), as the
+            evaluation's ``nan="worst"`` ranks them.
         progress: show a tqdm progress bar.
-        out: optional preallocated ``[Nt, Ni]`` float32 output (e.g. a memory-mapped tensor).
+        out: optional preallocated ``[Nt, Ni]`` float32 output (e.g. a memory-mapped tensor);
+            the full matrix only (not with ``topk``).
         **op_kwargs: ``aggregation``, ``padding``, ``normalize``, ``backend`` as in
             :func:`aladin_fast.alignment_scores`.
 
@@ -79,6 +93,9 @@ def full_scores(
     if topk is not None:
         if not 1 <= topk <= max(num_images, 1) or num_images == 0:
             raise ValueError(f"topk must be in [1, {num_images}] (the number of images), got {topk}")
+        if out is not None:
+            raise ValueError("out is the full [Nt, Ni] matrix; with topk the result is (values, indices): "
+                             "pass one of them")
         best_values = torch.empty(num_texts, topk, dtype=torch.float32)
         best_indices = torch.empty(num_texts, topk, dtype=torch.int64)
     else:
@@ -109,8 +126,7 @@ def full_scores(
                 block_indices = torch.arange(image_start, image_stop).expand_as(block)
                 merged_values = torch.cat([values, block], dim=1)
                 merged_indices = torch.cat([indices, block_indices], dim=1)
-                # stable sort: equal scores keep the lower image id first
-                order = torch.sort(merged_values, dim=1, descending=True, stable=True).indices[:, :topk]
+                order = _topk_order(merged_values, topk)
                 values, indices = merged_values.gather(1, order), merged_indices.gather(1, order)
             best_values[start:stop], best_indices[start:stop] = values, indices
         if bar is not None:
