@@ -50,6 +50,8 @@ def _check_square(name: str, scores, positive_mask=None) -> Tuple[torch.Tensor, 
         raise ValueError(f"{name} must be square [N, N] (caption i matches image i), got {list(scores.shape)}")
     if not scores.is_floating_point():
         raise TypeError(f"{name} must be floating point, got dtype {scores.dtype}")
+    if scores.shape[0] == 0:
+        raise ValueError(f"{name} is empty [0, 0]: a batch needs at least one caption-image pair")
     eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
     if positive_mask is None:
         return scores, eye
@@ -95,13 +97,16 @@ def hinge_loss(
         positive_mask: ``[N, N]`` bool, pairs that are not negatives.
 
     Returns:
-        scalar tensor, the sum of both directions (0 for N = 1).
+        scalar tensor, the sum of both directions (0 for N = 1); float32 for
+        float16 / bfloat16 scores, computed in float32.
     """
     scores, positives = _check_square("scores", scores, positive_mask)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(margin, (int, float)) or margin < 0:
         raise ValueError(f"margin must be a non-negative number, got {margin!r}")
+    # float32 math: in float16 a query's summed violations overflow (inf) long before the loss itself would
+    scores = _upcast(scores)
     diagonal = scores.diagonal()
     cost_image = (margin + scores - diagonal[:, None]).clamp(min=0).masked_fill(positives, 0.0)
     cost_caption = (margin + scores - diagonal[None, :]).clamp(min=0).masked_fill(positives, 0.0)
@@ -130,11 +135,17 @@ def infonce_loss(scores: torch.Tensor, temperature: float = 0.05,
 
 
 def _soft_cross_entropy(target_logits: torch.Tensor, logits: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per-query ``-sum softmax(target_logits) * log_softmax(logits)`` along ``dim``; 0 where a target is 0."""
+    """Per-query ``-sum softmax(target_logits) * log_softmax(logits)`` along ``dim``; 0 where a target is 0.
+
+    A query whose target logits are all ``-inf`` (every candidate ruled out) has no target: it counts 0, and
+    gives no gradient (softmax is 0 / 0 = NaN there, and 0 * NaN made the backward NaN). A NaN (or +inf)
+    target logit makes its query's term NaN, so a broken teacher shows in the loss, not only in the gradient.
+    """
     target = torch.softmax(target_logits, dim=dim)
+    target = target.masked_fill(torch.isneginf(target_logits).all(dim=dim, keepdim=True), 0.0)
     log_probabilities = torch.log_softmax(logits, dim=dim)
     # 0 * (-inf) must count as 0: masked candidates have zero target mass
-    terms = torch.where(target > 0, target * log_probabilities, torch.zeros_like(log_probabilities))
+    terms = torch.where(target != 0, target * log_probabilities, torch.zeros_like(log_probabilities))
     return -terms.sum(dim=dim)
 
 
@@ -155,7 +166,10 @@ def listnet_loss(
     Args:
         student_scores: ``[Nc, Ni]`` student scores (cosines in [-1, 1]).
         teacher_scores: ``[Nc, Ni]`` teacher scores (MrSw sums); never receives gradients.
-            ``-inf`` entries are allowed (candidates the teacher rules out).
+            ``-inf`` entries are allowed (candidates the teacher rules out); a query
+            whose candidates are all ruled out counts 0, without gradient (it still
+            counts in the ``"mean"``'s number of queries). A NaN or ``+inf`` entry
+            makes the loss NaN.
         temperature: multiplies the student scores (6).
         teacher_temperature: divides the teacher scores (1 = plain softmax).
         reduction: ``"mean"`` over queries of each direction, or ``"sum"``.
@@ -171,6 +185,9 @@ def listnet_loss(
             f"student_scores and teacher_scores must be 2-D of one shape [Nc, Ni], got "
             f"{list(student_scores.shape)} and {list(teacher_scores.shape)}"
         )
+    if student_scores.numel() == 0:
+        raise ValueError(f"student_scores is empty {list(student_scores.shape)}: ListNet needs at least one caption "
+                         "and one image")
     temperature = _check_positive("temperature", temperature)
     teacher_temperature = _check_positive("teacher_temperature", teacher_temperature)
     if reduction not in REDUCTIONS:
@@ -188,8 +205,8 @@ def sinkhorn(logits: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
     ``Q = exp(logits / epsilon)``, then ``iterations`` rounds of: normalise each
     prototype's column to total mass 1/K, normalise each item's row to 1/N.
     Returns ``codes [N, K]`` float32 with rows summing to 1 (no gradient).
-    The global maximum is subtracted before ``exp`` (it cancels in the
-    normalisation), so small ``epsilon`` does not overflow.
+    The normalisations run on ``log Q`` (log-sum-exp), so small ``epsilon``
+    neither overflows nor underflows a whole item or prototype to 0.
     """
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         raise ValueError(f"logits must be a 2-D tensor [N, K], got "
@@ -200,13 +217,20 @@ def sinkhorn(logits: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
     count, prototypes = logits.shape
     if count == 0:
         return logits.new_zeros(logits.shape, dtype=torch.float32)
-    scaled = logits.float() / epsilon
-    q = torch.exp(scaled - scaled.max())
-    q = q / q.sum()
+    # in the log domain: exp(logits / epsilon) underflows float32 for an item or a prototype whose logits lie
+    # ~100 epsilon below the others', which then got codes 0 (or ~1e-14 via a clamped sum) instead of its share.
+    # Constant factors (the global sum, 1/K, 1/N) cancel in the next normalisation and the final x N.
+
+    def normaliser(log_q: torch.Tensor, dim: int) -> torch.Tensor:
+        total = torch.logsumexp(log_q, dim=dim, keepdim=True)
+        return torch.where(torch.isneginf(total), torch.zeros_like(total), total)  # an all -inf line stays 0
+
+    log_q = logits.float() / epsilon
     for _ in range(iterations):
-        q = q / q.sum(dim=0, keepdim=True).clamp_min(1e-30) / prototypes
-        q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-30) / count
-    return q * count
+        log_q = log_q - normaliser(log_q, 0)  # each prototype's column
+        log_q = log_q - normaliser(log_q, 1)  # each item's row
+    q = torch.exp(log_q)
+    return q / q.sum(dim=1, keepdim=True).clamp_min(1e-30)  # rows sum to 1 to float32 rounding
 
 
 def swapped_prediction_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, epsilon: float = 0.05,

@@ -370,3 +370,24 @@ def test_acceptance_tiny(tmp_path):
     code = acceptance_main(["--seconds", "0.3", "--student-seconds", "0.3", "--train-images", "24", "--test-images", "8",
                             "--no-checks", "--out", str(tmp_path / "cli")])
     assert code in (0, 1) and (tmp_path / "cli" / "results.json").is_file()
+
+
+def test_non_finite_loss_stops_before_the_update():
+    """A NaN in a batch raises FloatingPointError naming the terms, before backward / step: the weights, the
+    optimiser state and the step count stay as they were."""
+    import dataclasses
+
+    trainer = Trainer(TrainConfig(**TINY), tiny_scenes(), None)
+    trainer.begin_stage("teacher")
+    good = trainer.collate([0, 5, 10, 15])  # captions of four images: each pair has negatives
+    assert len(set(good.image_indices.tolist())) == 4
+    trainer.train_step(good)
+    before = {name: value.clone() for name, value in parameters(trainer.teacher).items()}
+    step = trainer.progress["global_step"]
+    bad = dataclasses.replace(good, regions=good.regions.clone().fill_(float("nan")))
+    with pytest.raises(FloatingPointError, match="non-finite loss at step .*weights were not updated"):
+        trainer.train_step(bad)
+    assert trainer.progress["global_step"] == step
+    assert_same_parameters(before, parameters(trainer.teacher), atol=0)
+    trainer.train_step(good)  # training goes on from the last finite weights
+    assert all(value.isfinite().all() for value in parameters(trainer.teacher).values())

@@ -446,6 +446,12 @@ class Trainer:
         batch = batch.to(self.device)
         parts = self._losses(batch)
         loss = sum(parts.values())
+        values = {"loss": float(loss.detach())}
+        values.update({name: float(value.detach()) for name, value in parts.items()})
+        if not all(math.isfinite(v) for v in values.values()):
+            # checked before the update: the model keeps its last finite weights (and the step is not counted)
+            raise FloatingPointError(f"non-finite loss at step {self.progress['global_step'] + 1}: {values}; "
+                                     "the weights were not updated")
         self._optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
@@ -454,10 +460,6 @@ class Trainer:
         self._optimizer.step()
         self._scheduler.step()
         self.progress["global_step"] += 1
-        values = {"loss": float(loss.detach())}
-        values.update({name: float(value.detach()) for name, value in parts.items()})
-        if not all(math.isfinite(v) for v in values.values()):
-            raise FloatingPointError(f"non-finite loss at step {self.progress['global_step']}: {values}")
         return values
 
     # ------------------------------------------------------------- main loop
