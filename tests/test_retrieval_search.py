@@ -12,6 +12,8 @@ pytest.importorskip("faiss")
 import aladin_fast  # noqa: E402
 from aladin_fast.retrieval import FeatureStore, Retriever, StudentIndex, TeacherScorer  # noqa: E402
 
+NO_IDS = torch.zeros(0, dtype=torch.int64)
+
 IMAGES, REGIONS, CAPTIONS_PER_IMAGE, WORDS, DIM = 40, 10, 2, 8, 32
 
 
@@ -174,7 +176,7 @@ def test_in_place_and_gathered_rerank_agree(data, tmp_path):
     embeddings = pooled(words, lengths)
     retriever.remove(ids[[2, 5]])  # dead rows stay in the shard; no live id maps to them
     gathered = Retriever(retriever.student_index, retriever.feature_store, zero_copy=False)
-    assert retriever._in_place_view(torch.device("cpu")) is not None and gathered._in_place_view(torch.device("cpu")) is None
+    assert retriever._in_place_view(torch.device("cpu"), NO_IDS) is not None and gathered._in_place_view(torch.device("cpu"), NO_IDS) is None
     in_place = retriever.search(embeddings, words, lengths, k=8, rerank_k=20, return_explanations=True)
     copied = gathered.search(embeddings, words, lengths, k=8, rerank_k=20, return_explanations=True)
     assert all(torch.equal(a, b) for a, b in zip(in_place, copied))
@@ -267,3 +269,24 @@ def test_queries_on_cuda_rerank_on_gpu(data):  # pragma: no cover - GPU machines
     gpu = retriever.search(pooled(words, lengths), words.cuda(), lengths.cuda(), k=5, rerank_k=20)
     assert torch.equal(cpu[0], gpu[0])
     torch.testing.assert_close(cpu[1], gpu[1], atol=1e-4, rtol=0)
+
+
+def test_packed_rows_reads_one_snapshot_of_the_store():
+    """The in-place rerank needs the packed tokens and the candidates' rows from the same layout: a compact()
+    between two separate reads (packed_view(), then rows()) paired the new row numbers with the old tokens."""
+    first, second = torch.full((1, 2, 4), 1.0), torch.full((1, 3, 4), 2.0)
+    store = FeatureStore.from_tokens([5], first)
+    store.append([7], second)
+    store.compact()
+    store.remove([5])  # item 7 is row 1 of this layout, row 0 after the next compact
+    original = store._packed_view
+
+    def view_then_compact(layout):
+        view = original(layout)
+        store.compact()  # another thread, right after the view was taken
+        return view
+
+    store._packed_view = view_then_compact
+    tokens, cu_seqlens, rows = store.packed_rows([7])
+    row = int(rows[0])
+    assert torch.equal(tokens[cu_seqlens[row]:cu_seqlens[row + 1]], second[0])

@@ -54,10 +54,10 @@ def _dtype_name(dtype) -> str:
     raise ValueError(f"dtype must be one of {list(STORE_DTYPES)} (or the torch dtype), got {dtype!r}")
 
 
-def _to_storage(tokens: torch.Tensor, name: str) -> np.ndarray:
-    """CPU tensor -> numpy array in the storage dtype (bf16 as uint16 bits)."""
+def _to_storage(tokens: torch.Tensor, name: str, copy: bool = False) -> np.ndarray:
+    """CPU tensor -> numpy array in the storage dtype (bf16 as uint16 bits); ``copy``: never alias ``tokens``."""
     torch_dtype, _ = STORE_DTYPES[name]
-    tensor = tokens.detach().to("cpu", torch_dtype).contiguous()
+    tensor = tokens.detach().to("cpu", torch_dtype, copy=copy).contiguous()
     if name == "bfloat16":
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
@@ -138,8 +138,10 @@ class FeatureStore:
     @classmethod
     def from_tokens(cls, ids, tokens, lengths=None, *, cu_seqlens=None, dtype=None) -> "FeatureStore":
         """A store holding one batch: arguments as in :meth:`append`; dtype defaults to the tokens' dtype."""
+        if isinstance(tokens, np.ndarray):  # torch or numpy, as append() accepts
+            tokens = torch.from_numpy(tokens)
         if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+            raise TypeError(f"tokens must be a torch.Tensor or numpy array, got {type(tokens).__name__}")
         name = _dtype_name(dtype if dtype is not None else (tokens.dtype if tokens.dtype in _TORCH_TO_NAME else torch.float32))
         store = cls(tokens.shape[-1], name)
         store.append(ids, tokens, lengths, cu_seqlens=cu_seqlens)
@@ -213,7 +215,19 @@ class FeatureStore:
         ``rerank_scores(text, tokens, rows_per_query, image_cu_seqlens=cu_seqlens)``
         then reads only the candidates' tokens straight from the store.
         """
+        return self._packed_view(self._layout)
+
+    def packed_rows(self, ids) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(tokens, cu_seqlens, rows)``: :meth:`packed_view` and :meth:`rows` of ``ids`` from one snapshot of
+        the store, so an ``append`` / ``compact`` running meanwhile cannot pair row numbers of one layout with
+        the tokens of another; None for a multi-shard store."""
         layout = self._layout
+        view = self._packed_view(layout)
+        if view is None:
+            return None
+        return view + (torch.from_numpy(self._rows(layout, as_id_vector("ids", ids))),)
+
+    def _packed_view(self, layout: _Layout) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         if len(layout.shards) != 1:
             return None
         cached = self._view_cache
@@ -263,7 +277,8 @@ class FeatureStore:
                 raise ValueError(f"cu_seqlens must be [N + 1] from 0 to tokens.shape[0] = {tokens.shape[0]}, got {offsets.tolist()[:8]}")
             if (np.diff(offsets) < 0).any():
                 raise ValueError("cu_seqlens must be non-decreasing")
-            return _to_storage(tokens, self.dtype_name), offsets
+            # a copy: the store must not alias (and change with) the caller's buffer, like the padded path
+            return _to_storage(tokens, self.dtype_name, copy=True), offsets
         if tokens.ndim != 3 or tokens.shape[2] != self.dim:
             raise ValueError(f"tokens must be padded [N, L, {self.dim}] (or packed with cu_seqlens), got {list(tokens.shape)}")
         count, pad = tokens.shape[0], tokens.shape[1]

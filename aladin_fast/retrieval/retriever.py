@@ -181,12 +181,13 @@ class Retriever:
             raise ValueError(f"query_lengths must be int [{count}], got {query_lengths.dtype} {list(query_lengths.shape)}")
         return embeddings, query_tokens, query_lengths.to(query_tokens.device)
 
-    def _in_place_view(self, device: torch.device):
-        """The store's zero-copy packed view when text->image scoring can read it in place, else None."""
+    def _in_place_view(self, device: torch.device, candidate_ids: torch.Tensor):
+        """The store's zero-copy packed view and the candidates' rows in it (one snapshot) when text->image
+        scoring can read it in place, else None."""
         if not (self.zero_copy and self.direction == "text_to_image" and isinstance(self.scorer, TeacherScorer)
                 and self.scorer.reads_in_place(device)):
             return None
-        return self.feature_store.packed_view()
+        return self.feature_store.packed_rows(candidate_ids)
 
     def _rerank(self, query_tokens, query_lengths, gathered, gathered_lengths, local, want_argmax):
         """Teacher scores ``[Nq, K]`` (and argmax ``[Nq, K, W]``) of each query against its candidates."""
@@ -252,10 +253,9 @@ class Retriever:
                 return (ids, scores, alignments) if return_explanations else (ids, scores)
             device = query_tokens.device
             local = torch.zeros_like(candidate_ids)
-            view = self._in_place_view(device)
+            view = self._in_place_view(device, candidate_ids[valid])
             if view is not None:  # the kernel reads candidates straight from the (memory-mapped) store
-                tokens, cu_seqlens = view
-                local[valid] = store.rows(candidate_ids[valid])
+                tokens, cu_seqlens, local[valid] = view
                 out = self.scorer(query_tokens.to(store.dtype), tokens, local, query_lengths, None,
                                   return_argmax=return_explanations, image_cu_seqlens=cu_seqlens)
                 teacher, argmax = out if return_explanations else (out, None)
@@ -294,11 +294,14 @@ class Retriever:
         best_ids = torch.full((count, 0), -1, dtype=torch.int64)
         all_pairs = getattr(self.scorer, "all_pairs", None)
         with self._lock.read():
+            # zero padding depends on the pad width: pad every chunk to the store's longest item, as search() does,
+            # so scores do not depend on which items share a chunk
+            pad_to = self.feature_store.max_length if getattr(self.scorer, "padding", "neg_inf") == "zero" else None
             gallery_ids = torch.from_numpy(self.feature_store.ids())
             queries = query_tokens.to(self.feature_store.dtype)
             for start in range(0, gallery_ids.numel() if count else 0, chunk):
                 chunk_ids = gallery_ids[start:start + chunk]
-                tokens, lengths = self.feature_store.gather(chunk_ids, device=queries.device)
+                tokens, lengths = self.feature_store.gather(chunk_ids, pad_to=pad_to, device=queries.device)
                 if all_pairs is None:  # custom scorer: rerank against every chunk item
                     every = torch.arange(chunk_ids.numel(), device=queries.device).expand(count, -1)
                     block = (self.scorer(queries, tokens, every, query_lengths, lengths, return_argmax=False)

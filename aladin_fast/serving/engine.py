@@ -276,10 +276,11 @@ def run_rerank_batch(queries: Sequence[RerankQuery]) -> List[dict]:
         view = None
         if (packs_any_width and retriever.zero_copy and scorer.reads_in_place(torch.device(device))
                 and all(query.candidate_ids is not None for query in queries)):
-            view = store.packed_view()
+            # the view and the rows from one snapshot of the store (an append / compact may run meanwhile)
+            view = store.packed_rows(np.concatenate([query.candidate_ids for query in queries]))
         if view is not None:  # the kernel reads the candidates' regions in place from the store
-            items, cu_seqlens = view
-            index_of = [store.rows(query.candidate_ids) for query in queries]
+            items, cu_seqlens, rows = view
+            index_of = list(torch.split(rows, [query.count for query in queries]))
             scores = scorer(query_tokens, items, _candidate_matrix(index_of, device), query_lengths, None,
                             image_cu_seqlens=cu_seqlens)
         elif packs_any_width:
