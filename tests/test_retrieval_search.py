@@ -290,3 +290,22 @@ def test_packed_rows_reads_one_snapshot_of_the_store():
     tokens, cu_seqlens, rows = store.packed_rows([7])
     row = int(rows[0])
     assert torch.equal(tokens[cu_seqlens[row]:cu_seqlens[row + 1]], second[0])
+
+
+def test_search_ranks_nan_teacher_scores_last():
+    """A gallery item with a NaN token scores NaN against every query: it must rank last (after -inf), not
+    top every result list (a descending sort puts NaN first)."""
+    dim = 4
+    tokens = torch.zeros(4, 2, dim)
+    tokens[:, 0, 0] = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    tokens[1, 0, 1] = float("nan")  # item 11
+    ids = [10, 11, 12, 13]
+    embeddings = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    retriever = Retriever(StudentIndex(8, metric="ip"), FeatureStore(dim), TeacherScorer(backend="cpu"))
+    retriever.add(ids, embeddings, tokens)
+    query = torch.zeros(1, 1, dim)
+    query[0, 0, 0] = 1.0
+    found, scores = retriever.search(torch.ones(1, 8), query, k=4, rerank_k=4)
+    assert found.tolist() == [[10, 12, 13, 11]] and scores[0, 3].isnan()
+    found, scores = retriever.search_exhaustive(query, k=4, chunk=1)
+    assert found.tolist() == [[10, 12, 13, 11]] and scores[0, 3].isnan()

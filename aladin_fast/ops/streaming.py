@@ -30,10 +30,10 @@ def _rows(tensor: torch.Tensor, lengths: Optional[torch.Tensor], start: int, sto
     return tensor[start:stop], None if lengths is None else lengths[start:stop]
 
 
-def _topk_order(values: torch.Tensor, topk: int) -> torch.Tensor:
-    """Column order of the best ``topk`` per row: descending, stable (the earlier column first on ties), NaN
-    last. The columns hold increasing image ids (the running best, then the next image block), so stable
-    means the lower image id first."""
+def best_first(values: torch.Tensor, topk: int) -> torch.Tensor:
+    """Column order of the best ``topk`` per row of ``values [N, M]``: descending, stable (the earlier column
+    first on ties), NaN last (after -inf): a NaN score is the worst match, as the evaluation's nan="worst"
+    ranks it. Used for every top-k of scores (``full_scores``, the retriever)."""
     nan = values.isnan()
     order = torch.sort(values.masked_fill(nan, float("-inf")), dim=1, descending=True, stable=True).indices
     if bool(nan.any()):  # then NaN after every number, -inf included, keeping that order otherwise
@@ -126,7 +126,8 @@ def full_scores(
                 block_indices = torch.arange(image_start, image_stop).expand_as(block)
                 merged_values = torch.cat([values, block], dim=1)
                 merged_indices = torch.cat([indices, block_indices], dim=1)
-                order = _topk_order(merged_values, topk)
+                # the running best holds lower image ids than the new block: stable = the lower id first on ties
+                order = best_first(merged_values, topk)
                 values, indices = merged_values.gather(1, order), merged_indices.gather(1, order)
             best_values[start:stop], best_indices[start:stop] = values, indices
         if bar is not None:

@@ -12,7 +12,7 @@
    shortlist as store rows, so the kernel reads only the candidates' regions;
 3. ONE batched :func:`aladin_fast.rerank_scores` call (the fused C++ / Triton
    kernel) on all (query, candidate) pairs;
-4. top-``k`` of the teacher scores (stable sort: ties keep the student order).
+4. top-``k`` of the teacher scores (stable sort: ties keep the student order; NaN scores last).
 
 Directions. The teacher score is asymmetric in the roles of words and regions
 (MrSw = sum over a caption's words of the max over an image's regions), and
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .. import alignment_scores, rerank_scores
+from ..ops.streaming import best_first
 from .feature_store import FeatureStore
 from .index import ReadWriteLock, StudentIndex, as_float_matrix, as_id_vector
 from .manifest import ManifestError, open_directory, save_directory
@@ -267,7 +268,8 @@ class Retriever:
                 teacher, argmax = self._rerank(query_tokens.to(store.dtype), query_lengths, gathered, gathered_lengths,
                                                local.to(device), return_explanations)
             teacher = teacher.float().cpu().masked_fill(~valid, float("-inf"))
-            order = torch.sort(teacher, dim=1, descending=True, stable=True).indices[:, :k]
+            # NaN teacher scores after every number; empty slots (NaN here, -inf below) after those
+            order = best_first(teacher.masked_fill(~valid, float("nan")), k)
             hits = order.shape[1]
             top_ids = torch.gather(candidate_ids, 1, order)
             top_valid = torch.gather(valid, 1, order)
@@ -313,7 +315,7 @@ class Retriever:
                     block = all_pairs(tokens, queries, lengths, query_lengths).T
                 merged_scores = torch.cat([best_scores, block.float().cpu()], dim=1)
                 merged_ids = torch.cat([best_ids, chunk_ids.expand(count, -1)], dim=1)
-                order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices[:, :k]
+                order = best_first(merged_scores, k)
                 best_scores, best_ids = torch.gather(merged_scores, 1, order), torch.gather(merged_ids, 1, order)
         ids = torch.full((count, k), -1, dtype=torch.int64)
         scores = torch.full((count, k), float("-inf"))
