@@ -140,13 +140,16 @@ class TokenTransformer(nn.Module):
             self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        valid = ~padding_mask(lengths, tokens.shape[1])
-        if self.encoder is not None and tokens.shape[1]:
-            mask = ~valid
+        padded = padding_mask(lengths, tokens.shape[1])
+        # zero the padding first: a masked key still multiplies its (zero) attention weight into its value, so a
+        # NaN / inf there would reach every valid output (0 * NaN = NaN)
+        tokens = tokens.masked_fill(padded[..., None], 0.0)
+        if self.encoder is not None and tokens.shape[0] and tokens.shape[1]:  # (an empty batch: nothing to encode)
+            mask = padded.clone()
             # an empty row would softmax over nothing (NaN): let it attend to its first (zero) slot
             mask[:, 0] &= lengths > 0
             tokens = self.encoder(tokens, src_key_padding_mask=mask)
-        return tokens * valid[..., None].to(tokens.dtype)
+        return tokens.masked_fill(padded[..., None], 0.0)
 
 
 class RegionEncoder(nn.Module):
@@ -166,8 +169,12 @@ class RegionEncoder(nn.Module):
         self.output = nn.Linear(dim, dim)
 
     def forward(self, regions: torch.Tensor, image_lengths: torch.Tensor) -> torch.Tensor:
+        padded = padding_mask(image_lengths, regions.shape[1])[..., None]
+        # padded features never reach the layers (a huge / inf / NaN value there made NaN tokens and gradients);
+        # any floating dtype is accepted (cast to the weights' dtype; autocast still picks the compute dtype)
+        regions = regions.to(self.input[0].weight.dtype).masked_fill(padded, 0.0)
         hidden = self.transformer(self.input(regions), image_lengths)
-        return self.output(hidden) * (~padding_mask(image_lengths, regions.shape[1]))[..., None].to(hidden.dtype)
+        return self.output(hidden).masked_fill(padded, 0.0)
 
 
 class CaptionEncoder(nn.Module):

@@ -42,6 +42,18 @@ BACKBONES = ("shared", "separate")
 POOLINGS = ("first", "mean", "max")
 
 
+def _masked_max(values: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Max of ``values [B, L, C]`` over the valid positions (``valid [B, L, 1]``): ``[B, C]``.
+
+    Padded slots never win; a row without valid positions pools to zeros (a finite embedding), also when the
+    whole batch has width L = 0 (``amax`` refuses an empty dimension).
+    """
+    if values.shape[1] == 0:
+        return values.new_zeros(values.shape[0], values.shape[2])
+    pooled = values.masked_fill(~valid, float("-inf")).amax(dim=1)
+    return torch.where(lengths[:, None] > 0, pooled, torch.zeros_like(pooled))
+
+
 class PoolingHead(nn.Module):
     """Tokens ``[B, L, token_dim]`` -> embedding ``[B, embed_dim]`` (unit norm).
 
@@ -87,20 +99,23 @@ class PoolingHead(nn.Module):
                                         nn.Linear(projection_hidden, embed_dim))
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        valid = (torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None])[..., None]
+        if not torch.is_autocast_enabled(tokens.device.type):  # any floating dtype (autocast picks its own)
+            tokens = tokens.to(self.input_norm.weight.dtype)
+        # padded tokens never reach the layers: a huge / inf / NaN value there made NaN embeddings and gradients
+        tokens = tokens.masked_fill(~valid, 0.0)
         if self.pooling == "first":
             first = self.first_token.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
             sequence = self.input_norm(torch.cat([first, tokens], dim=1))
             hidden = self.transformer(sequence, lengths + 1)
             return F.normalize(self.output(hidden[:, 0]), dim=-1)
         hidden = self.transformer(self.input_norm(tokens), lengths)  # padded outputs are zero
-        valid = (torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None])[..., None]
         if self.project_tokens:
             return F.normalize(self._pool_projected(hidden, lengths, valid[..., 0]), dim=-1)
         if self.pooling == "mean":
             pooled = hidden.sum(dim=1) / lengths.clamp(min=1)[:, None].to(hidden.dtype)
         else:
-            pooled = hidden.masked_fill(~valid, float("-inf")).amax(dim=1)
-            pooled = torch.where(lengths[:, None] > 0, pooled, torch.zeros_like(pooled))
+            pooled = _masked_max(hidden, valid, lengths)
         return F.normalize(self.output(pooled), dim=-1)
 
     def _pool_projected(self, hidden: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -111,10 +126,8 @@ class PoolingHead(nn.Module):
         if self.pooling == "mean":
             summed = projected.new_zeros(count, projected.shape[1]).index_add(0, rows, projected)
             return summed / lengths.clamp(min=1)[:, None].to(summed.dtype)
-        # padded slots stay -inf so they never win; an empty row pools to zeros (a finite embedding)
-        grid = projected.new_full((count, width, projected.shape[1]), float("-inf"))
-        pooled = grid.index_put((rows, positions), projected).amax(dim=1)
-        return torch.where(lengths[:, None] > 0, pooled, torch.zeros_like(pooled))
+        grid = projected.new_zeros(count, width, projected.shape[1]).index_put((rows, positions), projected)
+        return _masked_max(grid, valid[..., None], lengths)
 
 
 class Student(nn.Module):
@@ -271,13 +284,15 @@ class Student(nn.Module):
             raise ValueError(f"block must be a positive int, got {block!r}")
         device = next(self.parameters()).device
         modules = [self] + ([self._check_teacher(teacher)] if self.backbone == "shared" else [])
+        # check the whole inputs up front (like Teacher.full_scores): a block-wise check named the shape of a
+        # block, and lengths given as a list failed on ``.to``
+        backbone = modules[-1]
+        regions, image_lengths = check_regions(regions, image_lengths, backbone.feature_dim)
+        captions, caption_lengths = check_token_ids(captions, caption_lengths, backbone.vocab_size)
         modes = [module.training for module in modules]
         for module in modules:
             module.eval()
         try:
-            image_lengths = torch.full((regions.shape[0],), regions.shape[1]) if image_lengths is None else image_lengths
-            caption_lengths = torch.full((captions.shape[0],), captions.shape[1]) if caption_lengths is None \
-                else caption_lengths
             images = [self.encode_images(regions[s:s + block].to(device), image_lengths[s:s + block].to(device), teacher)
                       for s in range(0, regions.shape[0], block)]
             texts = [self.encode_captions(captions[s:s + block].to(device), caption_lengths[s:s + block].to(device), teacher)
