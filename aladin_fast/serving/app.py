@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import io
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -46,6 +48,19 @@ PARSE_OFF_LOOP_BYTES = 1 << 20  # bigger bodies are decoded in a thread so the e
 
 def _error(status: int, field: Optional[str], message: str, kind: str = "invalid_request") -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "field": field, "message": message}}, status_code=status)
+
+
+def _check_finite_scores(query, result: dict) -> None:
+    """JSON has no inf / NaN (rendering them was a 500): finite but huge token values overflow float32
+    scores, a 422 naming the request's largest-magnitude token field."""
+    if all(math.isfinite(score) for score in result["scores"]):
+        return
+    sizes = {"query_tokens": float(query.tokens.abs().max())}
+    if getattr(query, "candidate_tokens", None) is not None:
+        sizes["candidate_tokens"] = float(query.candidate_tokens.abs().max())
+    field = max(sizes, key=sizes.get)
+    raise RequestError(field, f"scores are not finite: float32 overflow (|values| up to {sizes[field]:g} are too "
+                              f"large) or the gallery holds non-finite features")
 
 
 class ServingState:
@@ -132,7 +147,8 @@ class _ObserveAndLimit:
                 chunks, size = [], 0
                 while True:
                     message = await receive()
-                    if message["type"] == "http.disconnect":
+                    if message["type"] == "http.disconnect":  # no response was sent: not a 500 in the metrics
+                        status["code"] = 499  # nginx's "client closed request"
                         return None
                     chunk = message.get("body", b"")
                     size += len(chunk)
@@ -190,6 +206,7 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
             else:
                 query = parse(parse_json_body(raw), gallery, config)
             result = await getattr(state, batcher_name).submit(query)
+            _check_finite_scores(query, result)
             return JSONResponse({**result, "direction": query.direction, "generation": gallery.generation})
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
@@ -244,7 +261,8 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
     @app.post("/admin/reload")
     async def reload(request: Request):
         """Load the given retriever directories (default: the current ones) and swap atomically."""
-        if config.admin_token and request.headers.get("authorization") != f"Bearer {config.admin_token}":
+        if config.admin_token and not hmac.compare_digest(  # constant time: no timing oracle on the token
+                request.headers.get("authorization", "").encode(), f"Bearer {config.admin_token}".encode()):
             return _error(401, "authorization", "admin endpoints need 'Authorization: Bearer <admin token>'",
                           kind="unauthorized")
         try:

@@ -89,6 +89,7 @@ class DynamicBatcher:
         self.executor = executor
         self.metrics = metrics
         self._items: Deque[_Item] = collections.deque()
+        self._forming: List[_Item] = []  # taken off the queue by the collector, not yet handed to _run
         self._arrived: Optional[asyncio.Event] = None
         self._slots: Optional[asyncio.Semaphore] = None
         self._runner: Optional[asyncio.Task] = None
@@ -111,19 +112,20 @@ class DynamicBatcher:
         if self._arrived is not None:
             self._arrived.set()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._items or self._running:
+        while self._items or self._forming or self._running:  # _forming: a batch the collector is filling
             if deadline is not None and time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.005)
         if self._runner is not None:
-            self._runner.cancel()
-            try:
-                await self._runner
-            except asyncio.CancelledError:
-                pass
-        for item in self._items:  # only left when the timeout expired
+            # asyncio.wait_for (Python < 3.12) swallows a cancel that arrives as its wait completes; the
+            # collector then waits for items forever: cancel until it has really stopped
+            while not self._runner.done():
+                self._runner.cancel()
+                await asyncio.wait([self._runner], timeout=0.05)
+        for item in [*self._forming, *self._items]:  # only left when the timeout expired
             if not item.future.done():
                 item.future.set_exception(BatcherClosedError(f"{self.name} queue closed during shutdown"))
+        self._forming = []
         self._items.clear()
 
     @property
@@ -169,7 +171,7 @@ class DynamicBatcher:
             self._arrived.clear()
             await self._arrived.wait()
         first = self._items.popleft()
-        batch = [first]
+        batch = self._forming = [first]
         deadline = first.enqueued_at + self.max_wait_s
         while True:
             self._take_matching(first.key, batch)
@@ -182,6 +184,7 @@ class DynamicBatcher:
             except asyncio.TimeoutError:
                 self._take_matching(first.key, batch)
                 break
+        self._forming = []  # the caller hands the batch to a _run task in this same step
         self._report_depth()
         return batch
 

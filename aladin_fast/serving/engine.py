@@ -196,8 +196,9 @@ def run_search_batch(queries: Sequence[SearchQuery]) -> List[dict]:
             alignments = out[2][row, :query.k][keep]
             if query.direction == "text_to_image":  # columns are this query's words
                 words = [query.length] * alignments.shape[0]
-            else:  # columns are each hit caption's words
-                words = retriever.feature_store.lengths(row_ids[keep]).tolist()
+            else:  # columns are each hit caption's words, padded ones -1: counted in this search's own output
+                # (a store lookup after the search could miss a hit removed meanwhile: KeyError, a 500)
+                words = (alignments >= 0).sum(1).tolist()
             result["explanations"] = [alignments[hit, :count].tolist() for hit, count in enumerate(words)]
         results.append(result)
     return results

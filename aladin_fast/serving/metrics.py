@@ -194,7 +194,7 @@ class MetricsRegistry:
 def parse_exposition(text: str) -> Dict[str, float]:
     """Sample lines of an exposition page as ``{'name{labels}': value}`` (for tests and the load test)."""
     samples = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): \r, \x1e, \u2028... are legal, unescaped, in label values
         if not line or line.startswith("#"):
             continue
         name, _, value = line.rpartition(" ")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Any, Optional
 
 import numpy as np
@@ -44,7 +45,11 @@ _RERANK_FIELDS = {"query_tokens", "query_length", "direction", "candidate_ids", 
 class RequestError(ValueError):
     """A client error: HTTP ``status`` with a JSON body naming ``field``."""
 
+    MAX_MESSAGE = 500  # messages quote the rejected value: never echo a whole request body back
+
     def __init__(self, field: str, message: str, status: int = 422):
+        if len(message) > self.MAX_MESSAGE:
+            message = message[: self.MAX_MESSAGE - 20] + f" ... ({len(message)} chars)"
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
@@ -60,6 +65,8 @@ def parse_json_body(raw: bytes) -> dict:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
         raise RequestError("body", f"not valid JSON ({err})", status=400) from None
+    except RecursionError:  # e.g. 100k nested '[': not a ValueError, was a 500
+        raise RequestError("body", "not valid JSON (nested too deeply)", status=400) from None
     if not isinstance(value, dict):
         raise RequestError("body", f"must be a JSON object, got {type(value).__name__}", status=400)
     return value
@@ -94,10 +101,13 @@ def decode_tensor(field: str, value: Any, ndim: int) -> torch.Tensor:
         except (binascii.Error, ValueError) as err:
             raise RequestError(field, f"data is not valid base64 ({err})") from None
         numpy_dtype, torch_dtype = _WIRE_DTYPES[dtype]
-        expected = int(np.prod(shape)) * np.dtype(numpy_dtype).itemsize
+        expected = math.prod(shape) * np.dtype(numpy_dtype).itemsize  # exact: np.prod wraps around in int64
         if len(raw) != expected:
             raise RequestError(field, f"data holds {len(raw)} bytes but shape {shape} in {dtype} needs {expected}")
-        tensor = torch.from_numpy(np.frombuffer(raw, dtype=numpy_dtype).copy().reshape(shape))
+        try:  # an empty tensor with a huge dim, e.g. [0, 2**63], passes the size check
+            tensor = torch.from_numpy(np.frombuffer(raw, dtype=numpy_dtype).copy().reshape(shape))
+        except ValueError as err:
+            raise RequestError(field, f"shape {shape} is not a valid tensor shape ({err})") from None
         if dtype == "bfloat16":
             tensor = tensor.view(torch.bfloat16)
     elif isinstance(value, list):
@@ -136,7 +146,7 @@ def _check_fields(body: dict, allowed: set) -> None:
 
 def _direction(body: dict, gallery: Gallery) -> str:
     direction = body.get("direction", gallery.default_direction)
-    if direction not in gallery.retrievers:
+    if not isinstance(direction, str) or direction not in gallery.retrievers:  # a list / dict is unhashable
         raise RequestError("direction", f"must be one of the loaded directions {sorted(gallery.retrievers)}, "
                                         f"got {direction!r}")
     return direction
