@@ -18,6 +18,7 @@ import functools
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 AGGREGATIONS = ("MrSw", "MrAVGw", "MwSr", "symm", "sum", "mean")
@@ -132,25 +133,54 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+# unsigned dtypes most torch ops (aminmax, comparisons) do not implement: widened to int64 first. A uint64
+# value >= 2^63 becomes negative, which every index check refuses like the out-of-range value it is
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _as_tensor(name: str, value) -> torch.Tensor:
+    """``value`` as a tensor (lists and numpy arrays of any strides / byte order accepted; an empty list is an
+    empty int64 tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):  # torch.as_tensor refuses byte-swapped arrays and negative strides (np.flip)
+        if not value.dtype.isnative:
+            value = value.astype(value.dtype.newbyteorder("="))
+        if any(stride < 0 for stride in value.strides):  # (np.ascontiguousarray keeps a 1-element one as it is)
+            value = value.copy()
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be an integer tensor, got {type(value).__name__}") from err
+    if tensor.numel() == 0 and tensor.is_floating_point():  # torch.as_tensor([]) is float32
+        tensor = tensor.long()
+    return tensor
+
+
+def _to_device(name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if value.device != device and value.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (it holds no values); pass it on {device} like the tokens")
+    return value.to(device=device)
+
+
 def _as_index_tensor(name: str, value, device: torch.device) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        try:
-            value = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(f"{name} must be an integer tensor, got {type(value).__name__}") from err
+    value = _as_tensor(name, value)
     if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
         raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
-    return value.to(device=device)
+    if value.dtype in _WIDE_UNSIGNED:
+        value = value.to(torch.int64)
+    return _to_device(name, value, device)
 
 
 def _lengths_from(name: str, lengths, count: int, max_len: int, device: torch.device) -> torch.Tensor:
     """Validate ``lengths`` ([N] ints in [0, max_len], or a prefix bool mask [N, max_len])."""
     if lengths is None:
         return torch.full((count,), max_len, dtype=torch.int32, device=device)
-    if isinstance(lengths, torch.Tensor) and lengths.dtype == torch.bool:
+    lengths = _as_tensor(name, lengths)
+    if lengths.dtype == torch.bool:
         if tuple(lengths.shape) != (count, max_len):
             raise ValueError(f"{name} given as a mask must have shape [{count}, {max_len}], got {list(lengths.shape)}")
-        mask = lengths.to(device)
+        mask = _to_device(name, lengths, device)
         counts = mask.sum(dim=1)
         prefix = torch.arange(max_len, device=device)[None, :] < counts[:, None]
         message = (f"{name} mask must be a prefix mask (valid tokens first, then padding); "
@@ -167,7 +197,8 @@ def _lengths_from(name: str, lengths, count: int, max_len: int, device: torch.de
         low, high = value_range(lengths)
         if low < 0 or high > max_len:
             raise ValueError(f"{name} must lie in [0, {max_len}] (the padded length), got values in [{low}, {high}]")
-    return lengths.to(torch.int32)
+    # contiguous: the C++ kernel takes the lengths as a C-contiguous array (a strided int32 view is no copy)
+    return lengths.to(torch.int32).contiguous()
 
 
 def _max_len_from(name: str, value):

@@ -181,7 +181,21 @@ py::array as_array(const py::object& obj, const char* name) {
     return py::reinterpret_borrow<py::array>(obj);
 }
 
+// numpy byte order: '=' native, '|' not applicable (1-byte / void), '<' little, '>' big endian
+bool native_byte_order(const py::array& a) {
+    const char order = a.dtype().byteorder();
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return order == '=' || order == '|' || order == '>';
+#else
+    return order == '=' || order == '|' || order == '<';
+#endif
+}
+
 void check_array(const py::array& a, const char* name, py::ssize_t ndim, bool writable) {
+    // a byte-swapped array would be read (or written) as native values: garbage, and offsets past the check
+    if (!native_byte_order(a))
+        throw py::value_error(std::string(name) + " must be in native byte order, got dtype " +
+                              std::string(py::str(a.dtype())) + " (use a.astype(a.dtype.newbyteorder('=')))");
     if (a.ndim() != ndim)
         throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D, got " +
                               std::to_string(a.ndim()) + "-D");
@@ -311,7 +325,8 @@ ParsedInputs parse_inputs(const py::object& text_o, const py::object& text_offse
         if (tl[i] < 0 || tl[i] > text_pad)
             throw py::value_error("text_lengths[" + std::to_string(i) + "] = " + std::to_string(tl[i]) +
                                   " out of range [0, text_pad=" + std::to_string(text_pad) + "]");
-        if (tl[i] > 0 && (to[i] < 0 || to[i] + tl[i] > t_rows))
+        // to[i] > rows - length, not to[i] + length > rows: the sum overflows for offsets near 2^63
+        if (tl[i] > 0 && (to[i] < 0 || to[i] > t_rows - tl[i]))
             throw py::value_error("text_offsets[" + std::to_string(i) + "] + length exceeds the text rows");
         if (tl[i] > max_tl) max_tl = tl[i];
     }
@@ -319,7 +334,7 @@ ParsedInputs parse_inputs(const py::object& text_o, const py::object& text_offse
         if (il[j] < 0 || il[j] > image_pad)
             throw py::value_error("image_lengths[" + std::to_string(j) + "] = " + std::to_string(il[j]) +
                                   " out of range [0, image_pad=" + std::to_string(image_pad) + "]");
-        if (il[j] > 0 && (io[j] < 0 || io[j] + il[j] > i_rows))
+        if (il[j] > 0 && (io[j] < 0 || io[j] > i_rows - il[j]))
             throw py::value_error("image_offsets[" + std::to_string(j) + "] + length exceeds the image rows");
         if (il[j] > max_il) max_il = il[j];
     }

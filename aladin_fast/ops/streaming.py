@@ -9,11 +9,15 @@ one ``[chunk, image_chunk]`` block.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
 
+from .._inputs import _as_tensor
 from .alignment import alignment_scores
+
+OP_KWARGS = ("aggregation", "padding", "normalize", "backend")  # what **op_kwargs passes to alignment_scores
 
 
 def _progress(total: int, enabled: bool, description: str):
@@ -28,6 +32,25 @@ def _progress(total: int, enabled: bool, description: str):
 
 def _rows(tensor: torch.Tensor, lengths: Optional[torch.Tensor], start: int, stop: int):
     return tensor[start:stop], None if lengths is None else lengths[start:stop]
+
+
+def _check_int(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+def _check_lengths(name: str, lengths, count: int):
+    """Lengths (or a mask) with one row per item, as a tensor: each chunk takes its rows, so extra rows would
+    be ignored silently and missing ones reported with a chunk's size."""
+    if lengths is None:
+        return None
+    lengths = _as_tensor(name, lengths)
+    if lengths.ndim == 0 or lengths.shape[0] != count:
+        raise ValueError(f"{name} must have one entry (or mask row) per item: shape [{count}] or [{count}, L], "
+                         f"got {list(lengths.shape)}")
+    return lengths
 
 
 def best_first(values: torch.Tensor, topk: int) -> torch.Tensor:
@@ -83,9 +106,20 @@ def full_scores(
             f"full_scores takes padded inputs: text [Nt, W, D] and images [Ni, R, D], got {list(text.shape)} "
             f"and {list(images.shape)}"
         )
+    unknown = sorted(set(op_kwargs) - set(OP_KWARGS))
+    if unknown:
+        raise TypeError(f"full_scores got unexpected keyword arguments {unknown} (it passes {list(OP_KWARGS)} "
+                        "to alignment_scores and returns scores only)")
+    _check_int("chunk", chunk)
+    _check_int("image_chunk", image_chunk, allow_none=True)
+    _check_int("topk", topk, allow_none=True)
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     num_texts, num_images = text.shape[0], images.shape[0]
+    text_lengths = _check_lengths("text_lengths", text_lengths, num_texts)
+    image_lengths = _check_lengths("image_lengths", image_lengths, num_images)
     image_chunk = max(num_images, 1) if image_chunk is None else int(image_chunk)  # an empty gallery: no blocks
     if image_chunk < 1:
         raise ValueError(f"image_chunk must be >= 1, got {image_chunk}")
