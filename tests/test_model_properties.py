@@ -681,3 +681,10 @@ def test_regression_student_full_scores_checks_whole_inputs(backbone):
         student.full_scores(regions, image_lengths, ids, caption_lengths + 1, block=2, **kwargs)
     with pytest.raises(TypeError, match="regions must be a torch.Tensor"):
         student.full_scores(regions.tolist(), image_lengths, ids, caption_lengths, **kwargs)
+
+
+def test_student_scores_names_a_non_tensor_argument():
+    from aladin_fast.models.student import Student
+
+    with pytest.raises(TypeError, match="image_embeddings must be a torch.Tensor"):
+        Student.scores(torch.zeros(2, 4), [[0.0] * 4])

@@ -256,6 +256,9 @@ class Student(nn.Module):
     @staticmethod
     def scores(caption_embeddings: torch.Tensor, image_embeddings: torch.Tensor) -> torch.Tensor:
         """Cosine scores ``[N_captions, N_images]`` (the op's orientation) of unit embeddings."""
+        for name, value in (("caption_embeddings", caption_embeddings), ("image_embeddings", image_embeddings)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor [N, D], got {type(value).__name__}")
         if caption_embeddings.ndim != 2 or image_embeddings.ndim != 2 or \
                 caption_embeddings.shape[1] != image_embeddings.shape[1]:
             raise ValueError(

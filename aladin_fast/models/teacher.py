@@ -205,7 +205,8 @@ class Teacher(nn.Module):
                 )
                 tokens.append(block_tokens.float())
                 lengths.append(block_lengths)
-            image_tokens = torch.cat(tokens) if tokens else regions.new_zeros(0, regions.shape[1], self.embed_dim)
+            image_tokens = torch.cat(tokens) if tokens else torch.zeros(0, regions.shape[1], self.embed_dim,
+                                                                         device=device)  # the model's device
             all_image_lengths = torch.cat(lengths) if lengths else image_lengths.to(device)
             out = torch.empty(regions.shape[0], captions.shape[0], dtype=torch.float32)
             for start in range(0, captions.shape[0], caption_block):
