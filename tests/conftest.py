@@ -12,3 +12,13 @@ if HERE not in sys.path:
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to a busy machine's other jobs (use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``); restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
