@@ -5,15 +5,39 @@ import argparse
 import sys
 
 
+def _device(text: str) -> str:
+    """``--device``: checked when parsed (a bad one was a RuntimeError / ValueError traceback from the demo)."""
+    from .evaluate import resolve_device
+
+    try:
+        resolve_device(text)
+    except (RuntimeError, ValueError) as error:
+        detail = str(error).removeprefix(f"--device {text}: ") if isinstance(error, ValueError) \
+            else "expected auto, cpu, cuda or cuda:N"
+        raise argparse.ArgumentTypeError(f"{detail} (got {text!r})") from None
+    return text
+
+
+def _seed(text: str) -> int:
+    """``--seed``: a non-negative int (the synthetic data's numpy seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {text!r}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aladin_fast", description="aladin-fast: fused image-text alignment kernels")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print versions and which backends can run")
     demo = commands.add_parser("demo", help="score synthetic data with every available backend and time it")
     demo.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--out", default=None, help="report directory (default: reports/demo-<timestamp>)")
-    demo.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
+    demo.add_argument("--device", type=_device, default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
     commands.add_parser("evaluate", help="evaluate a checkpoint on precomputed features (see `evaluate --help`)",
                         add_help=False)
     commands.add_parser("train", help="train a teacher and distil a student (see `train --help`)", add_help=False)

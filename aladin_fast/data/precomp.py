@@ -4,7 +4,7 @@ Layout ``"scan"`` (SCAN, VSRN, TERAN releases), files in ``root``:
 
 * ``{split}_ims.npy``: ``[N, R, D]`` region features (memory-mapped), or a
   directory ``{split}_ims/`` of per-image ``[R_i, D]`` ``.npy`` files, taken in
-  name order (numeric order when every file stem is an integer);
+  name order (numeric order when every file stem is a decimal integer);
 * ``{split}_caps.txt``: one caption per line, ``captions_per_image`` (5)
   consecutive lines per image.
 
@@ -153,7 +153,7 @@ class PrecompDataset(torch.utils.data.Dataset):
         if not names:
             raise FileNotFoundError(f"image feature folder {folder}/ holds no .npy files")
         stems = [name[:-4] for name in names]
-        if all(stem.isdigit() for stem in stems):
+        if all(stem.isdecimal() for stem in stems):  # not isdigit(): int() refuses "²"
             names = [name for _, name in sorted(zip((int(s) for s in stems), names))]
         else:
             names.sort()
@@ -239,6 +239,9 @@ class PrecompDataset(torch.utils.data.Dataset):
         """Word features ``[W_j, D]`` of caption ``index`` (tokens layout with ``words.npy`` only)."""
         if self._words is None:
             raise ValueError(f"split {self.split!r} in {self.root} has no word features (words.npy)")
+        if not -self.num_captions <= index < self.num_captions:
+            raise IndexError(f"caption index {index} out of range for {self.num_captions} captions")
+        index %= self.num_captions
         return self._words[self._word_offsets[index]:self._word_offsets[index + 1]]
 
     def __getitem__(self, index: int) -> PrecompItem:
@@ -260,12 +263,11 @@ def pad_features(arrays: Sequence[np.ndarray], dtype: torch.dtype = torch.float3
     """Zero-pad ``[L_i, D]`` arrays into ``[B, max L_i, D]`` of ``dtype``; also return ``lengths [B]`` int64."""
     if not arrays:
         raise ValueError("arrays must hold at least one [L_i, D] array")
-    dims = {int(a.shape[-1]) for a in arrays}
-    if len(dims) != 1 or any(a.ndim != 2 for a in arrays):
+    if any(np.ndim(a) != 2 for a in arrays) or len({int(a.shape[-1]) for a in arrays}) != 1:
         raise ValueError(f"arrays must all be [L_i, D] with one D; got shapes {[tuple(a.shape) for a in arrays]}")
     lengths = torch.tensor([a.shape[0] for a in arrays], dtype=torch.int64)
     # fill through numpy: reads memory-mapped (read-only) arrays without torch's non-writable warning
-    out = np.zeros((len(arrays), int(lengths.max()), dims.pop()), dtype=np.float32)
+    out = np.zeros((len(arrays), int(lengths.max()), int(arrays[0].shape[-1])), dtype=np.float32)
     for row, array in enumerate(arrays):
         out[row, : array.shape[0]] = array
     return torch.from_numpy(out).to(dtype), lengths
@@ -336,8 +338,9 @@ def save_precomp(
         image_features: ``[N, R, D]`` (padded; float32 or float16).
         captions: ``5 * N`` strings (required for ``"scan"``).
         image_lengths: ``[N]`` valid regions (``"tokens"`` packs only those;
-            default all R).
-        word_features: ``(features [Nc, W, D], lengths [Nc])`` for ``"tokens"``.
+            default all R). The scan layout has no lengths: it refuses any below R.
+        word_features: ``(features [Nc, W, D], lengths [Nc])`` for ``"tokens"``
+            (the scan layout refuses them).
         layout: ``"scan"`` or ``"tokens"``.
     """
     if layout not in ("scan", "tokens"):
@@ -346,29 +349,50 @@ def save_precomp(
     if image_features.ndim != 3:
         raise ValueError(f"image_features must be [N, R, D], got shape {tuple(image_features.shape)}")
     root = os.fspath(root)
+    count, width = image_features.shape[:2]
+    lengths = np.full(count, width, dtype=np.int64) if image_lengths is None else _lengths(image_lengths)
+    if lengths is None or lengths.shape != (count,) or np.any(lengths < 0) or np.any(lengths > width):
+        raise ValueError(f"image_lengths must be [{count}] integers in [0, {width}], got {image_lengths!r}")
     if layout == "scan":
         if captions is None:
             raise ValueError("captions are required for the scan layout")
+        if word_features is not None:
+            raise ValueError("the scan layout cannot hold word_features (they would be lost): use layout='tokens'")
+        if np.any(lengths < width):
+            raise ValueError(f"the scan layout stores all R={width} regions of every image (no lengths): "
+                             "image_lengths below R would turn padding into regions; use layout='tokens'")
         os.makedirs(root, exist_ok=True)
         np.save(os.path.join(root, f"{split}_ims.npy"), image_features)
         _write_lines(os.path.join(root, f"{split}_caps.txt"), captions)
         return
+    words = word_lengths = None
+    if word_features is not None:
+        words, word_lengths = np.asarray(word_features[0]), _lengths(word_features[1])
+        if words.ndim != 3 or word_lengths is None or word_lengths.shape != words.shape[:1] \
+                or np.any(word_lengths < 0) or np.any(word_lengths > words.shape[1]):
+            raise ValueError(f"word_features must be (features [Nc, W, D], lengths [Nc] integers in [0, W]), got "
+                             f"features of shape {tuple(words.shape)} and lengths {word_features[1]!r}")
     folder = os.path.join(root, split)
     os.makedirs(folder, exist_ok=True)
-    count, width = image_features.shape[:2]
-    lengths = np.full(count, width, dtype=np.int64) if image_lengths is None else np.asarray(image_lengths, np.int64)
-    if lengths.shape != (count,) or np.any(lengths < 0) or np.any(lengths > width):
-        raise ValueError(f"image_lengths must be [{count}] in [0, {width}], got {lengths!r}")
     valid = np.arange(width)[None, :] < lengths[:, None]
     np.save(os.path.join(folder, "regions.npy"), image_features[valid])
     np.save(os.path.join(folder, "region_offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     if captions is not None:
         _write_lines(os.path.join(folder, "captions.txt"), captions)
-    if word_features is not None:
-        words, word_lengths = np.asarray(word_features[0]), np.asarray(word_features[1], dtype=np.int64)
+    if words is not None:
         valid = np.arange(words.shape[1])[None, :] < word_lengths[:, None]
         np.save(os.path.join(folder, "words.npy"), words[valid])
         np.save(os.path.join(folder, "word_offsets.npy"), np.concatenate([[0], np.cumsum(word_lengths)]).astype(np.int64))
+
+
+def _lengths(values) -> Optional[np.ndarray]:
+    """``values`` as int64 when every one is a whole number (an empty list too), else None."""
+    array = np.asarray(values)
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.number) or array.size == 0):
+        return None
+    if not np.issubdtype(array.dtype, np.integer) and not np.all(np.isfinite(array) & (array == np.round(array))):
+        return None
+    return array.astype(np.int64)
 
 
 def _write_lines(path: str, lines: Sequence[str]) -> None:

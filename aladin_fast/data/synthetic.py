@@ -30,6 +30,7 @@ embeddings and the noise bank (share it between train and test splits),
 from __future__ import annotations
 
 import functools
+import numbers
 import random
 import re
 from dataclasses import dataclass, replace
@@ -81,6 +82,7 @@ FUNCTION_WORDS = (
 ) + tuple(word for phrases in RELATION_PHRASES.values() for phrase in phrases for word in phrase.split())
 
 NOISE_BANK_ROWS = 2048
+CONCEPTS_PER_REGION = 5  # noun, colour, size, material, location (background regions: 1)
 _VOWEL_AFTER_A = re.compile(r"\ba ([aeiou])")
 
 
@@ -211,10 +213,13 @@ class SyntheticScenes:
         if not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         min_regions = regions // 3 if min_regions is None else min_regions
-        if not 1 <= min_regions <= regions:
-            raise ValueError(f"min_regions must be in [1, regions={regions}], got {min_regions!r}")
-        if noise < 0 or not 0.0 <= diagnostic_prob <= 1.0:
-            raise ValueError(f"need noise >= 0 and diagnostic_prob in [0, 1], got {noise!r}, {diagnostic_prob!r}")
+        if not isinstance(min_regions, int) or not 1 <= min_regions <= regions:
+            raise ValueError(f"min_regions must be an int in [1, regions={regions}], got {min_regions!r}")
+        if not 0 <= noise < float("inf") or not 0.0 <= diagnostic_prob <= 1.0:  # NaN / inf noise: NaN features
+            raise ValueError(f"need finite noise >= 0 and diagnostic_prob in [0, 1], got {noise!r}, {diagnostic_prob!r}")
+        for name, value in (("seed", seed), ("world_seed", world_seed)):  # numpy seeds must be non-negative ints
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         self.num_images, self.seed, self.regions, self.feature_dim = num_images, seed, regions, feature_dim
         self.group_size, self.noise, self.min_regions = group_size, float(noise), min_regions
         self.diagnostic_prob, self.world_seed = diagnostic_prob, world_seed
@@ -386,7 +391,18 @@ class SyntheticScenes:
                 # noise: sum of two rows of a fixed Gaussian bank (4M combinations), much cheaper than fresh draws
                 picks.append(rng.integers(0, NOISE_BANK_ROWS, size=(2, self.scenes[i].num_regions)))
             features = out[first:first + len(block)]
-            np.matmul(coefficients.reshape(-1, coefficients.shape[-1]), prototypes, out=features.reshape(-1, self.feature_dim))
+            # a region mixes at most CONCEPTS_PER_REGION prototypes: add them in one fixed order (ascending
+            # concept) with elementwise float32 operations. Not one BLAS product: its rounding depends on where
+            # a row falls in the [chunk * R, K] matrix, so an image's features changed with the other images
+            flat = coefficients.reshape(-1, coefficients.shape[-1])
+            assert np.count_nonzero(flat, axis=1).max(initial=0) <= CONCEPTS_PER_REGION
+            columns = np.argsort(flat == 0, axis=1, kind="stable")[:, :CONCEPTS_PER_REGION]
+            weights = np.take_along_axis(flat, columns, axis=1)
+            rows = features.reshape(-1, self.feature_dim)
+            rows[:] = 0.0
+            for part in range(CONCEPTS_PER_REGION):
+                used = np.flatnonzero(weights[:, part])  # padding rows, and backgrounds after one part, stop
+                rows[used] += weights[used, part, None] * prototypes[columns[used, part]]
             for slot, (i, pick) in enumerate(zip(block, picks)):
                 features[slot, : pick.shape[1]] += (bank[pick[0]] + bank[pick[1]]) * scale
         return out

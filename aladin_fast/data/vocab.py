@@ -1,16 +1,25 @@
 """Word-level tokenisation: the :class:`Tokenizer` protocol and a JSON-serialisable :class:`Vocabulary`.
 
 Captions are lower-cased and split by one regular expression into words
-(letters, digits and inner apostrophes: "man's"); punctuation is dropped. Any
+(letters, digits and inner apostrophes: "man's"); punctuation is dropped.
+Letters and digits of every script count: text with non-ASCII characters is
+first NFKC-normalised and case-folded ("Straße" and "STRASSE" give "strasse",
+"ﬁ" gives "fi"), combining marks stay in their word ("naïve", with a composed
+or a combining diaeresis, is one word), "’" is an apostrophe and invisible
+in-word format characters (soft hyphen, zero-width (non-)joiner, word joiner,
+BOM) are removed. ASCII text takes the plain ``[a-z0-9]`` path (same result). Any
 tokenizer with ``encode`` / ``decode`` / ``pad_id`` / ``__len__`` (a subword
 tokenizer wrapper, say) can replace :class:`Vocabulary` in the collate
 functions of :mod:`aladin_fast.data.precomp`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import sys
+import unicodedata
 from collections import Counter
 from typing import Iterable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
@@ -25,11 +34,38 @@ FORMAT_NAME = "aladin_fast.Vocabulary"
 FORMAT_VERSION = 1
 
 
+# removed before splitting: invisible characters that do not end a word (a zero-width space does)
+_IN_WORD_FORMAT = dict.fromkeys(map(ord, "\u00ad\u200c\u200d\u2060\ufeff"))
+
+
+@functools.lru_cache(maxsize=1)
+def _unicode_word_pattern() -> "re.Pattern[str]":
+    """WORD_PATTERN for any script: a letter or digit, then letters, digits and combining marks."""
+    ranges, start = [], None
+    for code in range(sys.maxunicode + 2):
+        is_mark = code <= sys.maxunicode and unicodedata.category(chr(code)).startswith("M")
+        if is_mark and start is None:
+            start = code
+        elif not is_mark and start is not None:
+            ranges.append(f"\\U{start:08x}-\\U{code - 1:08x}")
+            start = None
+    part = f"[^\\W_](?:[^\\W_]|[{''.join(ranges)}])*"
+    return re.compile(f"{part}(?:'{part})*")
+
+
 def tokenize(text: str) -> List[str]:
-    """Lower-case ``text`` and split it into words; punctuation and whitespace are dropped."""
+    """Lower-case ``text`` and split it into words; punctuation and whitespace are dropped.
+
+    Non-ASCII text is NFKC-normalised and case-folded first; letters, digits and
+    combining marks of any script stay in their word (see the module docstring).
+    """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    return WORD_PATTERN.findall(text.lower())
+    if text.isascii():
+        return WORD_PATTERN.findall(text.lower())
+    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    text = text.translate(_IN_WORD_FORMAT).replace("\u2019", "'")
+    return _unicode_word_pattern().findall(text)
 
 
 @runtime_checkable
@@ -151,7 +187,10 @@ class Vocabulary:
                 f"{os.fspath(path)}: unsupported version {payload.get('version')!r} or special tokens "
                 f"{payload.get('special')!r}; expected version {FORMAT_VERSION} and {list(SPECIAL_TOKENS)}"
             )
-        return cls(payload["words"])
+        words = payload.get("words")
+        if not isinstance(words, list):
+            raise ValueError(f"{os.fspath(path)}: 'words' must be a list of strings, got {type(words).__name__}")
+        return cls(words)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Vocabulary) and self.itos == other.itos

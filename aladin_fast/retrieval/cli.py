@@ -12,6 +12,7 @@ writes ids and scores as JSON (stdout or ``--out``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -19,6 +20,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from .._inputs import AGGREGATIONS
 
 
 def _load_array(name: str, path: Optional[str], ndim: int, dtype_kind: str):
@@ -28,6 +31,9 @@ def _load_array(name: str, path: Optional[str], ndim: int, dtype_kind: str):
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as err:
         raise SystemExit(f"--{name}: cannot read {path!r} as .npy ({err})")
+    if not isinstance(array, np.ndarray):  # np.load opens a .npz archive as an NpzFile
+        array.close()
+        raise SystemExit(f"--{name}: {path!r} is a .npz archive, not a .npy array")
     if array.ndim != ndim:
         raise SystemExit(f"--{name}: expected a {ndim}-D array, got shape {list(array.shape)} in {path!r}")
     if dtype_kind == "f" and array.dtype.kind != "f":
@@ -46,7 +52,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", default="ip", choices=["ip", "cosine", "l2"])
     parser.add_argument("--store-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--direction", default="text_to_image", choices=["text_to_image", "image_to_text"])
-    parser.add_argument("--aggregation", default="MrSw")
+    parser.add_argument("--aggregation", default="MrSw", choices=AGGREGATIONS)
     parser.add_argument("--padding", default="neg_inf", choices=["neg_inf", "zero"])
     parser.add_argument("--out", required=True, help="retriever directory to write (atomically)")
 
@@ -62,6 +68,20 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="write JSON here instead of stdout")
 
 
+def _usage_errors(command: str):
+    """Turn the library's ValueError / OSError (bad shapes, lengths, ids, k, paths) into a message and exit 1."""
+    def decorate(run):
+        @functools.wraps(run)
+        def wrapper(args: argparse.Namespace) -> int:
+            try:
+                return run(args)
+            except (ValueError, OSError) as err:  # ManifestError is a ValueError
+                raise SystemExit(f"aladin_fast {command}: {err}") from None
+        return wrapper
+    return decorate
+
+
+@_usage_errors("index")
 def run_index(args: argparse.Namespace) -> int:
     from . import FeatureStore, Retriever, StudentIndex, TeacherScorer
 
@@ -87,6 +107,7 @@ def run_index(args: argparse.Namespace) -> int:
     return 0
 
 
+@_usage_errors("search")
 def run_search(args: argparse.Namespace) -> int:
     from . import Retriever
 

@@ -41,16 +41,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = config_from_arguments(args, args.config)
+    try:  # a bad config file / field value is a usage error (exit 2 with the message), not a traceback
+        config = config_from_arguments(args, args.config)
+    except (ValueError, OSError, ImportError) as error:
+        parser.error(str(error))
     from .data import build_datasets
     from .distributed import destroy_distributed, init_distributed
     from .trainer import Trainer
 
+    if config.device != "auto":
+        from ..evaluate import resolve_device
+
+        try:  # "cuda" on a machine without CUDA was an AssertionError traceback from torch
+            resolve_device(config.device)
+        except ValueError as error:
+            parser.error(str(error))
+    try:  # the data fields name files: a missing or malformed split is a usage error too
+        train, val = build_datasets(config)
+    except (ValueError, OSError) as error:
+        parser.error(f"data: {error}")
     context = init_distributed(device=config.device)
     try:
-        train, val = build_datasets(config)
         trainer = Trainer(config, train, val)
         if args.resume:
             trainer.resume(args.resume)

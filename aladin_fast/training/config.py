@@ -151,7 +151,22 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every field; raise ``ValueError`` naming the first bad one. Returns ``self``."""
+        if not isinstance(self.stages, (list, tuple)) or not all(isinstance(s, str) for s in self.stages):
+            raise ValueError(f"stages must be a non-empty list of {STAGES} without repeats, got {self.stages!r}")
         self.stages = tuple(self.stages)
+        for item in fields(self):  # types first: a "false" string is truthy, a string dropout cannot be compared
+            value, kind = getattr(self, item.name), str(item.type)
+            optional = kind.startswith("Optional[") and value is None
+            if kind == "Optional[str]" and isinstance(value, os.PathLike):  # data_root, output_dir
+                value = os.fspath(value)
+                setattr(self, item.name, value)
+            if kind == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{item.name} must be a bool (true / false), got {value!r}")
+            if kind in ("str", "Optional[str]") and not optional and not isinstance(value, str):
+                raise ValueError(f"{item.name} must be a {'string or None' if kind != 'str' else 'string'}, got {value!r}")
+            if kind in ("float", "Optional[float]") and not optional and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{item.name} must be a number{' or None' if kind != 'float' else ''}, got {value!r}")
         choices = {"data": DATA_KINDS, "schedule": SCHEDULES, "amp": AMP_MODES,
                    "student_backbone": ("shared", "separate"), "hinge_reduction": ("sum", "mean"),
                    "aggregation": ("MrSw", "MrAVGw", "MwSr", "symm", "sum", "mean"),
@@ -172,7 +187,7 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("teacher_layers", "student_layers", "student_backbone_layers", "teacher_epochs", "hinge_warmup_epochs",
-                     "student_epochs", "baseline_epochs", "warmup_steps", "num_workers", "seed"):
+                     "student_epochs", "baseline_epochs", "warmup_steps", "num_workers", "seed", "synthetic_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -194,7 +209,7 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "margin", "student_hinge_weight", "distill_weight",
                      "teacher_hinge_weight", "concept_weight", "teacher_concept_weight", "context_weight"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
+            if not isinstance(value, (int, float)) or not value >= 0:  # not `value < 0`: NaN passed that
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -222,6 +237,13 @@ class TrainConfig:
                              f"(got freeze_teacher={self.freeze_teacher!r}, student_backbone={self.student_backbone!r})")
         if self.data == "precomp" and not self.data_root:
             raise ValueError("data_root is required when data='precomp'")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device must be 'auto' or a torch device (cpu, cuda, cuda:N), got {self.device!r}") from None
         return self
 
     def stage_epochs(self, stage: str) -> int:
@@ -246,7 +268,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
         values = dict(values)
-        if "stages" in values:
+        if isinstance(values.get("stages"), list):
             values["stages"] = tuple(values["stages"])
         return cls(**values).validate()
 
@@ -271,17 +293,26 @@ def load_config_file(path: str) -> Dict[str, Any]:
         import tomllib
 
         with open(path, "rb") as handle:
-            values = tomllib.load(handle)
+            try:
+                values = tomllib.load(handle)
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"config file {path} is not valid TOML: {error}") from None
     elif extension == ".json":
         with open(path, encoding="utf-8") as handle:
-            values = json.load(handle)
+            try:
+                values = json.load(handle)
+            except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+                raise ValueError(f"config file {path} is not valid JSON: {error}") from None
     elif extension in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             raise ImportError(f"reading {path} needs PyYAML (pip install pyyaml), or use a .toml / .json config") from None
         with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
+            try:
+                values = yaml.safe_load(handle) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                raise ValueError(f"config file {path} is not valid YAML: {error}") from None
     else:
         raise ValueError(f"config file must end in .toml, .json, .yaml or .yml, got {path!r}")
     if not isinstance(values, dict):
@@ -291,21 +322,52 @@ def load_config_file(path: str) -> Dict[str, Any]:
     return values
 
 
+class _GivenNone:
+    """A flag's parsed value for "none": an explicit None, unlike the flag's default None (not given)."""
+
+    def __repr__(self) -> str:
+        return "None"
+
+
+GIVEN_NONE = _GivenNone()
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _flag_type(field_type: Any, default: Any):
+    """Parser of one flag's text; errors are ``argparse.ArgumentTypeError`` (a usage error, not a traceback)."""
     text = str(field_type)
+
+    def number(kind):
+        def parse(value: str):
+            if value.lower() == "none":
+                return GIVEN_NONE  # None for an Optional field; validate() names any other field
+            try:
+                return kind(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected {'an int' if kind is int else 'a number'} or none, "
+                                                 f"got {value!r}") from None
+        return parse
+
     if "bool" in text:
-        return lambda value: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
+        def boolean(value: str) -> bool:
+            if value.lower() not in _BOOLEANS:
+                raise argparse.ArgumentTypeError(f"expected one of {'/'.join(_BOOLEANS)}, got {value!r}")
+            return _BOOLEANS[value.lower()]
+        return boolean
     if "Tuple" in text:
         return lambda value: tuple(part for part in value.split(",") if part)
     if "int" in text:
-        return lambda value: None if value.lower() == "none" else int(value)
+        return number(int)
     if "float" in text:
-        return lambda value: None if value.lower() == "none" else float(value)
-    return lambda value: None if value.lower() == "none" and default is None else value
+        return number(float)
+    return lambda value: GIVEN_NONE if value.lower() == "none" and default is None else value
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--field-name VALUE`` flag per :class:`TrainConfig` field (default: not given)."""
+    """Add one ``--field-name VALUE`` flag per :class:`TrainConfig` field (default: not given).
+
+    ``none`` sets an Optional field to None (over a config file's value too).
+    """
     group = parser.add_argument_group("training configuration (override the config file)")
     for item in fields(TrainConfig):
         default = item.default if item.default is not dataclasses.MISSING else None
@@ -317,8 +379,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_arguments(args: argparse.Namespace, config_path: Optional[str] = None) -> TrainConfig:
     """Config file (if any) overridden by the flags that were given."""
-    overrides = {item.name: getattr(args, item.name) for item in fields(TrainConfig)
-                 if getattr(args, item.name, None) is not None}
+    overrides = {item.name: None if getattr(args, item.name) is GIVEN_NONE else getattr(args, item.name)
+                 for item in fields(TrainConfig) if getattr(args, item.name, None) is not None}
     if config_path:
         return TrainConfig.from_file(config_path, overrides)
     return TrainConfig.from_dict(overrides)
