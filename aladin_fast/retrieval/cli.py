@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 from typing import Optional, Sequence
@@ -124,11 +125,13 @@ def run_search(args: argparse.Namespace) -> int:
     )
     elapsed = time.perf_counter() - start
     ids, scores = result[0], result[1]
-    payload = {"ids": ids.tolist(), "scores": [[float(v) for v in row] for row in scores],
+    # strict JSON: an empty slot (id -1, score -inf) and a NaN score are written as null
+    payload = {"ids": ids.tolist(), "scores": [[float(v) if math.isfinite(v) else None for v in row]
+                                               for row in scores.tolist()],
                "seconds": elapsed, "queries": int(ids.shape[0])}
     if args.explain:
         payload["explanations"] = result[2].tolist()
-    text = json.dumps(payload)
+    text = json.dumps(payload, allow_nan=False)
     if args.out:
         with open(args.out, "w") as handle:
             handle.write(text)
