@@ -192,11 +192,19 @@ class MilvusStudentIndex:
             clash = self._existing(id_array)
             if clash.size:
                 raise ValueError(f"ids already in the Milvus collection: {np.sort(clash)[:8].tolist()}")
-            for start in range(0, id_array.size, INSERT_BATCH):
-                rows = [{"id": int(i), "vector": vector.tolist()}
-                        for i, vector in zip(id_array[start:start + INSERT_BATCH], matrix[start:start + INSERT_BATCH])]
-                with self._client_lock:
-                    self.client.insert(self.collection, rows)
+            try:
+                for start in range(0, id_array.size, INSERT_BATCH):
+                    rows = [{"id": int(i), "vector": vector.tolist()}
+                            for i, vector in zip(id_array[start:start + INSERT_BATCH], matrix[start:start + INSERT_BATCH])]
+                    with self._client_lock:
+                        self.client.insert(self.collection, rows)
+            except BaseException:
+                # all or nothing, like StudentIndex.add: drop the chunks already inserted (and the failing one,
+                # which Milvus may have applied before the error); none of these ids was there before
+                if id_array.size:
+                    with contextlib.suppress(Exception), self._client_lock:
+                        self.client.delete(self.collection, ids=id_array.tolist())
+                raise
 
     def remove(self, ids) -> int:
         """Delete ``ids`` (unknown ids are ignored); returns how many were present."""
