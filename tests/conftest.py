@@ -22,3 +22,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single_threaded_faiss():
+    """The searches here are tiny: faiss's OpenMP threads only spin (seconds per test on a busy 2-core machine)."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)

@@ -114,16 +114,6 @@ def pool(tmp_path_factory):
     iterator_log.setLevel(level)
 
 
-@pytest.fixture(scope="module")
-def single_threaded_faiss():
-    import faiss
-
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
-
-
 @pytest.fixture
 def small_batches(monkeypatch):
     """add() / remove() look ids up and insert in INSERT_BATCH chunks: make the chunks tiny so boundaries run."""

@@ -49,17 +49,6 @@ INPUT_KINDS = ["torch-float32", "torch-float16", "torch-bfloat16", "torch-float6
 IDS = st.one_of(st.integers(0, 30), st.integers(2**31 - 2, 2**31 + 2), st.integers(2**62, 2**63 - 1))
 
 
-@pytest.fixture(scope="module")
-def single_threaded_faiss():
-    """The searches here are tiny: faiss's OpenMP threads only spin (seconds per test on a busy 2-core machine)."""
-    import faiss
-
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
-
-
 def _as_input(values: np.ndarray, kind: str):
     """float64 values -> the caller's tokens in ``kind`` (torch or numpy, some float dtype)."""
     library, dtype = kind.split("-")
