@@ -138,16 +138,23 @@ def check_choice(name: str, value, choices) -> None:
 _WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 
+def torch_compatible(array: np.ndarray) -> np.ndarray:
+    """``array`` as ``torch.from_numpy`` / ``torch.as_tensor`` take it: torch refuses byte-swapped arrays and
+    negative strides (``np.flip``), so those (only) are copied into native byte order and positive strides."""
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if any(stride < 0 for stride in array.strides):  # (np.ascontiguousarray keeps a 1-element one as it is)
+        array = array.copy()
+    return array
+
+
 def _as_tensor(name: str, value) -> torch.Tensor:
     """``value`` as a tensor (lists and numpy arrays of any strides / byte order accepted; an empty list is an
     empty int64 tensor)."""
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, np.ndarray):  # torch.as_tensor refuses byte-swapped arrays and negative strides (np.flip)
-        if not value.dtype.isnative:
-            value = value.astype(value.dtype.newbyteorder("="))
-        if any(stride < 0 for stride in value.strides):  # (np.ascontiguousarray keeps a 1-element one as it is)
-            value = value.copy()
+    if isinstance(value, np.ndarray):
+        value = torch_compatible(value)
     try:
         tensor = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as err:

@@ -34,6 +34,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ._inputs import torch_compatible
+
 __all__ = [
     "METRIC_NAMES",
     "retrieval_ranks",
@@ -65,10 +67,7 @@ def _as_score_tensor(scores: ScoreMatrix, captions_per_image: int, nan: str) -> 
     if nan not in NAN_POLICIES:
         raise ValueError(f"nan must be one of {NAN_POLICIES}, got {nan!r}")
     if isinstance(scores, np.ndarray):
-        if any(stride < 0 for stride in scores.strides) or not scores.dtype.isnative:
-            # torch.from_numpy rejects negative strides (np.flip) and non-native byte order: copy those only
-            scores = np.ascontiguousarray(scores, dtype=scores.dtype.newbyteorder("="))
-        scores = torch.from_numpy(scores)
+        scores = torch.from_numpy(torch_compatible(scores))
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"scores must be a torch.Tensor or numpy.ndarray, got {type(scores).__name__}")
     if scores.dim() != 2:

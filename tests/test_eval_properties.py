@@ -494,6 +494,10 @@ def test_negative_stride_and_big_endian_numpy_scores():
     assert retrieval_metrics(np.flip(scores), 3) == retrieval_metrics(scores, 3)  # flipping relabels both sides
     assert retrieval_metrics(scores.astype(">f4"), 3) == retrieval_metrics(scores, 3)
     assert folds_metrics(np.flip(scores), 2, 3) == folds_metrics(np.ascontiguousarray(np.flip(scores)), 2, 3)
+    # a single image, flipped: np.ascontiguousarray keeps its negative stride, torch.from_numpy refused it
+    single = np.array([[1.0], [2.0]])[::-2]  # [1, 1], strides (-16, 8)
+    assert single.strides[0] < 0
+    assert retrieval_metrics(single, 1) == retrieval_metrics(np.array([[2.0]]), 1)
 
 
 @default(40)
