@@ -64,6 +64,16 @@ def best_first(values: torch.Tensor, topk: int) -> torch.Tensor:
     return order[:, :topk]
 
 
+def merge_best(values: torch.Tensor, ids: torch.Tensor, block: torch.Tensor, block_ids: torch.Tensor, topk: int):
+    """A running top-k: the best ``topk`` per row of ``(values, ids) [N, k']`` and a new ``(block, block_ids)
+    [N, M]`` (``block_ids`` broadcastable), by :func:`best_first`. The running best comes first, so on ties it
+    wins over the block: with blocks in increasing id order, the lower id first."""
+    merged_values = torch.cat([values, block], dim=1)
+    merged_ids = torch.cat([ids, block_ids.expand_as(block)], dim=1)
+    order = best_first(merged_values, topk)
+    return merged_values.gather(1, order), merged_ids.gather(1, order)
+
+
 def full_scores(
     text: torch.Tensor,
     images: torch.Tensor,
@@ -157,12 +167,7 @@ def full_scores(
                 image_stop = min(num_images, image_start + image_chunk)
                 image_rows, image_len = _rows(images, image_lengths, image_start, image_stop)
                 block = alignment_scores(text_rows, image_rows, text_len, image_len, **op_kwargs).float().cpu()
-                block_indices = torch.arange(image_start, image_stop).expand_as(block)
-                merged_values = torch.cat([values, block], dim=1)
-                merged_indices = torch.cat([indices, block_indices], dim=1)
-                # the running best holds lower image ids than the new block: stable = the lower id first on ties
-                order = best_first(merged_values, topk)
-                values, indices = merged_values.gather(1, order), merged_indices.gather(1, order)
+                values, indices = merge_best(values, indices, block, torch.arange(image_start, image_stop), topk)
             best_values[start:stop], best_indices[start:stop] = values, indices
         if bar is not None:
             bar.update(stop - start)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .. import alignment_scores, rerank_scores
-from ..ops.streaming import best_first
+from ..ops.streaming import best_first, merge_best
 from .feature_store import FeatureStore
 from .index import ReadWriteLock, StudentIndex, as_float_matrix, as_id_vector
 from .manifest import ManifestError, open_directory, save_directory
@@ -313,10 +313,7 @@ class Retriever:
                     block = all_pairs(queries, tokens, query_lengths, lengths)
                 else:
                     block = all_pairs(tokens, queries, lengths, query_lengths).T
-                merged_scores = torch.cat([best_scores, block.float().cpu()], dim=1)
-                merged_ids = torch.cat([best_ids, chunk_ids.expand(count, -1)], dim=1)
-                order = best_first(merged_scores, k)
-                best_scores, best_ids = torch.gather(merged_scores, 1, order), torch.gather(merged_ids, 1, order)
+                best_scores, best_ids = merge_best(best_scores, best_ids, block.float().cpu(), chunk_ids, k)
         ids = torch.full((count, k), -1, dtype=torch.int64)
         scores = torch.full((count, k), float("-inf"))
         ids[:, :best_ids.shape[1]], scores[:, :best_scores.shape[1]] = best_ids, best_scores
