@@ -47,6 +47,7 @@ pytest.importorskip("milvus_lite")
 from aladin_fast.retrieval import FeatureStore, ManifestError, Retriever, StudentIndex, TeacherScorer  # noqa: E402
 from aladin_fast.retrieval import milvus as milvus_module  # noqa: E402
 from aladin_fast.retrieval.milvus import MAX_TOPK, MilvusStudentIndex  # noqa: E402
+from test_retrieval_properties import fill_retriever  # noqa: E402
 
 DATABASE = DirectoryBasedExampleDatabase(os.path.join(os.path.dirname(__file__), ".hypothesis-db"))
 COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -394,13 +395,7 @@ def _retriever(problem, index):
     scorer = TeacherScorer(aggregation=problem["aggregation"])
     store = FeatureStore(problem["dim"])
     retriever = Retriever(index, store, scorer, direction=problem["direction"])
-    ids = torch.tensor(problem["ids"], dtype=torch.int64)
-    for part in np.array_split(np.arange(problem["count"]), problem["batches"]):
-        if part.size:
-            retriever.add(ids[part], torch.from_numpy(problem["embeddings"][part]),
-                          torch.from_numpy(problem["tokens"][part]), torch.from_numpy(problem["lengths"][part]))
-    if problem["removed"]:
-        assert retriever.remove(ids[problem["removed"]]) == len(problem["removed"])
+    fill_retriever(retriever, problem)
     return retriever
 
 

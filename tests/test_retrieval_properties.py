@@ -486,11 +486,8 @@ def retrieval_problems(draw):
     )
 
 
-def _build_retriever(problem, tmp):
-    scorer = TeacherScorer(aggregation=problem["aggregation"], padding=problem["padding"])
-    index = StudentIndex(problem["embed"], device="cpu")
-    store = FeatureStore(problem["dim"], problem["dtype"])
-    retriever = Retriever(index, store, scorer, direction=problem["direction"], zero_copy=problem["zero_copy"])
+def fill_retriever(retriever, problem) -> torch.Tensor:
+    """Add the problem's items in its batches, then remove its removed ones; returns the ids [count]."""
     ids = torch.tensor(problem["ids"], dtype=torch.int64)
     for part in np.array_split(np.arange(problem["count"]), problem["batches"]):
         if part.size:
@@ -498,6 +495,15 @@ def _build_retriever(problem, tmp):
                           torch.from_numpy(problem["tokens"][part]), torch.from_numpy(problem["lengths"][part]))
     if problem["removed"]:
         assert retriever.remove(ids[problem["removed"]]) == len(problem["removed"])
+    return ids
+
+
+def _build_retriever(problem, tmp):
+    scorer = TeacherScorer(aggregation=problem["aggregation"], padding=problem["padding"])
+    index = StudentIndex(problem["embed"], device="cpu")
+    store = FeatureStore(problem["dim"], problem["dtype"])
+    retriever = Retriever(index, store, scorer, direction=problem["direction"], zero_copy=problem["zero_copy"])
+    fill_retriever(retriever, problem)
     # an add the store rejects (tokens of the wrong size) changes neither the index nor the store
     before = sorted(index.ids().tolist()), store.ids().tolist()
     fresh = torch.tensor([10**6 + 1])
