@@ -133,6 +133,14 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def check_flag(name: str, value) -> bool:
+    """``value`` as a Python bool. Only True / False (and numpy's bool) are flags: a string such as
+    "false", a number or a tensor is truthy by accident, so it is refused rather than read as True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
 # unsigned dtypes most torch ops (aminmax, comparisons) do not implement: widened to int64 first. A uint64
 # value >= 2^63 becomes negative, which every index check refuses like the out-of-range value it is
 _WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)

@@ -5,7 +5,9 @@ from typing import Optional
 
 import torch
 
+from ._inputs import AGGREGATIONS, PADDINGS, check_choice, check_flag
 from .ops import alignment_scores, paired_scores, rerank_scores
+from .ops.backends import BACKENDS
 
 
 class AlignmentScore(torch.nn.Module):
@@ -19,11 +21,17 @@ class AlignmentScore(torch.nn.Module):
     def __init__(self, aggregation: str = "MrSw", padding: str = "neg_inf", normalize: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        self.aggregation, self.padding, self.normalize, self.backend = aggregation, padding, normalize, backend
+        # checked here, so a bad option fails where the module is built, not at its first forward
+        check_choice("aggregation", aggregation, AGGREGATIONS)
+        check_choice("padding", padding, PADDINGS)
+        check_choice("backend", backend, BACKENDS)
+        self.aggregation, self.padding, self.backend = aggregation, padding, backend
+        self.normalize = check_flag("normalize", normalize)
 
     def forward(self, text: torch.Tensor, images: torch.Tensor, text_lengths: Optional[torch.Tensor] = None,
                 image_lengths: Optional[torch.Tensor] = None, candidates: Optional[torch.Tensor] = None,
                 paired: bool = False) -> torch.Tensor:
+        paired = check_flag("paired", paired)
         options = dict(aggregation=self.aggregation, padding=self.padding, normalize=self.normalize,
                        backend=self.backend)
         if paired:

@@ -529,8 +529,17 @@ def test_alignment_score_gradients_flow_and_modes_are_exclusive():
     assert isinstance(module, torch.nn.Module) and list(module.parameters()) == []
     with pytest.raises(ValueError, match="either candidates or paired"):
         module(text, images, candidates=torch.zeros(3, 1, dtype=torch.int64), paired=True)
-    with pytest.raises(ValueError, match="aggregation"):
-        AlignmentScore(aggregation="max")(text, images)
+    # options are checked where the module is built, not at its first forward
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        AlignmentScore(aggregation="max")
+    with pytest.raises(ValueError, match="padding must be one of"):
+        AlignmentScore(padding="ninf")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        AlignmentScore(backend="cuda")
+    with pytest.raises(TypeError, match="normalize must be True or False"):
+        AlignmentScore(normalize="false")
+    with pytest.raises(TypeError, match="paired must be True or False"):
+        module(text, images, paired="no")
 
 
 # ----------------------------------------------------------------------------------------------- dtypes and defaults

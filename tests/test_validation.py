@@ -1,4 +1,5 @@
 """Bad input gives a clear error naming the argument (or the documented result)."""
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,27 @@ def test_unknown_options():
         aladin_fast.alignment_scores(text, images, padding="ninf")
     with pytest.raises(ValueError, match=r"backend must be one of"):
         aladin_fast.alignment_scores(text, images, backend="cuda")
+
+
+@pytest.mark.parametrize("flag", ["normalize", "return_argmax"])
+@pytest.mark.parametrize("value", ["false", 0, 1, None, torch.tensor(True)])
+def test_flags_must_be_bools(flag, value):
+    """A truthy non-bool (the string "false", 1, a tensor) was read as True: normalised or argmax-returning
+    results where the caller asked for neither."""
+    text, images = _ok()
+    for op, args in ((aladin_fast.alignment_scores, (text, images)), (aladin_fast.paired_scores, (text, images[:2])),
+                     (aladin_fast.rerank_scores, (text, images, torch.zeros(2, 1, dtype=torch.int64)))):
+        with pytest.raises(TypeError, match=rf"{flag} must be True or False"):
+            op(*args, backend="reference", **{flag: value})
+
+
+def test_flags_accept_numpy_bools():
+    text, images = _ok()
+    plain = aladin_fast.alignment_scores(text, images, backend="reference", normalize=True)
+    numpy_flag = aladin_fast.alignment_scores(text, images, backend="reference", normalize=np.bool_(True))
+    torch.testing.assert_close(numpy_flag, plain, rtol=0, atol=0)
+    scores = aladin_fast.alignment_scores(text, images, backend="reference", return_argmax=np.bool_(False))
+    assert isinstance(scores, torch.Tensor)
 
 
 def test_explicit_backend_never_falls_back():

@@ -20,6 +20,7 @@ from .._inputs import (
     REFERENCE_DTYPES,
     check_candidates,
     check_choice,
+    check_flag,
     check_pair,
     normalized,
     token_batch,
@@ -50,6 +51,7 @@ def _score(
 ):
     check_choice("aggregation", aggregation, AGGREGATIONS)
     check_choice("padding", padding, PADDINGS)
+    normalize, return_argmax = check_flag("normalize", normalize), check_flag("return_argmax", return_argmax)
     text_batch = token_batch("text", text, text_lengths, text_cu_seqlens, allowed_dtypes=REFERENCE_DTYPES,
                              max_len=max_text_len)
     image_batch = token_batch("images", images, image_lengths, image_cu_seqlens, allowed_dtypes=REFERENCE_DTYPES,
