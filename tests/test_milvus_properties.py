@@ -11,14 +11,16 @@
 * Retriever on Milvus vs Retriever on the local index, same gallery (built in batches, removals, maybe saved
   and reloaded): identical ids and scores for every query whose student scores have no near-ties (with ties the
   two backends may break them differently, as the Retriever docstring allows).
-* Failures: add() through a client that fails at any call (before Milvus sees it, or after Milvus applied it, as
+* Failures: add() and remove() through a client that fails at any call (before Milvus sees it, or after Milvus applied it, as
   a timeout does) changes nothing, like the local index, and can be retried; through a Retriever too.
 * Input validation: every documented refusal (constructor, add, remove, search) raises the same exception type
   as the local index and changes nothing. NaN embeddings are refused by neither (nothing documents it): a NaN
   gallery vector never displaces a finite one in either backend.
 
-Milvus consistency: the module creates its collections with ``consistency_level="Strong"``, so a read right
-after a write must see it; nothing here waits or retries.
+Milvus consistency: the module creates its collections with ``consistency_level="Strong"`` and every read asks
+for Strong itself (a collection made elsewhere may default to Bounded), so a read right after a write must see
+it; nothing here waits or retries. The exact scan that serves k above Milvus's top-k limit runs in the state
+machine (the limit lowered to 0, tiny scan batches) against the float64 brute force.
 
 Default run: derandomized, small (milvus-lite round trips are milliseconds each; one server per module, one
 collection per (dim, metric) reused and emptied, since creating a collection costs milvus-lite 0.5 s).
@@ -117,8 +119,10 @@ def pool(tmp_path_factory):
 
 @pytest.fixture
 def small_batches(monkeypatch):
-    """add() / remove() look ids up and insert in INSERT_BATCH chunks: make the chunks tiny so boundaries run."""
+    """add() / remove() look ids up and insert in INSERT_BATCH chunks, the exact scan reads SCAN_BATCH vectors at
+    a time: make the chunks tiny so boundaries run."""
     monkeypatch.setattr(milvus_module, "INSERT_BATCH", 3)
+    monkeypatch.setattr(milvus_module, "SCAN_BATCH", 3)
 
 
 def _grid(rng, shape, scale=4, limit=4):
@@ -149,6 +153,16 @@ def _tolerance(metric: str, truth: np.ndarray) -> np.ndarray:
     if metric == "ip":
         return np.zeros_like(truth)
     return 1e-6 * np.maximum(1.0, np.abs(truth))
+
+
+def _scanned_search(index: MilvusStudentIndex, queries: np.ndarray, k: int):
+    """``index.search`` through the exact scan that serves k above Milvus's top-k limit (the limit lowered to 0)."""
+    limit = milvus_module.MAX_TOPK
+    milvus_module.MAX_TOPK = 0
+    try:
+        return index.search(queries, k)
+    finally:
+        milvus_module.MAX_TOPK = limit
 
 
 def _pairs(scores: torch.Tensor, ids: torch.Tensor, row: int):
@@ -332,6 +346,8 @@ class MilvusIndexMachine(RuleBasedStateMachine):
         gallery = np.stack([self.model[i] for i in ids])
         truth = _truth(queries, gallery, self.metric)
         column = {item: j for j, item in enumerate(ids)}
+        scanned = _scanned_search(self.index, queries, k)
+        assert (scanned[1][:, hits:] == -1).all() and (scanned[0][:, hits:] == float("-inf")).all()
         for q in range(nq):
             row = found[q, :hits].tolist()
             assert len(set(row)) == hits and all(item in column for item in row), row
@@ -341,6 +357,13 @@ class MilvusIndexMachine(RuleBasedStateMachine):
             assert (np.diff(own) <= 1e-12).all(), (got, own)  # best first (in exact scores)
             best = np.sort(truth[q])[::-1][:hits]  # the multiset of the true top-k (ties: any of them)
             np.testing.assert_array_less(np.abs(got - best), _tolerance(self.metric, best) + 1e-300)
+            # the exact scan (k above Milvus's limit): the true top-k, the lower id first on ties
+            scan_row, scan_got = scanned[1][q, :hits].tolist(), scanned[0][q, :hits].double().numpy()
+            scan_own = truth[q, [column[item] for item in scan_row]]
+            np.testing.assert_array_less(np.abs(scan_got - scan_own), _tolerance(self.metric, scan_own) + 1e-300)
+            np.testing.assert_array_less(np.abs(scan_got - best), _tolerance(self.metric, best) + 1e-300)
+            if self.metric == "ip":  # exact scores on the grid: the order is fully determined
+                assert scan_row == sorted(ids, key=lambda item: (-truth[q, column[item]], item))[:hits]
             # the same answer as the local index: scores within tolerance, and ids equal up to tied scores
             local = local_scores[q, :hits].double().numpy()
             np.testing.assert_allclose(got, local, rtol=0, atol=1e-5)
@@ -550,6 +573,92 @@ def test_failed_add_changes_nothing_thorough(start, size, fail_at, applied, thro
     _check_failed_add(pool, start, new, fail_at, applied, through_retriever)
 
 
+def _check_failed_remove(pool, start, removed, fail_at, applied, through_retriever):
+    """remove() that fails at any client call leaves the index and the store holding the same ids, and a retry
+    finishes it. A delete that Milvus applied and then reported as failed (a timeout) is a removal that happened:
+    it is reported as done, not raised (before, a Retriever kept those ids in its store)."""
+    index, client = _flaky_index(pool, 4, "ip")
+    vectors = np.stack([np.array([item % 5, 1, 0, 0], np.float32) / 4 for item in start])
+    index.add(vectors, start)
+    store = FeatureStore(1)
+    store.append(start, torch.ones(len(start), 1, 1))
+    retriever = Retriever(index, store) if through_retriever else None
+    client.arm(fail_at, applied)
+    try:
+        count = retriever.remove(removed) if retriever is not None else index.remove(removed)
+    except InjectedFault:
+        event(f"failed at {client.calls[fail_at]}{' (applied)' if applied else ''}")
+        assert not (applied and client.calls[fail_at] == "delete"), "an applied delete was reported as failed"
+        client.arm(None)
+        if retriever is not None:
+            assert sorted(index.ids().tolist()) == store.ids().tolist()
+        assert set(start) - set(removed) <= set(index.ids().tolist())
+        count = None
+    client.arm(None)
+    expected = sorted(set(start) - set(removed))
+    if count is not None:
+        assert count == len(set(start) & set(removed))
+    else:  # the retry finishes it
+        retriever.remove(removed) if retriever is not None else index.remove(removed)
+    assert sorted(index.ids().tolist()) == expected and index.ntotal == len(expected)
+    if retriever is not None:
+        assert store.ids().tolist() == expected
+
+
+@settings(max_examples=25, derandomize=True, database=None, **COMMON)
+@given(start=st.lists(st.integers(0, 40), min_size=1, max_size=8, unique=True), data=st.data(),
+       fail_at=st.integers(0, 6), applied=st.booleans(), through_retriever=st.booleans())
+def test_failed_remove_keeps_index_and_store_in_step(start, data, fail_at, applied, through_retriever, pool,
+                                                     small_batches):
+    removed = data.draw(st.lists(st.sampled_from(start + [99]), min_size=1, max_size=6, unique=True))
+    _check_failed_remove(pool, start, removed, fail_at, applied, through_retriever)
+
+
+def test_regression_applied_delete_reported_as_failed_is_a_removal(pool):
+    for through_retriever in (False, True):
+        index, client = _flaky_index(pool, 4, "ip")
+        index.add(np.eye(4, dtype=np.float32)[:3], [1, 2, 3])
+        store = FeatureStore(1)
+        store.append([1, 2, 3], torch.ones(3, 1, 1))
+        target = Retriever(index, store) if through_retriever else index
+        client.arm(1, applied=True)  # call 0: the lookup of which ids exist; call 1: the delete
+        assert target.remove([2, 3]) == 2
+        client.arm(None)
+        assert sorted(index.ids().tolist()) == [1] and store.ids().tolist() == ([1] if through_retriever else [1, 2, 3])
+
+
+class _ReversedScan:
+    """A query_iterator whose batches come in descending id order (a cluster's segments give no order)."""
+
+    def __init__(self, rows, size):
+        rows = sorted(rows, key=lambda row: -row["id"])
+        self.batches = [rows[start:start + size] for start in range(0, len(rows), size)]
+
+    def next(self):
+        return self.batches.pop(0) if self.batches else []
+
+    def close(self):
+        pass
+
+
+def test_regression_exact_scan_keeps_the_lower_id_on_ties_in_any_scan_order(pool, small_batches):
+    index = pool.fresh(4, "ip")
+    real = index.client
+
+    class Client:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def query_iterator(self, collection, batch_size, filter, output_fields, **kwargs):
+            rows = real.query(collection, filter="id >= 0", output_fields=output_fields, **kwargs)
+            return _ReversedScan(rows, batch_size)
+
+    index.add(np.tile(np.array([[0.5, 0, 0, 0]], np.float32), (7, 1)), [40, 3, 17, 8, 25, 1, 12])
+    index.client = Client()
+    scores, found = _scanned_search(index, np.array([[1.0, 0, 0, 0]], np.float32), 4)
+    assert found[0].tolist() == [1, 3, 8, 12] and scores[0].tolist() == [0.5] * 4
+
+
 # ================================================================================================ validation
 def test_constructor_and_search_validation_matches_the_local_index(pool):
     index = pool.fresh(4, "ip")
@@ -572,8 +681,11 @@ def test_constructor_and_search_validation_matches_the_local_index(pool):
         for backend in (index, local):
             with pytest.raises(ValueError, match="k must be a positive int"):
                 backend.search(queries, bad_k)
-    with pytest.raises(ValueError, match=f"exceeds Milvus's top-k limit of {MAX_TOPK}"):
-        index.search(queries, MAX_TOPK + 1)
+    # above Milvus's top-k limit: an exact scan of the collection, the same hits as below it
+    beyond, below = index.search(queries, MAX_TOPK + 1), index.search(queries, 4)
+    assert beyond[0].shape == beyond[1].shape == (2, MAX_TOPK + 1)
+    assert (beyond[1][:, 4:] == -1).all() and (beyond[0][:, 4:] == float("-inf")).all()
+    assert all(_pairs(beyond[0][:, :4], beyond[1][:, :4], q) == _pairs(*below, q) for q in range(2))
     for backend in (index, local):
         with pytest.raises(ValueError, match="batch_size must be >= 1"):
             backend.search(queries, 2, batch_size=0)

@@ -98,6 +98,7 @@ class FakeMilvusClient:
 
     def __init__(self, uri, **kwargs):
         self.uri, self.kwargs, self.collections, self.index_types = uri, kwargs, {}, {}
+        self.read_levels = []  # the consistency level each read asked for
 
     def has_collection(self, name):
         return name in self.collections
@@ -116,17 +117,20 @@ class FakeMilvusClient:
     def insert(self, name, rows):
         self.collections[name].update({row["id"]: np.asarray(row["vector"], np.float32) for row in rows})
 
-    def get(self, name, ids, output_fields):
+    def get(self, name, ids, output_fields, consistency_level=None):
+        self.read_levels.append(consistency_level)
         return [{"id": i} for i in ids if i in self.collections[name]]
 
     def delete(self, name, ids):
         for i in ids:
             self.collections[name].pop(i, None)
 
-    def query(self, name, filter, output_fields):
+    def query(self, name, filter, output_fields, consistency_level=None):
+        self.read_levels.append(consistency_level)
         return [{"count(*)": len(self.collections[name])}]
 
-    def search(self, name, data, limit, search_params, output_fields):
+    def search(self, name, data, limit, search_params, output_fields, consistency_level=None):
+        self.read_levels.append(consistency_level)
         keys = list(self.collections[name])
         matrix = np.stack([self.collections[name][key] for key in keys]) if keys else np.zeros((0, len(data[0])))
         results = []
@@ -148,3 +152,8 @@ def test_cluster_uri_with_mocked_client(monkeypatch, generator):
     _, found = index.search(gallery[:4], 1)
     assert found.flatten().tolist() == [0, 1, 2, 3]
     assert "secret" not in str(index.config())
+    # a cluster collection created elsewhere may default to Bounded consistency: every read asks for Strong
+    # itself, so the duplicate check, remove and search see the writes made just before them
+    index.remove([0])
+    assert index.ntotal == 29
+    assert client.read_levels and set(client.read_levels) == {"Strong"}

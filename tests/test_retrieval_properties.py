@@ -671,3 +671,27 @@ def test_regression_from_tokens_accepts_numpy_like_append():
     store = FeatureStore.from_tokens([4, 5], tokens, [3, 1])
     assert store.dtype == torch.float16 and store.lengths([4, 5]).tolist() == [3, 1]
     assert torch.equal(store.gather([5])[0], torch.from_numpy(tokens[1:, :1]))
+
+
+def test_regression_a_remove_the_index_half_applies_keeps_the_store_in_step():
+    """An index whose remove() drops some ids and then fails (a cluster delete that times out midway): the
+    Retriever removes from its store exactly what the index no longer holds, re-raises, and a retry finishes."""
+
+    class HalfFailingIndex(StudentIndex):
+        fail = True
+
+        def remove(self, ids):
+            if self.fail:
+                self.fail = False
+                super().remove(np.asarray(ids)[: len(ids) // 2])
+                raise TimeoutError("delete timed out")
+            return super().remove(ids)
+
+    index, store = HalfFailingIndex(2, device="cpu"), FeatureStore(1)
+    retriever = Retriever(index, store)
+    retriever.add(np.arange(6), np.eye(6, 2, dtype=np.float32) + 0.5, torch.ones(6, 1, 1))
+    with pytest.raises(TimeoutError, match="delete timed out"):
+        retriever.remove([1, 3, 4, 5])
+    assert sorted(index.ids().tolist()) == store.ids().tolist() == [0, 2, 4, 5]
+    assert retriever.remove([1, 3, 4, 5]) == 2
+    assert sorted(index.ids().tolist()) == store.ids().tolist() == [0, 2]

@@ -296,6 +296,10 @@ class StudentIndex:
                 return np.zeros(0, dtype=np.int64)
             return self._faiss.vector_to_array(self._cpu_index.id_map).astype(np.int64)
 
+    def contains(self, ids) -> np.ndarray:
+        """bool ``[N]``: which of ``ids`` are in the index."""
+        return np.isin(as_id_vector("ids", ids), self.ids())
+
     # ------------------------------------------------------------- mutation
     def _prepare(self, name: str, embeddings) -> np.ndarray:
         matrix = as_float_matrix(name, embeddings, self.dim)

@@ -16,7 +16,13 @@ count (the access token is never written; pass ``token=`` or set
 ``MILVUS_TOKEN``).
 
 Scores follow :meth:`StudentIndex.search`: higher is better (inner product or
-cosine similarity; negative squared L2 distance for ``metric="l2"``).
+cosine similarity; negative squared L2 distance for ``metric="l2"``). Milvus
+returns at most 16,384 hits per query; a larger ``k`` (a big ``rerank_k``) is
+served by an exact scan that streams the stored vectors out of the collection.
+
+Every read asks for ``Strong`` consistency, whatever the collection's default:
+the duplicate check in ``add``, ``remove`` and its rollback must see the
+writes made just before them.
 """
 from __future__ import annotations
 
@@ -30,13 +36,18 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from ..ops.streaming import best_first
 from .index import METRICS, ReadWriteLock, as_float_matrix, as_id_vector
 from .manifest import ManifestError, open_directory, save_directory
 
 __all__ = ["MilvusStudentIndex"]
 
 _MILVUS_METRICS = {"ip": "IP", "cosine": "COSINE", "l2": "L2"}
-MAX_TOPK = 16384  # Milvus's limit on `limit` (top-k) per search
+MAX_TOPK = 16384  # Milvus's limit on `limit` (top-k) per search; a larger k is served by an exact scan
+SCAN_BATCH = 4096  # vectors per query_iterator batch of that scan
+# every read asks for Strong consistency itself: a collection created elsewhere may default to Bounded,
+# where a read can miss writes made just before it (the duplicate check, remove and rollback rely on them)
+STRONG = {"consistency_level": "Strong"}
 INSERT_BATCH = 2048
 CONFIG_FILE = "config.json"
 
@@ -140,7 +151,7 @@ class MilvusStudentIndex:
     @property
     def ntotal(self) -> int:
         with self._client_lock:
-            rows = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+            rows = self.client.query(self.collection, filter="", output_fields=["count(*)"], **STRONG)
         return int(rows[0]["count(*)"])
 
     def __len__(self) -> int:
@@ -158,22 +169,34 @@ class MilvusStudentIndex:
         """All ids in the collection, int64 ``[ntotal]`` (unordered)."""
         found = []
         with self._client_lock:
-            iterator = self.client.query_iterator(self.collection, batch_size=4096, filter="", output_fields=["id"])
-            try:
-                while True:
-                    batch = iterator.next()
-                    if not batch:
-                        break
-                    found.extend(int(row["id"]) for row in batch)
-            finally:
-                iterator.close()
+            for batch in self._scan(["id"]):
+                found.extend(int(row["id"]) for row in batch)
         return np.asarray(found, dtype=np.int64)
+
+    def _scan(self, fields):
+        """Every row of the collection, ``fields`` only, in batches of SCAN_BATCH (caller holds the client lock)."""
+        iterator = self.client.query_iterator(self.collection, batch_size=SCAN_BATCH, filter="", output_fields=fields,
+                                              **STRONG)
+        try:
+            while True:
+                batch = iterator.next()
+                if not batch:
+                    return
+                yield batch
+        finally:
+            iterator.close()
+
+    def contains(self, ids) -> np.ndarray:
+        """bool ``[N]``: which of ``ids`` are in the collection."""
+        id_array = as_id_vector("ids", ids)
+        return np.isin(id_array, self._existing(np.unique(id_array)))
 
     def _existing(self, ids: np.ndarray) -> np.ndarray:
         present = []
         for start in range(0, ids.size, INSERT_BATCH):
             with self._client_lock:
-                rows = self.client.get(self.collection, ids=ids[start:start + INSERT_BATCH].tolist(), output_fields=["id"])
+                rows = self.client.get(self.collection, ids=ids[start:start + INSERT_BATCH].tolist(), output_fields=["id"],
+                                       **STRONG)
             present.extend(int(row["id"]) for row in rows)
         return np.asarray(present, dtype=np.int64)
 
@@ -214,8 +237,18 @@ class MilvusStudentIndex:
         with self._lock.write():
             present = self._existing(id_array)
             if present.size:
-                with self._client_lock:
-                    self.client.delete(self.collection, ids=present.tolist())
+                try:
+                    with self._client_lock:
+                        self.client.delete(self.collection, ids=present.tolist())
+                except BaseException:
+                    # a cluster can apply a delete and still report a failure (a timeout, a dropped
+                    # connection): if every id is gone, the removal happened and is reported as done
+                    try:
+                        left = self._existing(present)
+                    except Exception:
+                        left = present
+                    if left.size:
+                        raise
         return int(present.size)
 
     # --------------------------------------------------------------- search
@@ -223,8 +256,8 @@ class MilvusStudentIndex:
         """Top-``k`` neighbours: ``(scores [Nq, k] float32, ids [Nq, k] int64)``, missing slots -inf / -1."""
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        if k > MAX_TOPK:
-            raise ValueError(f"k={k} exceeds Milvus's top-k limit of {MAX_TOPK}")
+        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool):
+            raise TypeError(f"batch_size must be an int, got {batch_size!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         matrix = as_float_matrix("queries", queries, self.dim)
@@ -233,6 +266,9 @@ class MilvusStudentIndex:
         ids = np.full((count, k), -1, dtype=np.int64)
         if count == 0:
             return torch.from_numpy(scores), torch.from_numpy(ids)
+        if k > MAX_TOPK:  # beyond what Milvus returns per query: an exact scan of the collection
+            with self._lock.read():
+                return self._scan_search(matrix, k)
         params = {"metric_type": _MILVUS_METRICS[self.metric], "params": dict(self.search_params)}
         starts = range(0, count, batch_size)
         if progress:
@@ -244,7 +280,7 @@ class MilvusStudentIndex:
                 block = matrix[start:start + batch_size]
                 with self._client_lock:
                     results = self.client.search(self.collection, data=block.tolist(), limit=int(k),
-                                                 search_params=params, output_fields=[])
+                                                 search_params=params, output_fields=[], **STRONG)
                 for row, hits in enumerate(results):
                     found = len(hits)
                     ids[start + row, :found] = [hit["id"] for hit in hits]
@@ -252,6 +288,38 @@ class MilvusStudentIndex:
         if self.metric == "l2":
             scores = np.where(ids >= 0, -scores, -np.inf).astype(np.float32)
         return torch.from_numpy(scores), torch.from_numpy(ids)
+
+    def _scan_search(self, matrix: np.ndarray, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-``k`` by streaming every stored vector out of Milvus (for ``k`` above Milvus's limit).
+        Scores as Milvus gives them (inner product, cosine, negated squared L2); ties: the lower id first."""
+        queries = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
+        if self.metric == "cosine":
+            queries = torch.nn.functional.normalize(queries, dim=1)
+        best = torch.full((queries.shape[0], 0), -math.inf)
+        best_ids = torch.zeros((queries.shape[0], 0), dtype=torch.int64)
+        with self._client_lock:
+            for batch in self._scan(["id", "vector"]):
+                ids = torch.tensor([int(row["id"]) for row in batch], dtype=torch.int64)
+                vectors = torch.from_numpy(np.asarray([row["vector"] for row in batch], dtype=np.float32))
+                if self.metric == "cosine":
+                    vectors = torch.nn.functional.normalize(vectors, dim=1)
+                if self.metric == "l2":
+                    block = -torch.cdist(queries.double(), vectors.double()).square().float()
+                else:
+                    block = queries @ vectors.T
+                # the iterator's batches come in no id order: sort each merge by id before ranking it, so a
+                # tie keeps the lower id, as it would in one exhaustive pass
+                values = torch.cat([best, block], dim=1)
+                merged_ids = torch.cat([best_ids, ids.expand(queries.shape[0], -1)], dim=1)
+                by_id = torch.argsort(merged_ids, dim=1, stable=True)
+                values, merged_ids = values.gather(1, by_id), merged_ids.gather(1, by_id)
+                order = best_first(values, k)
+                best, best_ids = values.gather(1, order), merged_ids.gather(1, order)
+        found = best.shape[1]
+        scores = torch.full((queries.shape[0], k), -math.inf)
+        ids = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
+        scores[:, :found], ids[:, :found] = best, best_ids
+        return scores, ids
 
     # ---------------------------------------------------------- persistence
     def config(self) -> dict:

@@ -31,6 +31,7 @@ concurrently (read lock), ``add``/``remove`` are exclusive (write lock).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -162,7 +163,15 @@ class Retriever:
         """Remove ids from index and store; returns how many were removed from the store."""
         id_array = as_id_vector("ids", ids)
         with self._lock.write():
-            self.student_index.remove(id_array)
+            try:
+                self.student_index.remove(id_array)
+            except BaseException:
+                # the index may have removed some or all of them before it failed (a Milvus delete that
+                # landed, then timed out): drop from the store what the index no longer holds, so the two
+                # still index the same gallery, and report the failure
+                with contextlib.suppress(Exception):
+                    self.feature_store.remove(id_array[~self.student_index.contains(id_array)])
+                raise
             return self.feature_store.remove(id_array)
 
     # --------------------------------------------------------------- search
