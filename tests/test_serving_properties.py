@@ -687,6 +687,36 @@ def test_explanations_survive_a_hit_removed_right_after_the_search(directories):
     assert got == expected
 
 
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_rerank_ids_removed_after_validation_are_a_404(directories, direction):
+    """Regression: candidate ids are checked when the request is parsed; one removed in process before its
+    batch ran made the store lookup raise KeyError, a 500. Now the request gets the 404 it would have got a
+    moment earlier, and a batch mate whose ids are all still there gets its scores."""
+    gallery = load_gallery([directories["neg_inf", direction]], generation=1, device="cpu")
+    retriever = gallery.retrievers[direction]
+    config = ServingConfig(**LIMITS)
+    ids = [int(i) for i in retriever.feature_store.ids()[:4]]
+    width = WORDS if direction == "text_to_image" else REGIONS
+    tokens = normalize(torch.randn(width, DIM, generator=torch.Generator().manual_seed(3)))
+    doomed = parse("rerank", {"direction": direction, "query_tokens": tokens.tolist(), "candidate_ids": ids[:2]},
+                   gallery, config)
+    fine = parse("rerank", {"direction": direction, "query_tokens": tokens.tolist(), "candidate_ids": ids[2:]},
+                 gallery, config)
+    expected = run_rerank_batch([fine])[0]
+    embeddings = retriever.student_index.reconstruct(ids[:1])
+    items, item_lengths = retriever.feature_store.gather(ids[:1])
+    retriever.remove(ids[:1])
+    try:
+        for batch in ([doomed], [doomed, fine]):  # alone, and failing a batch (the batcher then runs each alone)
+            with pytest.raises(RequestError) as caught:
+                run_rerank_batch(batch)
+            assert caught.value.status == 404 and caught.value.field == "candidate_ids"
+            assert f"[{ids[0]}]" in caught.value.message
+        assert run_rerank_batch([fine])[0] == expected
+    finally:
+        retriever.add(ids[:1], embeddings, items, item_lengths)
+
+
 def test_search_and_rerank_while_the_gallery_changes_in_process(directories):
     """Retriever.add / remove and FeatureStore.compact in a thread while batches run: no error, every score
     equals the one its (query, item) pair gets alone; hits are live ids of some snapshot."""

@@ -35,7 +35,16 @@ import torch
 from .index import as_id_vector
 from .manifest import ManifestError, open_directory, save_directory
 
-__all__ = ["FeatureStore", "STORE_DTYPES"]
+__all__ = ["FeatureStore", "MissingIdsError", "STORE_DTYPES"]
+
+
+class MissingIdsError(KeyError):
+    """Ids looked up in a :class:`FeatureStore` that does not hold them; ``ids``: the missing ones (sorted)."""
+
+    def __init__(self, message: str, ids: np.ndarray):
+        super().__init__(message)
+        self.ids = ids
+
 
 # name -> (torch dtype, numpy storage dtype)
 STORE_DTYPES = {
@@ -193,12 +202,13 @@ class FeatureStore:
         if not ids.size:
             return np.zeros(0, dtype=np.int64)
         if not sorted_ids.size:
-            raise KeyError(f"ids not in the feature store (it is empty): {ids[:8].tolist()}")
+            raise MissingIdsError(f"ids not in the feature store (it is empty): {ids[:8].tolist()}", np.unique(ids))
         pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.size - 1)
         found = sorted_ids[pos] == ids
         if not found.all():
             missing = np.unique(ids[~found])
-            raise KeyError(f"ids not in the feature store: {missing[:8].tolist()}{' ...' if missing.size > 8 else ''}")
+            raise MissingIdsError(
+                f"ids not in the feature store: {missing[:8].tolist()}{' ...' if missing.size > 8 else ''}", missing)
         return layout.sorted_rows[pos]
 
     def rows(self, ids) -> torch.Tensor:

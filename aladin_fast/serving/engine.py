@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..retrieval import Retriever, TeacherScorer
+from ..retrieval.feature_store import MissingIdsError
 
 __all__ = ["Gallery", "SearchQuery", "RerankQuery", "load_gallery", "search_batch_key", "rerank_batch_key",
            "run_search_batch", "run_rerank_batch"]
@@ -264,7 +265,22 @@ def run_rerank_batch(queries: Sequence[RerankQuery]) -> List[dict]:
     Text->image: the queries are captions (``text``), candidates are images.
     Image->text: the candidates are captions, one ``text`` row per (query, candidate) pair, scored
     against the query image, as :meth:`Retriever.search` does, so scores equal the search's.
+
+    Candidate ids were checked when the request was parsed; one removed from the gallery since (an
+    in-process ``remove``) is the caller's 404, as it would have been a moment earlier, not a 500.
     """
+    try:
+        return _rerank_batch(queries)
+    except MissingIdsError as err:
+        from .schema import RequestError  # schema imports this module
+
+        missing = err.ids
+        raise RequestError("candidate_ids", f"not in the {queries[0].direction} gallery (removed after the request "
+                                            f"was accepted): {missing[:8].tolist()}{' ...' if missing.size > 8 else ''}",
+                           status=404) from err
+
+
+def _rerank_batch(queries: Sequence[RerankQuery]) -> List[dict]:
     first = queries[0]
     retriever = first.gallery.retrievers[first.direction]
     store, scorer, device = retriever.feature_store, retriever.scorer, first.gallery.device
