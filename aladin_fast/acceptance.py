@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from ._io import write_text_atomic
 from .training.config import TUNED_STUDENT
 
 __all__ = ["ACCEPTANCE_SIZES", "CRITERIA", "run_acceptance", "oracle_checks", "main"]
@@ -247,12 +248,10 @@ def run_acceptance(seed: int = 0, *, out: Optional[str] = DEFAULT_OUT, device: s
             "history": trainer.history,
         }
         if out:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
-                json.dump(results, handle, indent=2, default=float)
-                handle.write("\n")
-            with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as handle:
-                handle.write(report_markdown(results))
+            # serialised whole, then written atomically: a failure leaves the previous results.json, not a
+            # truncated one (json.dump streamed into the open file)
+            write_text_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=2, default=float) + "\n")
+            write_text_atomic(os.path.join(out, "report.md"), report_markdown(results))
         print("\n" + metrics_markdown(results))
         print(f"\nverdict: {verdict['summary']}")
         if out:

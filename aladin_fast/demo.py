@@ -28,6 +28,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ._io import write_text_atomic
 from .training.config import TUNED_STUDENT
 
 __all__ = ["DEFAULT_SIZES", "QUICK_SIZES", "run_demo"]
@@ -175,9 +176,7 @@ def run_demo(quick: bool = False, seed: int = 0, *, out: Optional[str] = None, d
             "history": trainer.history,
             "checkpoint": checkpoint,
         }
-        with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2, default=float)
-            handle.write("\n")
+        write_text_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=2, default=float) + "\n")
         write_report(results, out)
         _link_latest(out)
         _print_summary(results, metrics_table, out)

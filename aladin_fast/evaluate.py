@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
+import os
 import statistics
 import sys
 import time
@@ -37,6 +39,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from ._io import write_text_atomic
 from .eval import metrics_from_ranks, retrieval_ranks
 
 __all__ = ["EncodedSplit", "encode_split", "RetrievalEvaluator", "recall_curve", "evaluate_main"]
@@ -53,6 +56,8 @@ def _synchronize(device: torch.device) -> None:
 def recall_curve(ranks: torch.Tensor, levels: Iterable[int] = RECALL_CURVE_LEVELS) -> Dict[str, float]:
     """``{"K": percent of queries with rank <= K}`` for each level K."""
     ranks = torch.as_tensor(ranks).double()
+    if ranks.numel() == 0:  # the mean of nothing: NaN recalls (written to JSON as NaN)
+        raise ValueError(f"ranks must be non-empty, got shape {tuple(ranks.shape)}")
     return {str(level): 100.0 * float((ranks <= level).double().mean()) for level in levels}
 
 
@@ -91,6 +96,10 @@ def encode_split(teacher, student, source, tokenizer, device: torch.device, bloc
     """Encode every image and caption of ``source`` (a :class:`~aladin_fast.training.data.PairSource`)."""
     from .training.data import encode_captions
 
+    if not isinstance(block, numbers.Integral) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    if source.num_images < 1:
+        raise ValueError(f"source has no images ({source!r}): nothing to evaluate")
     started = time.perf_counter()
     teacher.eval(), student.eval()
     regions, image_lengths = source.image_batch(range(source.num_images))
@@ -131,8 +140,10 @@ class RetrievalEvaluator:
 
     def __init__(self, teacher, student, split: EncodedSplit, device: torch.device, *, latency_queries: int = 100,
                  store_dtype: str = "float32", seed: int = 0):
-        from .retrieval import FeatureStore, Retriever, StudentIndex
+        from .retrieval import FeatureStore, Retriever, StudentIndex, TeacherScorer
 
+        if not isinstance(latency_queries, numbers.Integral) or isinstance(latency_queries, bool) or latency_queries < 1:
+            raise ValueError(f"latency_queries must be a positive int, got {latency_queries!r}")
         self.teacher, self.student, self.split, self.device = teacher.eval(), student.eval(), split, device
         started = time.perf_counter()
         index_device = "auto" if device.type == "cuda" else "cpu"
@@ -145,8 +156,12 @@ class RetrievalEvaluator:
         image_store.append(image_ids, split.image_tokens, split.image_lengths)
         caption_store = FeatureStore(split.caption_tokens.shape[2], store_dtype)
         caption_store.append(caption_ids, split.caption_tokens, split.caption_lengths)
-        self.text_to_image = Retriever(image_index, image_store, direction="text_to_image")
-        self.image_to_text = Retriever(caption_index, caption_store, direction="image_to_text")
+        # rerank with the teacher's own scoring function, as teacher_exhaustive (Teacher.full_scores) does: the
+        # default TeacherScorer is MrSw / neg_inf whatever the teacher was trained with
+        scorer = TeacherScorer(aggregation=teacher.aggregation, padding=teacher.padding,
+                               backend=teacher.backend)
+        self.text_to_image = Retriever(image_index, image_store, scorer, direction="text_to_image")
+        self.image_to_text = Retriever(caption_index, caption_store, scorer, direction="image_to_text")
         self.build_seconds = time.perf_counter() - started
         generator = torch.Generator().manual_seed(seed)
         count = min(latency_queries, split.num_captions)
@@ -228,6 +243,8 @@ class RetrievalEvaluator:
 
     def two_stage(self, rerank_k: int, single_latency: bool = True) -> Dict[str, object]:
         """Student shortlist of ``rerank_k`` (capped at each gallery) reranked by the fused teacher, both directions."""
+        if not isinstance(rerank_k, numbers.Integral) or isinstance(rerank_k, bool) or rerank_k < 1:
+            raise ValueError(f"rerank_k must be a positive int, got {rerank_k!r}")
         split = self.split
         student = self._student_scores
         if student is None:
@@ -238,14 +255,15 @@ class RetrievalEvaluator:
         start = time.perf_counter()
         ids, teacher = self.text_to_image.search(split.caption_embeddings, *queries, k=shortlist, rerank_k=shortlist)
         t2i_seconds = time.perf_counter() - start
-        t2i_matrix = self._merge(student.T, ids, teacher)  # [Nc, N]
+        # ranked at once: one float64 merged matrix alive at a time
+        t2i_ranks = retrieval_ranks(self._merge(student.T, ids, teacher).T, self.split.captions_per_image)[1]
         # image -> text: images query the caption gallery
         shortlist_i2t = min(rerank_k, split.num_captions)
         queries = self._move(split.image_tokens, split.image_lengths)
         start = time.perf_counter()
         ids, teacher = self.image_to_text.search(split.image_embeddings, *queries, k=shortlist_i2t, rerank_k=shortlist_i2t)
         i2t_seconds = time.perf_counter() - start
-        i2t_matrix = self._merge(student, ids, teacher)  # [N, Nc]
+        i2t_ranks = retrieval_ranks(self._merge(student, ids, teacher), self.split.captions_per_image)[0]
         latency = {"batched_ms": 1e3 * t2i_seconds / split.num_captions,
                    "batched_i2t_ms": 1e3 * i2t_seconds / split.num_images}
         if single_latency:
@@ -258,7 +276,7 @@ class RetrievalEvaluator:
                 _synchronize(self.device)
                 seconds.append(time.perf_counter() - start)
             latency.update(_latency_summary(seconds))
-        result = self._result(i2t_matrix, t2i_matrix.T, latency)
+        result = self._ranks_result(i2t_ranks, t2i_ranks, latency)
         result.update(rerank_k=rerank_k, shortlist_t2i=shortlist, shortlist_i2t=shortlist_i2t)
         return result
 
@@ -266,11 +284,17 @@ class RetrievalEvaluator:
     @staticmethod
     def _merge(student: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """Query-by-gallery scores: reranked items get their teacher score, the rest their student
-        order strictly below the lowest reranked score of that query."""
+        order strictly below the lowest reranked score of that query.
+
+        In float64: shifted next to teacher scores in float32, student scores a few float32 steps apart
+        became ties (ranked pessimistically), so ranks past the shortlist were worse than the student's.
+        """
         valid = ids >= 0
+        teacher = teacher.double()
         lowest = torch.where(valid, teacher, torch.full_like(teacher, float("inf"))).amin(dim=1, keepdim=True)
         lowest = torch.where(torch.isfinite(lowest), lowest, torch.zeros_like(lowest))
-        merged = student.float() - 1.0 + lowest - STUDENT_GAP
+        # a copy (never the cached student matrix itself), then in place: one [Q, G] float64 temporary
+        merged = student.to(torch.float64, copy=True).sub_(1.0).add_(lowest).sub_(STUDENT_GAP)
         rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)
         merged[rows[valid], ids[valid]] = teacher[valid]
         return merged
@@ -278,8 +302,10 @@ class RetrievalEvaluator:
     def _result(self, i2t_scores: torch.Tensor, t2i_scores: torch.Tensor, latency: Dict[str, float]) -> Dict[str, object]:
         """Metrics from an image->text matrix ``[N, Nc]`` and a text->image one (also ``[N, Nc]``)."""
         cpi = self.split.captions_per_image
-        i2t_ranks = retrieval_ranks(i2t_scores, cpi)[0]
-        t2i_ranks = retrieval_ranks(t2i_scores, cpi)[1]
+        return self._ranks_result(retrieval_ranks(i2t_scores, cpi)[0], retrieval_ranks(t2i_scores, cpi)[1], latency)
+
+    @staticmethod
+    def _ranks_result(i2t_ranks: torch.Tensor, t2i_ranks: torch.Tensor, latency: Dict[str, float]) -> Dict[str, object]:
         return {"metrics": metrics_from_ranks(i2t_ranks, t2i_ranks), "latency": latency,
                 "recall_curve": {"i2t": recall_curve(i2t_ranks), "t2i": recall_curve(t2i_ranks)}}
 
@@ -404,6 +430,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     rerank_ks = parse_rerank_ks(args.rerank_k)
+    # checked before the models load and the split encodes (0 / negative values failed deep inside, or not at all)
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max-images must be a positive int, got {args.max_images}")
+    if args.latency_queries < 1:
+        raise ValueError(f"--latency-queries must be a positive int, got {args.latency_queries}")
+    if args.out and os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a directory; give the results JSON file to write")
     teacher, student, vocabulary = load_models(args.checkpoint, map_location=device)
     if student is None:
         raise ValueError(f"checkpoint {args.checkpoint} holds no student: train the student stage first")
@@ -431,9 +464,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                          f"two-stage (k={results['scorers']['two_stage']['rerank_k']})": results["scorers"]["two_stage"]}),
           file=sys.stderr)
     text = json.dumps(results, indent=2, default=float)
+    print(text)  # first: a failing write below must not lose the results
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
-    print(text)
+        write_text_atomic(args.out, text + "\n")
     return 0
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List
 
+from ._io import write_text_atomic
+
 __all__ = ["PLOTS", "write_report", "plot_recall", "plot_rerank_sweep", "plot_training"]
 
 PLOTS = {"recall": "recall_at_k.png", "sweep": "latency_vs_rerank_k.png", "training": "training_curves.png"}
@@ -58,7 +60,8 @@ def plot_rerank_sweep(results: Dict[str, Any], path: str) -> None:
     scorers = results["scorers"]
     left.axhline(scorers["teacher"]["latency"]["single_ms"], color="tab:red", ls=":", label="teacher exhaustive latency")
     left.axhline(scorers["student"]["latency"]["single_ms"], color="tab:blue", ls=":", label="student kNN latency")
-    left.set_xscale("log")
+    if ks:  # an empty sweep (rerank_ks=()) has no positive x to log-scale: tight_layout raised
+        left.set_xscale("log")
     left.set_yscale("log")
     left.set_xlabel("rerank_k (student shortlist reranked by the teacher)")
     left.set_ylabel("ms per text->image query")
@@ -188,6 +191,5 @@ def write_report(results: Dict[str, Any], out: str) -> Dict[str, str]:
     plot_rerank_sweep(results, paths["sweep"])
     plot_training(results.get("history", []), paths["training"])
     paths["report"] = os.path.join(out, "report.md")
-    with open(paths["report"], "w", encoding="utf-8") as handle:
-        handle.write(_markdown(results))
+    write_text_atomic(paths["report"], _markdown(results))
     return paths

@@ -915,7 +915,8 @@ def test_search_refuses_bad_inputs_with_a_message(saved_gallery, corruption, que
         argv = ["search", "--retriever", retriever, "--query-embeddings", paths["q"], "--query-tokens", paths["qt"],
                 "--query-lengths", paths["ql"]]
         option = {"k 0": ["--k", "0"], "k -3": ["--k=-3"], "rerank-k 0": ["--rerank-k", "0"], "k text": ["--k", "x"],
-                  "unwritable out": ["--out", os.path.join(scratch, "no", "such", "dir.json")]}
+                  # a missing folder is created (the write is atomic, session 8); a path below a file cannot be
+                  "unwritable out": ["--out", os.path.join(paths["q"], "below-a-file.json")]}
         code, stderr, stdout = _run_cli(top_cli.main if top_level else retrieval_cli.main,
                                         argv + option.get(corruption, []))
     assert code not in (0, None) and stderr.strip() and "Traceback" not in stderr and not stdout, (corruption, stderr)

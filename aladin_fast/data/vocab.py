@@ -25,6 +25,8 @@ from typing import Iterable, List, Optional, Protocol, Sequence, Tuple, runtime_
 
 import torch
 
+from .._io import write_text_atomic
+
 __all__ = ["Tokenizer", "Vocabulary", "tokenize", "pad_ids", "PAD", "UNK", "BOS", "EOS"]
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
@@ -165,10 +167,7 @@ class Vocabulary:
         """Write the vocabulary as JSON (atomically: a temporary file, then a rename)."""
         payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "special": list(SPECIAL_TOKENS),
                    "words": self.itos[len(SPECIAL_TOKENS):]}
-        temporary = f"{os.fspath(path)}.tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, ensure_ascii=False, indent=0)
-        os.replace(temporary, path)
+        write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=0))
 
     @classmethod
     def load(cls, path: "os.PathLike[str] | str") -> "Vocabulary":

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .._io import write_text_atomic
 from .._inputs import AGGREGATIONS
 
 
@@ -133,8 +134,7 @@ def run_search(args: argparse.Namespace) -> int:
         payload["explanations"] = result[2].tolist()
     text = json.dumps(payload, allow_nan=False)
     if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
+        write_text_atomic(args.out, text)
     else:
         sys.stdout.write(text + "\n")
     return 0

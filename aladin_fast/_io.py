@@ -1,0 +1,28 @@
+"""Small file helpers shared by the modules that write results."""
+from __future__ import annotations
+
+import os
+import uuid
+
+__all__ = ["write_text_atomic"]
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, fsynced, then ``os.replace``):
+    a crash or an interrupt leaves the previous file or the new one, never a truncated one. Creates the folder;
+    a symlink is written through (its target replaced), as ``open(path, "w")`` did."""
+    path = os.path.realpath(os.fspath(path))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # a unique name opened with "x" (not mkstemp: its 0600 mode would make the results unreadable to others)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "x", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
