@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ._io import write_text_atomic
+from .eval import chance_recalls
 from .training.config import TUNED_STUDENT
 
 __all__ = ["ACCEPTANCE_SIZES", "CRITERIA", "run_acceptance", "oracle_checks", "main"]
@@ -113,7 +114,7 @@ def group_accuracy(scores: torch.Tensor, groups: Sequence[int], captions_per_ima
     mates = (groups[:, None] == groups[images][None, :])
     mates[images, captions] = False
     rival = scores.masked_fill(~mates, float("-inf")).max(dim=0).values
-    return 100.0 * float((positive > rival).float().mean())
+    return 100.0 * float((positive > rival).double().mean())
 
 
 def oracle_checks(scenes) -> Dict[str, Dict[str, float]]:
@@ -241,7 +242,7 @@ def run_acceptance(seed: int = 0, *, out: Optional[str] = DEFAULT_OUT, device: s
                         "total_seconds": total},
             "load_average": {"samples": [list(s) for s in load.samples],
                              "whole_run": load.between(load.samples[0][0], time.time()) if load.samples else None},
-            "chance_rsum": _chance_rsum(sizes["test_images"]),
+            "chance_rsum": chance_recalls(sizes["test_images"], test.captions_per_image)["rsum"],
             "config": {"sizes": sizes, "seed": seed, "device": str(torch_device),
                        "torch_threads": torch.get_num_threads(), "train": config.to_dict()},
             "machine": machine,
@@ -275,10 +276,6 @@ def _verdict(metrics: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
                  f"{100 * CRITERIA['student_share_of_teacher_r1']:.0f}% in both directions)")
     return {"teacher_minus_baseline_r1": margins, "student_share_of_teacher_r1": shares,
             "teacher_clearly_beats_baseline": clearly, "student_recovers_most": most, "summary": summary}
-
-
-def _chance_rsum(num_images: int) -> float:
-    return 2 * sum(100.0 * min(1.0, k / num_images) for k in (1, 5, 10))
 
 
 def _cpu_model() -> str:

@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ._io import write_text_atomic
+from .eval import chance_recalls
 from .training.config import TUNED_STUDENT
 
 __all__ = ["DEFAULT_SIZES", "QUICK_SIZES", "run_demo"]
@@ -159,7 +160,7 @@ def run_demo(quick: bool = False, seed: int = 0, *, out: Optional[str] = None, d
         evaluation = evaluate_models(teacher, student, split, torch_device, sizes["rerank_ks"], sizes["rerank_k"],
                                      latency_queries=sizes["latency_queries"], progress=progress)
         total = time.perf_counter() - started
-        chance = _chance_metrics(sizes["test_images"])
+        chance = chance_recalls(sizes["test_images"], split.captions_per_image)
         results = {
             "kind": "aladin_fast.demo",
             "mode": "quick" if quick else "default",
@@ -210,13 +211,6 @@ def _kernel_check(split, device: torch.device, captions: int = 16, images: int =
     same_top1 = bool(torch.equal(found[:, 0], exhaustive[:, 0]))
     return {"backend": str(backend), "max_abs_error": error, "captions": int(words.shape[0]), "images": count,
             "same_top1_as_exhaustive": same_top1, "agree": bool(error < 1e-3 and same_top1)}
-
-
-def _chance_metrics(num_images: int) -> Dict[str, float]:
-    """Expected recalls of a random ranking (percent): K / N images for t2i, about 5K / 5N captions for i2t."""
-    recalls = {f"{d}_r{k}": 100.0 * min(1.0, k / num_images) for d in ("i2t", "t2i") for k in (1, 5, 10)}
-    recalls["rsum"] = sum(recalls.values())
-    return recalls
 
 
 def _link_latest(out: str) -> None:

@@ -668,3 +668,49 @@ def test_write_text_atomic_writes_through_symlinks_and_keeps_the_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask  # as open(path, "w") would create it
+
+
+# ------------------------------------------------------------------------------------ session 8: small numbers
+@pytest.mark.parametrize("num_images,captions_per_image", [(1, 1), (1, 5), (2, 2), (3, 2), (2, 3), (6, 1)])
+def test_chance_recalls_equal_the_average_over_every_ranking(num_images, captions_per_image):
+    """Regression: i2t chance was K / N, the t2i value; with c right captions among N c it is
+    1 - C(Nc - c, K) / C(Nc, K). The oracle enumerates every ranking of the captions (and of the images)."""
+    import itertools
+
+    from aladin_fast.eval import chance_recalls
+
+    total = num_images * captions_per_image
+    got = chance_recalls(num_images, captions_per_image)
+    for level in (1, 5, 10):
+        hits = [min(order.index(j) for j in range(captions_per_image)) < level
+                for order in itertools.permutations(range(total))]
+        assert got[f"i2t_r{level}"] == pytest.approx(100.0 * sum(hits) / len(hits), rel=1e-12)
+        image_hits = [order.index(0) < level for order in itertools.permutations(range(num_images))]
+        assert got[f"t2i_r{level}"] == pytest.approx(100.0 * sum(image_hits) / len(image_hits), rel=1e-12)
+    assert got["rsum"] == pytest.approx(sum(value for name, value in got.items() if name != "rsum"))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_images must be a positive int"):
+            chance_recalls(bad)
+
+
+def test_regression_small_test_set_chance_is_exact():
+    from aladin_fast.eval import chance_recalls
+
+    assert chance_recalls(8, 5)["i2t_r5"] == pytest.approx(100 * (1 - math.comb(35, 5) / math.comb(40, 5)))
+    assert abs(chance_recalls(8, 5)["i2t_r5"] - 50.7) < 0.1  # K / N said 62.5
+
+
+@pytest.mark.parametrize("count", [1, 2, 9, 10, 11, 100])
+def test_regression_p90_is_the_nearest_rank(count):
+    """p90 of n samples is the ceil(0.9 n)-th smallest; int(0.9 n) as an index read the maximum of 10."""
+    from aladin_fast.evaluate import _latency_summary
+
+    seconds = [(i + 1) / 1000 for i in range(count)]  # 1 .. n ms
+    assert _latency_summary(seconds)["single_p90_ms"] == pytest.approx(math.ceil(0.9 * count))
+
+
+def test_regression_group_accuracy_is_exact():
+    """float32 averaging gave 33.33333433 for one caption in three."""
+    # 3 images, one caption each, one group: only caption 0 beats its two rivals (the others tie: failures)
+    scores = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert group_accuracy(scores, [0, 0, 0], captions_per_image=1) == pytest.approx(100.0 / 3, rel=1e-12)
