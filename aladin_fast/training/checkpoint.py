@@ -15,6 +15,7 @@ only tensors and plain Python containers inside, no pickled classes)::
                 "stage_first_step", "stage_wall_start"} (the last four: totals of the stage in progress)
     optimizer / scheduler   state of the stage in progress (or None)
     rng         torch / CUDA / Python / NumPy generator states
+    rank_rng    under DDP: every rank's generator states, in rank order (else None)
     history     the training curve (list of dicts)
 
 Writes are atomic: the file is written to a temporary name in the same

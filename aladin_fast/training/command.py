@@ -48,6 +48,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = config_from_arguments(args, args.config)
     except (ValueError, OSError, ImportError) as error:
         parser.error(str(error))
+    if args.max_epochs is not None and args.max_epochs < 0:  # fit() would silently train nothing
+        parser.error(f"argument --max-epochs: must be a non-negative int, got {args.max_epochs}")
     from .data import build_datasets
     from .distributed import destroy_distributed, init_distributed
     from .trainer import Trainer
@@ -67,7 +69,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         trainer = Trainer(config, train, val)
         if args.resume:
-            trainer.resume(args.resume)
+            try:  # a missing, foreign or mismatched checkpoint is a usage error too
+                trainer.resume(args.resume)
+            except (ValueError, OSError) as error:
+                parser.error(f"--resume: {error}")
         trainer.fit(max_epochs=args.max_epochs)
         if context.is_main:
             evaluations = [record for record in trainer.history if record.get("kind") == "eval"]

@@ -191,6 +191,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.seed >= 2**63:  # torch.manual_seed(seed + per-rank offset) overflows 64 bits beyond
+            raise ValueError(f"seed must be below 2**63, got {self.seed!r}")
         for name in ("teacher_text_layers", "teacher_ff_dim", "eval_max_images", "baseline_dim", "baseline_layers",
                      "baseline_head_layers", "student_projection_hidden", "baseline_projection_hidden"):
             value = getattr(self, name)

@@ -166,6 +166,15 @@ def broadcast_object(value: object, source: int = 0) -> object:
     return holder[0]
 
 
+def all_gather_object(value: object) -> List[object]:
+    """Every rank's ``value``, in rank order (``[value]`` when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    values: List[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def reduce_mean(values: Sequence[float]) -> List[float]:
     """Mean of ``values`` over ranks (logging of per-rank losses); identity when not distributed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -53,7 +53,7 @@ from ..models import Student, Teacher
 from . import checkpoint as ckpt
 from .config import STAGES, TrainConfig
 from .data import CaptionIndexDataset, PairCollator, TrainBatch, as_source, build_vocabulary, encode_captions
-from .distributed import all_gather_no_grad, all_gather_with_grad, barrier, current_context, reduce_mean
+from .distributed import all_gather_no_grad, all_gather_object, all_gather_with_grad, barrier, current_context, reduce_mean
 
 try:  # optional: progress bars
     from tqdm.auto import tqdm
@@ -468,11 +468,14 @@ class Trainer:
 
         Args:
             max_epochs: stop after this many epochs in this call (a time-boxed
-                job); a later ``resume`` + ``fit`` continues identically.
+                job; with ``output_dir`` a checkpoint is written there); a later
+                ``resume`` + ``fit``, or ``fit`` again on this trainer, continues identically.
 
         Returns:
             ``self.history``.
         """
+        if max_epochs is not None and (not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 0):
+            raise ValueError(f"max_epochs must be None or a non-negative int, got {max_epochs!r}")
         budget = math.inf if max_epochs is None else max_epochs
         if self._loader is None:
             self._make_loader()
@@ -490,8 +493,11 @@ class Trainer:
         config = self.config
         timed = config.stage_seconds(stage) is not None
         epochs = math.inf if timed else config.stage_epochs(stage)
-        resuming = self.progress["stage"] == stage and self._pending_state is not None
         same_stage = self.progress["stage"] == stage
+        if same_stage and self._pending_state is None and self.stage == stage and self._optimizer is not None:
+            # fit() again on this trainer after fit(max_epochs=...): the stage goes on with its optimiser and schedule
+            self._pending_state = {"optimizer": self._optimizer.state_dict(), "scheduler": self._scheduler.state_dict()}
+        resuming = same_stage and self._pending_state is not None
         start_epoch = self.progress["epoch"] if same_stage else 0
         self.begin_stage(stage)
         if not same_stage:  # a fresh stage: its totals start here (a resumed one keeps the checkpoint's)
@@ -522,7 +528,8 @@ class Trainer:
                 self._record_stage(stage)
             if self.val_source is not None and (epoch % config.eval_every == 0 or last):
                 self._record_evaluation(stage, epoch - 1)
-            if config.output_dir and (epoch % config.checkpoint_every == 0 or last):
+            # the epoch budget of this fit() is spent: checkpoint, so that resume + fit() goes on from here
+            if config.output_dir and (epoch % config.checkpoint_every == 0 or last or budget <= 0):
                 self.save_checkpoint(os.path.join(config.output_dir, "checkpoint.pt"))
         if stage not in self.progress["completed_stages"]:  # zero epochs configured
             self.progress["completed_stages"] = [*self.progress["completed_stages"], stage]
@@ -622,6 +629,10 @@ class Trainer:
             raise ValueError(f"model must be one of {STAGES}, got {model!r}")
         if model == "baseline" and self.baseline is None:
             raise ValueError("this trainer has no baseline: add 'baseline' to config.stages")
+        for name, value in (("max_images", max_images), ("block", block)):
+            if (value is not None or name == "block") and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be {'None or ' if name == 'max_images' else ''}a positive int, got {value!r}")
         source = as_source(data) if data is not None else self.val_source
         if source is None:
             raise ValueError("data is required: this trainer has no validation data")
@@ -693,24 +704,24 @@ class Trainer:
         }
 
     def save_checkpoint(self, path: str) -> None:
-        """Write a checkpoint atomically (rank 0 only; other ranks wait at a barrier)."""
+        """Write a checkpoint atomically (rank 0 only; other ranks wait at a barrier).
+
+        Under DDP it keeps every rank's random generators (``rank_rng``): their dropout masks differ.
+        """
+        rank_rng = all_gather_object(ckpt.rng_state()) if self.context.distributed else None
         if self.context.is_main:
-            ckpt.save_checkpoint(path, self.state())
+            ckpt.save_checkpoint(path, {**self.state(), "rank_rng": rank_rng})
         barrier()
 
     def resume(self, path: str) -> "Trainer":
-        """Load models, optimiser, schedule, RNG, progress and history from ``path``; :meth:`fit` continues."""
+        """Load models, optimiser, schedule, RNG, progress and history from ``path``; :meth:`fit` continues.
+
+        ``metrics.jsonl`` in ``output_dir`` is cut after the checkpoint's last record (if it holds it), so that it
+        ends up as an uninterrupted run's.
+        """
         payload = ckpt.load_checkpoint(path, map_location=self.device)
-        words = payload.get("vocabulary")
-        if words is not None and isinstance(self.tokenizer, Vocabulary) and self.tokenizer.itos[4:] != list(words):
-            raise ValueError(f"checkpoint {path} was trained with a different vocabulary ({len(words) + 4} tokens "
-                             f"vs {len(self.tokenizer)}); pass tokenizer=Vocabulary(words) from the checkpoint")
-        for name, model in (("teacher", self.teacher), ("student", self.student), ("baseline", self.baseline)):
-            if model is not None and payload.get(name) is not None:
-                if dict(payload[name]["hparams"]) != dict(model.hparams):
-                    raise ValueError(f"checkpoint {path}: {name} hparams {payload[name]['hparams']} differ from this "
-                                     f"config's {model.hparams}")
-                model.load_state_dict(payload[name]["state_dict"])
+        for name, model in self._loadable(payload, path, ("teacher", "student", "baseline")):
+            model.load_state_dict(payload[name]["state_dict"])
         for stage, module in self.concept.items():
             state = payload.get("extras", {}).get(f"concept_{stage}")
             if state is not None:
@@ -718,13 +729,55 @@ class Trainer:
         self.progress = dict(payload["progress"])
         self.progress["completed_stages"] = list(self.progress["completed_stages"])
         self.history = list(payload.get("history", []))
+        self._drop_records_after_checkpoint()
         if payload.get("optimizer") is not None and self.progress["stage"] not in self.progress["completed_stages"]:
             self._pending_state = {"optimizer": payload["optimizer"], "scheduler": payload["scheduler"]}
-        ckpt.set_rng_state(payload["rng"])
+        rank_rng = payload.get("rank_rng")  # each rank's own generators (DDP), if saved at this world size
+        if rank_rng is not None and len(rank_rng) == self.context.world_size:
+            ckpt.set_rng_state(rank_rng[self.context.rank])
+        else:
+            ckpt.set_rng_state(payload["rng"])
         return self
 
+    def _drop_records_after_checkpoint(self) -> None:
+        """Cut ``metrics.jsonl`` after the checkpoint's last record: the lines a run wrote after its last checkpoint
+        (a crash or preemption mid-epoch) are written again by the resumed run."""
+        if not (self.context.is_main and self.config.output_dir and self.history):
+            return
+        path = os.path.join(self.config.output_dir, "metrics.jsonl")
+        if not os.path.isfile(path):
+            return
+        with open(path, "rb+") as handle:
+            lines = handle.readlines()
+            last = (json.dumps(self.history[-1]) + "\n").encode("utf-8")
+            if last in lines:  # else another run's file: leave it as it is
+                handle.truncate(sum(map(len, lines[: len(lines) - lines[::-1].index(last)])))
+
     def load_teacher(self, path: str) -> "Trainer":
-        """Take the teacher weights of a checkpoint (e.g. to run only the student stage)."""
+        """Take the teacher weights of a checkpoint (e.g. to run only the student stage).
+
+        The checkpoint's vocabulary and teacher hparams must be this trainer's (as for :meth:`resume`).
+        """
         payload = ckpt.load_checkpoint(path, map_location=self.device)
-        self.teacher.load_state_dict(payload["teacher"]["state_dict"])
+        if payload.get("teacher") is None:
+            raise ValueError(f"checkpoint {path} holds no teacher")
+        for name, model in self._loadable(payload, path, ("teacher",)):
+            model.load_state_dict(payload[name]["state_dict"])
         return self
+
+    def _loadable(self, payload: Dict[str, Any], path: str, names) -> List[Any]:
+        """``(name, model)`` of ``names`` that the checkpoint holds; ValueError if its vocabulary or hparams differ."""
+        words = payload.get("vocabulary")
+        if words is not None and isinstance(self.tokenizer, Vocabulary) and self.tokenizer.itos[4:] != list(words):
+            raise ValueError(f"checkpoint {path} was trained with a different vocabulary ({len(words) + 4} tokens "
+                             f"vs {len(self.tokenizer)}); pass tokenizer=Vocabulary(words) from the checkpoint")
+        models = {"teacher": self.teacher, "student": self.student, "baseline": self.baseline}
+        loadable = []
+        for name in names:
+            model = models[name]
+            if model is not None and payload.get(name) is not None:
+                if dict(payload[name]["hparams"]) != dict(model.hparams):
+                    raise ValueError(f"checkpoint {path}: {name} hparams {payload[name]['hparams']} differ from this "
+                                     f"config's {model.hparams}")
+                loadable.append((name, model))
+        return loadable
