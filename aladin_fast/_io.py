@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import uuid
 
-__all__ = ["write_text_atomic"]
+__all__ = ["fsync_path", "write_text_atomic"]
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -22,7 +22,23 @@ def write_text_atomic(path: str, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+        fsync_path(folder, directory=True)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def fsync_path(path: str, directory: bool = False) -> None:
+    """fsync a file, or with ``directory`` a folder (so a rename in it is durable); best effort where refused."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # pragma: no cover - e.g. directories cannot be opened on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)

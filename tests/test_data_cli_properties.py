@@ -537,7 +537,8 @@ def train_configs(draw):
         elif name in UNIT_INTERVAL:
             values[name] = draw(st.floats(*UNIT_INTERVAL[name]))
         elif "float" in kind:
-            values[name] = draw(st.floats(min_value=0.0, exclude_min=name in POSITIVE_FLOATS, allow_infinity=True))
+            values[name] = draw(st.floats(min_value=0.0, exclude_min=name in POSITIVE_FLOATS,
+                                          allow_infinity=name == "grad_clip"))
         else:  # free strings (data_root, output_dir, splits): "none" would mean None
             values[name] = draw(FREE_TEXT.filter(lambda text: text.lower() != "none"))
     values["teacher_dim"] = draw(st.integers(1, 4096))
@@ -658,6 +659,8 @@ def _bad_values(name: str, kind: str) -> list:
             values.append(0.0)
         if name in UNIT_INTERVAL:
             values += [1.5, math.inf] if name == "min_lr_ratio" else [1.0, math.inf]
+        elif name != "grad_clip":  # session 8: an infinite lr / weight / time budget is refused (grad_clip: no clip)
+            values.append(math.inf)
         return values
     return bad + [3, b"bytes"] + ([] if kind.startswith("Optional") else [None])
 

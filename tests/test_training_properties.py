@@ -38,6 +38,7 @@ import functools
 import json
 import math
 import os
+import stat
 import tempfile
 
 import pytest
@@ -48,7 +49,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aladin_fast.data import Vocabulary
-from aladin_fast.training import PairSource, Trainer, TrainConfig, load_checkpoint
+from aladin_fast.training import PairSource, Trainer, TrainConfig, load_checkpoint, load_models, save_checkpoint
 from aladin_fast.training.command import main as command_main
 from test_data_cli_properties import _run_cli
 from test_training import TINY, assert_same_parameters, parameters, tiny_scenes
@@ -354,10 +355,45 @@ def test_ddp_resume_restores_each_ranks_generators(tmp_path):
     assert len(load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["rank_rng"]) == 2
 
 
-def test_non_finite_budget_or_rate_never_reaches_metrics_as_non_strict_json(tmp_path):
-    """validate() accepts an infinite *_seconds (test_data_cli_properties round-trips inf): a stage cut short by
-    max_epochs writes no stage record, and what is written is strict JSON."""
-    config = TrainConfig(**TINY, stages=("teacher",), teacher_seconds=math.inf, output_dir=str(tmp_path))
+@pytest.mark.parametrize("field", ["lr", "student_lr", "weight_decay", "margin", "distill_weight", "teacher_seconds"])
+def test_regression_infinite_rates_weights_and_budgets_are_refused(field):
+    """An infinite lr failed only at the second step (FloatingPointError) and an infinite time budget trained
+    forever; validate() now names the field. grad_clip = inf stays valid (it clips nothing)."""
+    with pytest.raises(ValueError, match=rf"{field} must be .*finite number"):
+        TrainConfig(**{**TINY, field: math.inf}).validate()
+    TrainConfig(**{**TINY, "grad_clip": math.inf}).validate()
+
+
+def test_a_time_boxed_stage_cut_short_writes_strict_json(tmp_path):
+    """A timed stage stopped by max_epochs writes no stage record, and what is written is strict JSON."""
+    config = TrainConfig(**TINY, stages=("teacher",), teacher_seconds=1e6, output_dir=str(tmp_path))
     trainer = Trainer(config, tiny_scenes(6), None)
     trainer.fit(max_epochs=1)
     assert strict_json_lines(tmp_path / "metrics.jsonl") and trainer.progress["completed_stages"] == []
+
+
+def test_regression_checkpoints_follow_the_umask_not_0600(tmp_path):
+    """save_checkpoint wrote through mkstemp, so every checkpoint was 0600 (unreadable to the rest of a team),
+    unlike a plain torch.save; it now gets the mode any new file gets."""
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(str(tmp_path / "c.pt"), {"history": []})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(tmp_path / "c.pt").st_mode) == 0o644
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_regression_load_models_gives_no_student_before_its_stage(tmp_path):
+    """A teacher-only run's checkpoint holds the Trainer's student at its initial weights; load_models returned
+    it as if it were the distilled model (evaluate / retrieval would then report a random student)."""
+    config = TrainConfig(**TINY, stages=("teacher", "student"), output_dir=str(tmp_path))
+    trainer = Trainer(config, tiny_scenes(6), None)
+    trainer.fit(max_epochs=1)  # inside the teacher stage
+    path = str(tmp_path / "checkpoint.pt")
+    assert load_checkpoint(path).get("student") is not None
+    teacher, student, _ = load_models(path)
+    assert teacher is not None and student is None
+    trainer.fit()  # the student stage runs: now it is the trained one
+    teacher, student, _ = load_models(path)
+    assert_same_parameters(parameters(student), parameters(trainer.student))

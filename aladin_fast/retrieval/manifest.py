@@ -30,6 +30,7 @@ import shutil
 import uuid
 from typing import Callable, Dict, Optional, Tuple
 
+from .._io import fsync_path as _fsync_path
 from .._version import __version__
 
 __all__ = [
@@ -61,20 +62,6 @@ def file_sha256(path: str) -> str:
                 break
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_path(path: str, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # pragma: no cover - e.g. directories cannot be opened on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def _canonical(document: dict) -> bytes:

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+import uuid
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
+from .._io import fsync_path
 from ..data.vocab import Vocabulary
 from ..models import Student, Teacher
 
@@ -55,13 +56,15 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **payload}
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    # a unique name opened with "x" (mkstemp would make the checkpoint 0600, unreadable to the rest of a team)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(descriptor, "wb") as handle:
+        with open(temporary, "xb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+        fsync_path(folder, directory=True)  # the rename itself survives a power loss
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
@@ -111,12 +114,20 @@ def build_model(kind: str, state: Optional[Dict[str, Any]]):
 def load_models(path: str, map_location: Any = "cpu") -> Tuple[Teacher, Optional[Student], Optional[Vocabulary]]:
     """``(teacher, student or None, vocabulary or None)`` from a checkpoint, in eval mode.
 
+    The student is None when the checkpoint has none, or when it comes from a Trainer whose student stage
+    has not begun (a teacher-only or baseline run: its student weights were never trained).
+
     For inference and building a retriever: ``student.encode_images(regions,
     lengths, teacher=teacher)`` for a shared backbone.
     """
     payload = load_checkpoint(path, map_location)
     teacher = build_model("teacher", payload["teacher"])
-    student = build_model("student", payload.get("student"))
+    progress = payload.get("progress")
+    # a Trainer checkpoint holds a student from the start; before its stage has begun it is untrained weights,
+    # which would evaluate and serve as if they were the distilled model
+    student_started = not isinstance(progress, dict) or "student" in progress.get("completed_stages", ()) \
+        or progress.get("stage") == "student"
+    student = build_model("student", payload.get("student")) if student_started else None
     words = payload.get("vocabulary")
     vocabulary = Vocabulary(words) if words is not None else None
     for model in (teacher, student):

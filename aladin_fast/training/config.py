@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -202,17 +203,20 @@ class TrainConfig:
         for name in ("lr", "distill_temperature", "distill_teacher_temperature", "sinkhorn_epsilon", "concept_temperature", "context_temperature",
                      "baseline_temperature"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        # finite: an infinite lr failed at the second step, an infinite time budget trained forever (None = no budget)
         for name in ("student_lr", "baseline_lr", "teacher_seconds", "student_seconds", "baseline_seconds"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
-                raise ValueError(f"{name} must be None or a positive number, got {value!r}")
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not 0 < value < math.inf):
+                raise ValueError(f"{name} must be None or a positive finite number, got {value!r}")
         for name in ("weight_decay", "grad_clip", "margin", "student_hinge_weight", "distill_weight",
                      "teacher_hinge_weight", "concept_weight", "teacher_concept_weight", "context_weight"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0:  # not `value < 0`: NaN passed that
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            finite = name != "grad_clip"  # grad_clip = inf: clip nothing, like 0
+            if not isinstance(value, (int, float)) or not (0 <= value < math.inf or (not finite and value == math.inf)):
+                raise ValueError(f"{name} must be a non-negative{' finite' if finite else ''} number, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
