@@ -695,3 +695,22 @@ def test_regression_a_remove_the_index_half_applies_keeps_the_store_in_step():
     assert sorted(index.ids().tolist()) == store.ids().tolist() == [0, 2, 4, 5]
     assert retriever.remove([1, 3, 4, 5]) == 2
     assert sorted(index.ids().tolist()) == store.ids().tolist() == [0, 2]
+
+
+def test_regression_append_takes_read_only_byte_swapped_and_flipped_numpy(recwarn):
+    """np.load(mmap_mode="r") gives read-only arrays: append warned (torch "not writable"); byte-swapped or
+    flipped arrays were refused by torch.from_numpy. All store the same tokens as a plain array, silently."""
+    tokens = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) / 7
+    lengths = np.array([3, 2])
+    expected = FeatureStore(4)
+    expected.append([5, 9], torch.from_numpy(tokens.copy()), torch.from_numpy(lengths))
+    read_only = tokens.copy()
+    read_only.setflags(write=False)
+    swapped = tokens.astype(tokens.dtype.newbyteorder(">"))
+    flipped = np.ascontiguousarray(tokens[::-1])[::-1]
+    for variant in (read_only, swapped, flipped):
+        store = FeatureStore(4)
+        store.append([5, 9], variant, lengths)
+        for got, want in zip(store.gather([5, 9]), expected.gather([5, 9])):
+            assert torch.equal(got, want)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]

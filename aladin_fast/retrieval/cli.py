@@ -99,8 +99,9 @@ def run_index(args: argparse.Namespace) -> int:
     index = StudentIndex(embeddings.shape[1], index=args.index, metric=args.metric)
     index.add(np.ascontiguousarray(embeddings, dtype=np.float32), ids)
     store = FeatureStore(tokens.shape[2], dtype=args.store_dtype)
-    store.append(ids, torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)),
-                 None if lengths is None else torch.from_numpy(np.asarray(lengths, dtype=np.int64)))
+    # numpy straight in (append copies): torch.from_numpy warned on the read-only arrays np.load may return
+    store.append(ids, np.ascontiguousarray(tokens, dtype=np.float32),
+                 None if lengths is None else np.asarray(lengths, dtype=np.int64))
     scorer = TeacherScorer(aggregation=args.aggregation, padding=args.padding)
     retriever = Retriever(index, store, scorer, direction=args.direction)
     retriever.save(args.out)

@@ -32,6 +32,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .._inputs import torch_compatible
 from .index import as_id_vector
 from .manifest import ManifestError, open_directory, save_directory
 
@@ -124,6 +125,15 @@ def _make_layout(shards: Sequence[_Shard], live: Optional[np.ndarray] = None) ->
         raise ValueError(f"feature store ids must be unique, duplicates: {duplicate[:8].tolist()}")
     max_length = int(lengths[live_rows].max()) if live_rows.size else 0
     return _Layout(tuple(shards), row_start, starts, lengths, ids, live, sorted_ids, sorted_rows, max_length)
+
+
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A numpy array as a tensor the store only reads (it copies into its own storage): a read-only array
+    (np.load with mmap, a frozen buffer) is fine, so torch's "not writable" warning is not raised for it;
+    byte-swapped or flipped arrays are made acceptable to torch."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(torch_compatible(array))
 
 
 class FeatureStore:
@@ -272,7 +282,7 @@ class FeatureStore:
     def _normalise_batch(self, tokens, lengths, cu_seqlens) -> Tuple[np.ndarray, np.ndarray]:
         """Padded or packed tokens -> (packed storage array [T, D], offsets [n + 1])."""
         if isinstance(tokens, np.ndarray):
-            tokens = torch.from_numpy(tokens)
+            tokens = _read_only_tensor(tokens)
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"tokens must be a torch.Tensor or numpy array, got {type(tokens).__name__}")
         if not tokens.is_floating_point():
