@@ -522,9 +522,11 @@ def _build_retriever(problem, tmp):
 
 def _teacher_oracle(retriever, problem, gallery_ids):
     """Exhaustive teacher scores and word -> region argmax [Nq, Ng] of every query with every live gallery item,
-    from :func:`aladin_fast.alignment_scores` (gallery padded to the store's longest item, as the search pads it)."""
+    from :func:`aladin_fast.alignment_scores` (gallery padded to the store's pad width, as the search pads it:
+    the widest batch appended, which removals do not shrink). The argmax keeps ``max_length`` word columns
+    (the explanations' width; further columns are padding, -1)."""
     store, scorer = retriever.feature_store, retriever.scorer
-    gallery, gallery_lengths = store.gather(gallery_ids, pad_to=store.max_length)
+    gallery, gallery_lengths = store.gather(gallery_ids, pad_to=store.pad_width)
     queries = torch.from_numpy(problem["query_tokens"]).to(store.dtype)
     query_lengths = torch.from_numpy(problem["query_lengths"]).clamp(max=queries.shape[1])
     options = dict(aggregation=scorer.aggregation, padding=scorer.padding, return_argmax=True)
@@ -532,7 +534,8 @@ def _teacher_oracle(retriever, problem, gallery_ids):
         scores, argmax = aladin_fast.alignment_scores(queries, gallery, query_lengths, gallery_lengths, **options)
         return scores, argmax
     scores, argmax = aladin_fast.alignment_scores(gallery, queries, gallery_lengths, query_lengths, **options)
-    return scores.T, argmax.transpose(0, 1)
+    assert (argmax[:, :, store.max_length:] == -1).all()
+    return scores.T, argmax.transpose(0, 1)[:, :, :store.max_length]
 
 
 def _check_two_stage_search(problem, tmp):
@@ -714,3 +717,66 @@ def test_regression_append_takes_read_only_byte_swapped_and_flipped_numpy(recwar
         for got, want in zip(store.gather([5, 9]), expected.gather([5, 9])):
             assert torch.equal(got, want)
     assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
+def test_regression_zero_padding_scores_do_not_change_when_another_item_is_removed(tmp_path):
+    """padding="zero" scores depend on the pad width (a padded region scores 0 and can win a max). The retriever
+    padded to the longest *live* item, so removing the longest image changed every other image's score, and a
+    store of [N, R, D] features scored unlike the teacher on them (padded to R) when no image had R regions.
+    It now pads to FeatureStore.pad_width: the widest batch appended, which removals do not shrink; saved too."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(4, 6, 8, generator=generator).abs(), dim=-1)
+    image_lengths = torch.tensor([5, 3, 2, 4])  # none uses all 6 padded regions
+    # every similarity negative: wherever a padded region exists its 0 wins the max, so the pad width shows
+    query = -torch.nn.functional.normalize(torch.randn(1, 3, 8, generator=generator).abs(), dim=-1)
+    expected = aladin_fast.alignment_scores(query, images, None, image_lengths, padding="zero")[0]  # padded to 6
+    assert (expected == 0).all()
+    index = StudentIndex(2, device="cpu")
+    store = FeatureStore(8)
+    retriever = Retriever(index, store, TeacherScorer(padding="zero"))
+    retriever.add(np.arange(4), np.eye(4, 2, dtype=np.float32) + 0.5, images, image_lengths)
+    assert store.pad_width == 6 and store.max_length == 5
+
+    def scores_of(ids):
+        found, scores = retriever.search(np.ones((1, 2), np.float32), query, k=len(ids), rerank_k=len(ids))
+        return dict(zip(found[0].tolist(), scores[0].tolist()))
+
+    before = scores_of([0, 1, 2, 3])
+    assert before == pytest.approx({i: float(expected[i]) for i in range(4)}, abs=1e-6)
+    exhaustive = retriever.search_exhaustive(query, k=4)
+    assert dict(zip(exhaustive[0][0].tolist(), exhaustive[1][0].tolist())) == pytest.approx(before, abs=1e-6)
+    retriever.remove([0])  # the longest image
+    assert store.max_length == 4 and store.pad_width == 6
+    assert scores_of([1, 2, 3]) == pytest.approx({i: before[i] for i in (1, 2, 3)}, abs=1e-6)
+    path = str(tmp_path / "retriever")
+    retriever.save(path)
+    loaded = Retriever.load(path, device="cpu")
+    assert loaded.feature_store.pad_width == 6
+    found, scores = loaded.search(np.ones((1, 2), np.float32), query, k=3, rerank_k=3)
+    assert dict(zip(found[0].tolist(), scores[0].tolist())) == pytest.approx({i: before[i] for i in (1, 2, 3)}, abs=1e-6)
+
+
+def test_pad_width_of_packed_appends_and_old_saves(tmp_path):
+    store = FeatureStore(2)
+    store.append([1, 2], torch.ones(5, 2), cu_seqlens=torch.tensor([0, 2, 5]))
+    assert store.pad_width == store.max_length == 3
+    store.append([3], torch.ones(1, 7, 2), torch.tensor([1]))
+    assert (store.pad_width, store.max_length) == (7, 3)
+    store.compact()
+    assert store.pad_width == 7
+    path = str(tmp_path / "store")
+    store.save(path)
+    assert FeatureStore.load(path).pad_width == 7
+    # a store saved before pad_width existed: its longest item, as it padded then
+    import json
+
+    manifest_path = os.path.join(path, "manifest.json")
+    with open(manifest_path) as handle:
+        document = json.load(handle)
+    del document["meta"]["pad_width"]
+    from aladin_fast.retrieval.manifest import _manifest_digest
+
+    document["manifest_sha256"] = _manifest_digest(document)
+    with open(manifest_path, "w") as handle:
+        json.dump(document, handle)
+    assert FeatureStore.load(path).pad_width == 3

@@ -153,6 +153,7 @@ class FeatureStore:
         self._write_lock = threading.Lock()
         self._layout = _make_layout([])
         self._view_cache = None
+        self._pad_width = 0
 
     @classmethod
     def from_tokens(cls, ids, tokens, lengths=None, *, cu_seqlens=None, dtype=None) -> "FeatureStore":
@@ -184,6 +185,15 @@ class FeatureStore:
     def max_length(self) -> int:
         """Longest live item (tokens); 0 when empty."""
         return self._layout.max_length
+
+    @property
+    def pad_width(self) -> int:
+        """The width zero padding pads items to: the widest batch appended (padded ``L``, or the longest packed
+        item), never smaller than :attr:`max_length`. Unlike ``max_length`` it does not shrink when items are
+        removed, so with ``padding="zero"`` (whose scores depend on the pad width) removing one item does not
+        change the scores of the others, and a store of ``[N, R, D]`` features scores as the teacher does on
+        them (padded to R)."""
+        return max(self._pad_width, self.max_length)
 
     @property
     def total_tokens(self) -> int:
@@ -279,8 +289,8 @@ class FeatureStore:
         return torch.from_numpy(layout.lengths[self._rows(layout, as_id_vector("ids", ids))].copy())
 
     # ------------------------------------------------------------- mutation
-    def _normalise_batch(self, tokens, lengths, cu_seqlens) -> Tuple[np.ndarray, np.ndarray]:
-        """Padded or packed tokens -> (packed storage array [T, D], offsets [n + 1])."""
+    def _normalise_batch(self, tokens, lengths, cu_seqlens) -> Tuple[np.ndarray, np.ndarray, int]:
+        """Padded or packed tokens -> (packed storage array [T, D], offsets [n + 1], the batch's pad width)."""
         if isinstance(tokens, np.ndarray):
             tokens = _read_only_tensor(tokens)
         if not isinstance(tokens, torch.Tensor):
@@ -298,7 +308,7 @@ class FeatureStore:
             if (np.diff(offsets) < 0).any():
                 raise ValueError("cu_seqlens must be non-decreasing")
             # a copy: the store must not alias (and change with) the caller's buffer, like the padded path
-            return _to_storage(tokens, self.dtype_name, copy=True), offsets
+            return _to_storage(tokens, self.dtype_name, copy=True), offsets, int(np.diff(offsets).max(initial=0))
         if tokens.ndim != 3 or tokens.shape[2] != self.dim:
             raise ValueError(f"tokens must be padded [N, L, {self.dim}] (or packed with cu_seqlens), got {list(tokens.shape)}")
         count, pad = tokens.shape[0], tokens.shape[1]
@@ -316,7 +326,7 @@ class FeatureStore:
         storage = _to_storage(tokens.reshape(count * pad, self.dim), self.dtype_name)
         rows = np.repeat(np.arange(count, dtype=np.int64) * pad, lengths_np) + _ragged_positions(lengths_np)
         offsets = np.concatenate([[0], np.cumsum(lengths_np)]).astype(np.int64)
-        return np.ascontiguousarray(storage[rows]), offsets
+        return np.ascontiguousarray(storage[rows]), offsets, int(pad)
 
     def append(self, ids, tokens, lengths=None, *, cu_seqlens=None) -> None:
         """Add items.
@@ -327,7 +337,7 @@ class FeatureStore:
                 or packed ``[sum L, D]`` with ``cu_seqlens [N + 1]``; any float
                 dtype (cast to the store dtype), torch or numpy.
         """
-        packed, offsets = self._normalise_batch(tokens, lengths, cu_seqlens)
+        packed, offsets, width = self._normalise_batch(tokens, lengths, cu_seqlens)
         id_array = as_id_vector("ids", ids, offsets.shape[0] - 1)
         if not id_array.size:
             return
@@ -338,6 +348,7 @@ class FeatureStore:
             if clash.size:
                 raise ValueError(f"ids already in the feature store: {clash[:8].tolist()}")
             self._layout = _make_layout(list(layout.shards) + [shard], np.concatenate([layout.live, np.ones(id_array.size, bool)]))
+            self._pad_width = max(self._pad_width, width)
 
     def remove(self, ids) -> int:
         """Remove ``ids`` (unknown ids are ignored); returns how many were removed.
@@ -417,7 +428,7 @@ class FeatureStore:
     # ---------------------------------------------------------- persistence
     def config(self) -> dict:
         return {"dim": self.dim, "dtype": self.dtype_name, "count": self.count,
-                "total_tokens": self.total_tokens, "max_length": self.max_length}
+                "total_tokens": self.total_tokens, "max_length": self.max_length, "pad_width": self.pad_width}
 
     def write_payload(self, folder: str, items_per_shard: Optional[int] = None) -> dict:
         """Write live items as ``tokens/offsets/ids-NNNNN.npy`` shards into ``folder``."""
@@ -484,6 +495,11 @@ class FeatureStore:
             if meta.get(key) != getattr(store, key):
                 raise ManifestError(f"feature store in {folder!r}: manifest says {key}={meta.get(key)} "
                                     f"but the files hold {getattr(store, key)}")
+        pad_width = meta.get("pad_width", store.max_length)  # saved before session 8: the longest item
+        if isinstance(pad_width, bool) or not isinstance(pad_width, int) or pad_width < store.max_length:
+            raise ManifestError(f"feature store in {folder!r}: manifest pad_width={pad_width!r} is not an int >= the "
+                                f"longest item ({store.max_length})")
+        store._pad_width = pad_width
         return store
 
     def save(self, path: str, *, items_per_shard: Optional[int] = None) -> None:

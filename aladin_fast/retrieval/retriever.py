@@ -272,7 +272,7 @@ class Retriever:
             else:  # gather each unique candidate once, remap the shortlist into that batch
                 unique_ids, inverse = torch.unique(candidate_ids[valid], return_inverse=True)
                 local[valid] = inverse
-                pad_to = store.max_length if getattr(self.scorer, "padding", "neg_inf") == "zero" else None
+                pad_to = store.pad_width if getattr(self.scorer, "padding", "neg_inf") == "zero" else None
                 gathered, gathered_lengths = store.gather(unique_ids, pad_to=pad_to, device=device)
                 teacher, argmax = self._rerank(query_tokens.to(store.dtype), query_lengths, gathered, gathered_lengths,
                                                local.to(device), return_explanations)
@@ -305,9 +305,9 @@ class Retriever:
         best_ids = torch.full((count, 0), -1, dtype=torch.int64)
         all_pairs = getattr(self.scorer, "all_pairs", None)
         with self._lock.read():
-            # zero padding depends on the pad width: pad every chunk to the store's longest item, as search() does,
+            # zero padding depends on the pad width: pad every chunk to the store's pad_width, as search() does,
             # so scores do not depend on which items share a chunk
-            pad_to = self.feature_store.max_length if getattr(self.scorer, "padding", "neg_inf") == "zero" else None
+            pad_to = self.feature_store.pad_width if getattr(self.scorer, "padding", "neg_inf") == "zero" else None
             gallery_ids = torch.from_numpy(self.feature_store.ids())
             queries = query_tokens.to(self.feature_store.dtype)
             for start in range(0, gallery_ids.numel() if count else 0, chunk):

@@ -288,7 +288,7 @@ def _rerank_batch(queries: Sequence[RerankQuery]) -> List[dict]:
     packs_any_width = _merges_any_width(retriever)
     pad_to = None
     if not packs_any_width:  # width-sensitive padding: pad as Retriever.search / the request did
-        pad_to = store.max_length if first.candidate_ids is not None else int(first.candidate_tokens.shape[1])
+        pad_to = store.pad_width if first.candidate_ids is not None else int(first.candidate_tokens.shape[1])
     if first.direction == "text_to_image":
         view = None
         if (packs_any_width and retriever.zero_copy and scorer.reads_in_place(torch.device(device))
