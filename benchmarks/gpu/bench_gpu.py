@@ -30,10 +30,10 @@ from triton.testing import do_bench
 
 import aladin_fast
 
-PUBLISHED = {  # dense (no sparsity) bf16 tensor-core TFLOP/s and HBM TB/s, SXM parts
-    "H100": {"bf16_tflops": 989.4, "hbm_tbps": 3.35},
-    "H200": {"bf16_tflops": 989.4, "hbm_tbps": 4.8},
-    "A100": {"bf16_tflops": 312.0, "hbm_tbps": 2.0},
+PUBLISHED = {  # dense (no sparsity) bf16 tensor-core TFLOP/s, IEEE fp32 (non-tensor) TFLOP/s, HBM TB/s; SXM parts
+    "H100": {"bf16_tflops": 989.4, "fp32_tflops": 66.9, "hbm_tbps": 3.35},
+    "H200": {"bf16_tflops": 989.4, "fp32_tflops": 66.9, "hbm_tbps": 4.8},
+    "A100": {"bf16_tflops": 312.0, "fp32_tflops": 19.5, "hbm_tbps": 2.0},
 }
 ROWS: list[dict] = []
 DEADLINE = [float("inf")]
@@ -44,6 +44,21 @@ def published_peak(name: str) -> dict:
         if key in name:
             return dict(value, part=key)
     return {}
+
+
+def quartiles(samples):
+    """(median, q25, q75) of ``samples`` with linear interpolation between order statistics, the rule of
+    ``torch.quantile`` that ``do_bench(quantiles=...)`` uses (for 3 samples q25 / q75 lie halfway between
+    the smallest / largest and the middle one, not at the extremes)."""
+    ordered = sorted(samples)
+
+    def at(q):
+        position = q * (len(ordered) - 1)
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    return at(0.5), at(0.25), at(0.75)
 
 
 def timed(fn, slow=False):
@@ -59,8 +74,7 @@ def timed(fn, slow=False):
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-        times.sort()
-        return times[1], times[0], times[2]
+        return quartiles(times)
     q25, q50, q75 = do_bench(fn, warmup=25, rep=100, quantiles=[0.25, 0.5, 0.75])
     return q50, q25, q75
 
@@ -507,12 +521,13 @@ def suite_sweep():
 
 
 def machine_peaks():
+    """torch.mm bf16 8192^3 and a 2 GiB device copy, as medians like every row (do_bench's default is the mean)."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm = do_bench(lambda: a @ b)
+    mm = do_bench(lambda: a @ b, return_mode="median")
     src = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    copy = do_bench(lambda: dst.copy_(src))
+    copy = do_bench(lambda: dst.copy_(src), return_mode="median")
     return {"torch_mm_bf16_8192_tflops": 2 * 8192**3 / mm / 1e9,
             "device_copy_gbps_read_plus_write": 2 * src.numel() / copy / 1e6}
 
@@ -551,7 +566,10 @@ def summarise(info, peaks):
         row["fraction_of_measured_mm_bf16"] = row["tflops"] / peaks["torch_mm_bf16_8192_tflops"]
         if published:
             row["fraction_of_published_bf16_peak"] = row["tflops"] / published["bf16_tflops"]
-            floor_ms = max(row["flops"] / (published["bf16_tflops"] * 1e9), row["bytes"] / (published["hbm_tbps"] * 1e9))
+            # the compute roof of the row's own dtype: fp32 rows (IEEE fp32 dots, no TF32) cannot use the
+            # bf16 tensor-core rate, which is ~15x the fp32 one on H100 / H200
+            compute_tflops = published["fp32_tflops"] if row.get("dtype") == "fp32" else published["bf16_tflops"]
+            floor_ms = max(row["flops"] / (compute_tflops * 1e9), row["bytes"] / (published["hbm_tbps"] * 1e9))
             row["roofline_floor_ms"] = floor_ms
             row["time_over_roofline_floor"] = row["median_ms"] / floor_ms
     return published
