@@ -2,7 +2,7 @@
 
 Training shape (bf16 unit vectors, 128 x 128, W=32, R=36, upstream = logsumexp over images), D = 1024 and 768.
 Host-bound steps vary between processes and over time, so every provider is timed in each of ``--rounds``
-rounds (do_bench each) and the medians over rounds are reported, with each round's ratio to the peer.
+rounds (do_bench each, the median step of the round; session 5 used its mean) and the medians over rounds are reported, with each round's ratio to the peer.
 
     python benchmarks/gpu/compare_default.py [--out compare.json] [--rounds 5] [--plot compare.png] [--graphs]
     python benchmarks/gpu/compare_default.py --plot-only compare.json --plot compare.png   (no GPU needed)
@@ -112,7 +112,7 @@ def main():
             fn()
         for _ in range(args.rounds):
             for name, fn in providers.items():
-                times[name].append(do_bench(fn, warmup=10, rep=60))
+                times[name].append(do_bench(fn, warmup=10, rep=60, return_mode="median"))
         for name, values in times.items():
             # captured steps against the captured peer (when it could be captured), eager against eager
             graph_peer = "late-interaction-kernels MrSw (CUDA graph)"

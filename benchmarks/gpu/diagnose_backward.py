@@ -2,7 +2,7 @@
 
 Per configuration (backward strategy, workspace cap, with / without the backward's finiteness sync) at the
 training shape (bf16 unit vectors, 128 x 128, W=32, R=36, upstream = logsumexp over images):
-  * ``fwd_bwd_ms``: do_bench of one step (CUDA events; what the benchmarks report);
+  * ``fwd_bwd_ms``: do_bench of one step, median (CUDA events; what the benchmarks report; session 5: mean);
   * ``gpu_busy_ms``: the sum of the step's CUDA kernel times (torch.profiler, mean over 10 steps);
   * ``host_ms``: host time per step of 30 un-synchronised steps (when the GPU is faster than the host,
     the step costs the host time; a sync inside the step makes host and GPU time meet);
@@ -78,7 +78,7 @@ def main():
             set_config("auto" if config == "lik" else config, real_check)
             try:
                 step()
-                fwd_bwd = do_bench(step, warmup=25, rep=100)
+                fwd_bwd = do_bench(step, warmup=25, rep=100, return_mode="median")
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 for _ in range(30):
