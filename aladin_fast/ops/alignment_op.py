@@ -38,9 +38,9 @@ sparse matrices built from the argmax, in chunks) is the independent check of
 both kernels in the tests.
 
 A padded position that wins a max in ``padding="zero"`` mode is a zero vector:
-it receives and passes no gradient. Gradients are accumulated in float32 and
-returned in the input dtype. Double backward is not implemented (raises
-``NotImplementedError``).
+it receives and passes no gradient. Gradients are accumulated in float32 (float64
+for float64 inputs, C++ backend) and returned in the input dtype. Double backward
+is not implemented (raises ``NotImplementedError``).
 """
 from __future__ import annotations
 
