@@ -19,7 +19,8 @@ fancy-index copy per shard, no Python loop over items.
 
 Thread-safety: readers take an immutable snapshot of the layout, writers
 (``append``/``remove``) build a new snapshot and swap it in, so ``gather``
-never needs a lock.
+never needs a lock; ``save`` writes the files and the manifest metadata of one
+snapshot, whatever ``append``/``remove`` do meanwhile.
 """
 from __future__ import annotations
 
@@ -337,11 +338,18 @@ class FeatureStore:
                 or packed ``[sum L, D]`` with ``cu_seqlens [N + 1]``; any float
                 dtype (cast to the store dtype), torch or numpy.
         """
+        self._commit_append(*self._prepare_append(ids, tokens, lengths, cu_seqlens))
+
+    def _prepare_append(self, ids, tokens, lengths, cu_seqlens) -> Tuple[np.ndarray, _Shard, int]:
+        """The checks and conversion of :meth:`append`, changing nothing: ``(ids, new shard, pad width)``."""
         packed, offsets, width = self._normalise_batch(tokens, lengths, cu_seqlens)
         id_array = as_id_vector("ids", ids, offsets.shape[0] - 1)
+        return id_array, _Shard(packed, offsets, id_array), width
+
+    def _commit_append(self, id_array: np.ndarray, shard: _Shard, width: int) -> None:
+        """Swap in a layout with the shard from :meth:`_prepare_append` (refuses ids already present)."""
         if not id_array.size:
             return
-        shard = _Shard(packed, offsets, id_array)
         with self._write_lock:
             layout = self._layout
             clash = id_array[self.contains(id_array)]
@@ -427,14 +435,23 @@ class FeatureStore:
 
     # ---------------------------------------------------------- persistence
     def config(self) -> dict:
-        return {"dim": self.dim, "dtype": self.dtype_name, "count": self.count,
-                "total_tokens": self.total_tokens, "max_length": self.max_length, "pad_width": self.pad_width}
+        return self._config(*self._snapshot())
+
+    def _snapshot(self) -> Tuple[_Layout, int]:
+        """``(layout, pad width)`` of one state (append swaps in both under the write lock)."""
+        with self._write_lock:
+            return self._layout, self._pad_width
+
+    def _config(self, layout: _Layout, pad_width: int) -> dict:
+        return {"dim": self.dim, "dtype": self.dtype_name, "count": int(layout.sorted_ids.shape[0]),
+                "total_tokens": int(layout.lengths[layout.live].sum()), "max_length": layout.max_length,
+                "pad_width": max(pad_width, layout.max_length)}
 
     def write_payload(self, folder: str, items_per_shard: Optional[int] = None) -> dict:
         """Write live items as ``tokens/offsets/ids-NNNNN.npy`` shards into ``folder``."""
         if items_per_shard is not None and items_per_shard < 1:
             raise ValueError(f"items_per_shard must be >= 1, got {items_per_shard}")
-        layout = self._layout
+        layout, pad_width = self._snapshot()  # files and metadata of this one state, whatever append/remove do meanwhile
         if items_per_shard is None:  # keep the current shards, dropping removed rows
             groups = [np.arange(layout.row_start[s], layout.row_start[s + 1])[layout.live[layout.row_start[s]:layout.row_start[s + 1]]]
                       for s in range(len(layout.shards))]
@@ -453,7 +470,7 @@ class FeatureStore:
                     np.save(handle, np.asarray(array), allow_pickle=False)
             shards_meta.append({"items": int(rows.size), "tokens": int(offsets[-1]),
                                 "min_id": int(layout.ids[rows].min()), "max_id": int(layout.ids[rows].max())})
-        return {**self.config(), "shards": shards_meta}
+        return {**self._config(layout, pad_width), "shards": shards_meta}
 
     @classmethod
     def read_payload(cls, folder: str, meta: dict, mmap: bool = True) -> "FeatureStore":

@@ -90,8 +90,13 @@ class ReadWriteLock:
     def write(self):
         with self._condition:
             self._waiting_writers += 1
-            while self._writer or self._readers:
-                self._condition.wait()
+            try:
+                while self._writer or self._readers:
+                    self._condition.wait()
+            except BaseException:  # interrupted while waiting (KeyboardInterrupt): stop holding new readers back
+                self._waiting_writers -= 1
+                self._condition.notify_all()
+                raise
             self._waiting_writers -= 1
             self._writer = True
         try:
@@ -359,9 +364,37 @@ class StudentIndex:
         if not id_array.size or self._cpu_index is None:
             return 0
         with self._lock.write():
+            lists = self._ivf_lists()
+            if lists is not None:  # positions of the removed ids, before the removal closes their gaps
+                gone = np.nonzero(np.isin(self._faiss.vector_to_array(self._cpu_index.id_map), id_array))[0]
             removed = int(self._cpu_index.remove_ids(id_array))
+            if lists is not None and gone.size:
+                self._renumber(lists, gone)
             self._gpu_stale = True
         return removed
+
+    def _ivf_lists(self):
+        """The inverted lists of an IVF index (inside any pre-transform), else None."""
+        try:
+            return self._faiss.extract_index_ivf(self._faiss.downcast_index(self._cpu_index.index)).invlists
+        except RuntimeError:
+            return None
+
+    def _renumber(self, lists, gone: np.ndarray) -> None:
+        """IndexIDMap2 names the inner index's entries by position 0..ntotal-1 and, on removal, closes the gaps
+        in its id table; flat indexes shift their entries alike, but IVF lists keep each entry's old number, which
+        then names another id (or none, and the next removal aborts on a faiss assertion). Shift each remaining
+        number down by the count of removed positions (``gone``, sorted) before it."""
+        faiss = self._faiss
+        for number in range(lists.nlist):
+            size = lists.list_size(number)
+            if not size:
+                continue
+            labels = faiss.rev_swig_ptr(lists.get_ids(number), size).copy()
+            shifted = labels - np.searchsorted(gone, labels)
+            if not np.array_equal(shifted, labels):
+                codes = faiss.rev_swig_ptr(lists.get_codes(number), size * lists.code_size).copy()
+                lists.update_entries(number, 0, size, faiss.swig_ptr(shifted), faiss.swig_ptr(codes))
 
     def reconstruct(self, ids) -> np.ndarray:
         """Stored vectors of ``ids`` as float32 ``[N, dim]`` (after cosine normalisation)."""

@@ -150,7 +150,7 @@ class MilvusStudentIndex:
     # ----------------------------------------------------------- properties
     @property
     def ntotal(self) -> int:
-        with self._client_lock:
+        with self._lock.read(), self._client_lock:  # not half-way through an add() of several batches
             rows = self.client.query(self.collection, filter="", output_fields=["count(*)"], **STRONG)
         return int(rows[0]["count(*)"])
 
@@ -168,7 +168,7 @@ class MilvusStudentIndex:
     def ids(self) -> np.ndarray:
         """All ids in the collection, int64 ``[ntotal]`` (unordered)."""
         found = []
-        with self._client_lock:
+        with self._lock.read(), self._client_lock:
             for batch in self._scan(["id"]):
                 found.extend(int(row["id"]) for row in batch)
         return np.asarray(found, dtype=np.int64)
@@ -189,7 +189,8 @@ class MilvusStudentIndex:
     def contains(self, ids) -> np.ndarray:
         """bool ``[N]``: which of ``ids`` are in the collection."""
         id_array = as_id_vector("ids", ids)
-        return np.isin(id_array, self._existing(np.unique(id_array)))
+        with self._lock.read():
+            return np.isin(id_array, self._existing(np.unique(id_array)))
 
     def _existing(self, ids: np.ndarray) -> np.ndarray:
         present = []

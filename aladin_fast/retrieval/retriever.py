@@ -151,10 +151,13 @@ class Retriever:
         """Add gallery items to both the index (``embeddings [N, E]``) and the store (tokens as in
         :meth:`FeatureStore.append`); on failure neither is changed."""
         id_array = as_id_vector("ids", ids)
+        # the store checks and converts the tokens before the index changes: an index that cannot remove
+        # (HNSW) could not take back its add if the store refused them afterwards
+        batch = self.feature_store._prepare_append(id_array, tokens, lengths, cu_seqlens)
         with self._lock.write():
             self.student_index.add(embeddings, id_array)
             try:
-                self.feature_store.append(id_array, tokens, lengths, cu_seqlens=cu_seqlens)
+                self.feature_store._commit_append(*batch)
             except BaseException:
                 self.student_index.remove(id_array)
                 raise
