@@ -77,8 +77,15 @@ def tracing() -> bool:
     layouts the op layer built itself -- full-length padded batches, all pairs
     or paired: ``score_tokens(layout_checked=True)``, so such a compiled step has
     no device sync). A length mask is checked in-graph with ``torch._assert_async``.
+
+    Only the calling thread's tracing counts: Dynamo folds ``is_dynamo_compiling()`` to True in the frames it
+    traces (it is False in eager code). ``is_compiling()`` reads a process-wide flag, which torch.export (a
+    non-Dynamo tracer) sets and torch >= 2.13 also holds True for a whole torch.compile session: an eager call
+    on another thread would skip its checks meanwhile. So that flag counts only with a tracing dispatch mode
+    (fake / proxy tensors, thread-local) active on this thread.
     """
-    return torch.compiler.is_compiling()
+    return torch.compiler.is_dynamo_compiling() or (
+        torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() > 0)
 
 
 def _padded_layout_tensors(count, pad, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
