@@ -73,6 +73,7 @@ from aladin_fast.evaluate import (  # noqa: E402
     parse_rerank_ks,
     recall_curve,
 )
+from test_eval_properties import oracle_ranks as protocol_ranks  # noqa: E402  (keys: anything comparable)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "single_threaded_faiss")
 
@@ -110,20 +111,6 @@ def oracle_teacher(caption_tokens, caption_lengths, image_tokens, image_lengths,
                         "sum": sum(sum(line) for line in sim)}[aggregation])
         out.append(row)
     return out
-
-
-def protocol_ranks(keys, k):
-    """(i2t, t2i) 1-based ranks of ``keys[i][j]`` (anything comparable; higher = better), pessimistic ties."""
-    n_images, n_captions = len(keys), len(keys[0])
-    i2t = []
-    for i in range(n_images):
-        best = max(keys[i][j] for j in range(i * k, i * k + k))
-        i2t.append(1 + sum(1 for j in range(n_captions) if j // k != i and keys[i][j] >= best))
-    t2i = []
-    for j in range(n_captions):
-        truth = keys[j // k][j]
-        t2i.append(1 + sum(1 for i in range(n_images) if i != j // k and keys[i][j] >= truth))
-    return i2t, t2i
 
 
 def shortlist(values, size):
