@@ -51,7 +51,6 @@ import io
 import json
 import math
 import os
-import statistics
 
 import numpy as np
 import pytest
@@ -73,6 +72,7 @@ from aladin_fast.evaluate import (  # noqa: E402
     parse_rerank_ks,
     recall_curve,
 )
+from test_eval_properties import oracle_metrics  # noqa: E402
 from test_eval_properties import oracle_ranks as protocol_ranks  # noqa: E402  (keys: anything comparable)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "single_threaded_faiss")
@@ -139,17 +139,6 @@ def oracle_two_stage_ranks(student, teacher, rerank_k, k):
         chosen = shortlist(student[i], min(rerank_k, n_captions))
         i2t_keys.append([(1, teacher[i][j]) if j in chosen else (0, student[i][j]) for j in range(n_captions)])
     return protocol_ranks(i2t_keys, k)[0], protocol_ranks(t2i_keys, k)[1]
-
-
-def oracle_metrics(i2t, t2i):
-    out = {}
-    for prefix, ranks in (("i2t", i2t), ("t2i", t2i)):
-        for level in (1, 5, 10):
-            out[f"{prefix}_r{level}"] = 100.0 * sum(1 for r in ranks if r <= level) / len(ranks)
-        out[f"{prefix}_medr"] = float(math.floor(statistics.median(ranks)))
-        out[f"{prefix}_meanr"] = statistics.fmean(ranks)
-    out["rsum"] = sum(out[f"{p}_r{level}"] for p in ("i2t", "t2i") for level in (1, 5, 10))
-    return out
 
 
 def oracle_curve(ranks, levels=RECALL_CURVE_LEVELS):
