@@ -80,10 +80,12 @@ class ServingState:
 
     def publish_gallery(self, gallery: Gallery) -> None:
         """Swap in ``gallery`` (one reference assignment: atomic for every reader) and report it."""
-        self.gallery = gallery
+        previous, self.gallery = self.gallery, gallery
         self.metrics.generation.set(gallery.generation)
         for direction, retriever in gallery.retrievers.items():
             self.metrics.gallery_items.set(retriever.count, direction=direction)
+        for direction in set(previous.retrievers if previous else ()) - set(gallery.retrievers):
+            self.metrics.gallery_items.remove(direction=direction)  # no longer served: no stale count
 
     async def start(self) -> None:
         config = self.config
@@ -273,13 +275,16 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
                 raise RequestError(unknown[0], "unknown field (allowed: ['path', 'paths'])")
             if "path" in body and "paths" in body:
                 raise RequestError("paths", "give path or paths, not both")
-            paths = body.get("paths", [body["path"]] if "path" in body else list(state.gallery.paths.values()))
-            if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+            paths = body.get("paths", [body["path"]] if "path" in body else None)
+            if paths is not None and (not isinstance(paths, list) or not paths
+                                      or not all(isinstance(p, str) and p for p in paths)):
                 raise RequestError("path" if "path" in body else "paths", "must name saved Retriever directories")
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
         async with state.reload_lock:
             old = state.gallery
+            if paths is None:  # the paths served now, read under the lock: not those before a reload queued ahead
+                paths = list(old.paths.values())
             try:
                 new = await asyncio.to_thread(load_gallery, paths, generation=old.generation + 1, device=old.device,
                                               verify=config.verify, warmup=config.warmup)

@@ -127,6 +127,7 @@ class DynamicBatcher:
                 item.future.set_exception(BatcherClosedError(f"{self.name} queue closed during shutdown"))
         self._forming = []
         self._items.clear()
+        self._report_depth()
 
     @property
     def depth(self) -> int:
@@ -199,6 +200,8 @@ class DynamicBatcher:
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+            # hold nothing while waiting for the next batch: a done batch's payloads pin their gallery generation
+            del batch, task
 
     async def _run(self, batch: List[_Item]) -> None:
         loop = asyncio.get_running_loop()

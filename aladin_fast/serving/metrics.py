@@ -107,6 +107,12 @@ class Gauge(Counter):
     def dec(self, amount: float = 1.0, **labels) -> None:
         self.inc(-amount, **labels)
 
+    def remove(self, **labels) -> None:
+        """Drop the series of ``labels`` (it is no longer exported)."""
+        key = self._key(labels)
+        with self._lock:
+            self._values.pop(key, None)
+
 
 class Histogram(_Metric):
     """Cumulative buckets, sum and count per label set (Prometheus ``histogram``)."""
