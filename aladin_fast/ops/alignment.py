@@ -45,6 +45,19 @@ def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return resolve_backend(backend, device, dtype)
 
 
+def _check_no_function_transforms(text: torch.Tensor, images: torch.Tensor, backend: str) -> None:
+    """The kernel backends read the tokens' memory (C++ / Triton): a ``torch.func`` transform's wrapped tensors
+    have none, and a forward-mode dual tensor's tangent would be dropped (a silent zero derivative)."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    dual = torch.autograd.forward_ad._current_level >= 0 and any(
+        torch.autograd.forward_ad.unpack_dual(tokens).tangent is not None for tokens in (text, images))
+    if dual or wrapped(text) or wrapped(images):
+        raise NotImplementedError(
+            f"backend={backend!r} does not support torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, vmap) "
+            "or forward-mode AD (torch.autograd.forward_ad); use backend='reference' for torch.func.grad / "
+            "jacrev / jacfwd and forward-mode AD, and call the op on a batch instead of vmap")
+
+
 def _score(
     text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, candidates, paired,
     aggregation, padding, normalize, backend, return_argmax, max_text_len=None, max_image_len=None,
@@ -59,6 +72,8 @@ def _score(
     check_pair(text_batch, image_batch)
     device = text_batch.tokens.device
     chosen = _choose_backend(backend, device, text_batch.tokens.dtype)
+    if chosen != "reference" and not tracing():
+        _check_no_function_transforms(text_batch.tokens, image_batch.tokens, chosen)
     if paired:
         if text_batch.count != image_batch.count:
             raise ValueError(
