@@ -30,39 +30,16 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import aladin_fast.serving.app as serving_app  # noqa: E402
-from aladin_fast.retrieval import FeatureStore, Retriever, StudentIndex  # noqa: E402
 from aladin_fast.serving import DynamicBatcher, MetricsRegistry, RequestError, ServerThread, ServingConfig  # noqa: E402
 from aladin_fast.serving.batcher import BatcherClosedError  # noqa: E402
 from aladin_fast.serving.engine import run_rerank_batch, run_search_batch  # noqa: E402
 from aladin_fast.serving.metrics import parse_exposition  # noqa: E402
 from aladin_fast.serving.schema import parse_rerank, parse_search  # noqa: E402
+from test_serving_properties import DIM, ITEMS, embed, make_retriever, normalize  # noqa: E402  (one gallery maker)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "single_threaded_faiss")
 
-ITEMS, REGIONS, WORDS, DIM, EMBED = 40, 6, 8, 16, 12
-PROJECTION = torch.randn(DIM, EMBED, generator=torch.Generator().manual_seed(99))
 JOIN = 30  # seconds: a hang fails the test instead of blocking the run
-
-
-def normalize(x):
-    return torch.nn.functional.normalize(x, dim=-1)
-
-
-def embed(pooled):
-    return normalize(pooled @ PROJECTION)
-
-
-def make_retriever(seed, direction, ids_offset=0):
-    g = torch.Generator().manual_seed(seed)
-    width = REGIONS if direction == "text_to_image" else WORDS
-    tokens = normalize(torch.randn(ITEMS, width, DIM, generator=g))
-    lengths = torch.randint(1, width + 1, (ITEMS,), generator=g)
-    ids = torch.arange(ITEMS) * 5 + 1 + ids_offset
-    student = StudentIndex(EMBED, device="cpu")
-    student.add(embed(tokens.mean(1)), ids)
-    store = FeatureStore(DIM)
-    store.append(ids, tokens, lengths)
-    return Retriever(student, store, direction=direction)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +51,7 @@ def directories(tmp_path_factory):
     for name, seed, direction, offset in [("a", 1, "text_to_image", 0), ("b", 2, "text_to_image", 1000),
                                           ("captions", 3, "image_to_text", 0)]:
         out[name] = str(root / name)
-        make_retriever(seed, direction, offset).save(out[name])
+        make_retriever(seed, direction, ids_offset=offset).save(out[name])
     out["corrupt"] = str(root / "corrupt")
     shutil.copytree(out["a"], out["corrupt"])
     victim = max((os.path.join(folder, name) for folder, _, names in os.walk(out["corrupt"]) for name in names
