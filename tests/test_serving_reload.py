@@ -17,8 +17,6 @@ import os
 import shutil
 import threading
 import time
-import urllib.error
-import urllib.request
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,6 +34,7 @@ from aladin_fast.serving.engine import run_rerank_batch, run_search_batch  # noq
 from aladin_fast.serving.metrics import parse_exposition  # noqa: E402
 from aladin_fast.serving.schema import parse_rerank, parse_search  # noqa: E402
 from test_serving_properties import DIM, ITEMS, embed, make_retriever, normalize  # noqa: E402  (one gallery maker)
+from test_serving_properties import call as http_call  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "single_threaded_faiss")
 
@@ -87,17 +86,7 @@ def state(server, directories):
 # ------------------------------------------------------------------------------------------------ helpers
 def call(url, path, body=None, timeout=JOIN):
     """``(status, json)``; never raises on HTTP errors (a hang fails on ``timeout``)."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            payload, status = response.read(), response.status
-    except urllib.error.HTTPError as err:
-        payload, status = err.read(), err.code
-    try:
-        return status, json.loads(payload)
-    except ValueError:
-        return status, payload.decode()
+    return http_call(url, path, body, timeout=timeout)[:2]
 
 
 def metrics(url):
