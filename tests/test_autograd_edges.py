@@ -211,3 +211,29 @@ def test_compiled_module_dynamic_batch(generator):
             torch.testing.assert_close(scores, eager)
             for actual, expected in zip(grads, eager_grads):
                 torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_regression_index_tensors_made_under_inference_mode(backend):
+    """int32 lengths / candidates created under torch.inference_mode (a data pipeline's) were refused on "cpu" at
+    the forward ("Inference tensors cannot be saved for backward"); the reference took them. Both work now, with
+    the float64 reference's gradients."""
+    generator = torch.Generator().manual_seed(5)
+    text = torch.randn(3, 4, 8, generator=generator, dtype=torch.float64)
+    images = torch.randn(5, 6, 8, generator=generator, dtype=torch.float64)
+    with torch.inference_mode():
+        text_lengths = torch.tensor([4, 1, 3], dtype=torch.int32)
+        image_lengths = torch.tensor([6, 2, 5, 1, 3], dtype=torch.int32)
+        candidates = torch.tensor([[0, 4], [2, 2], [1, 3]], dtype=torch.int32)
+    for tokens in (text, images):
+        tokens.requires_grad_(True)
+    oracle = aladin_fast.rerank_scores(text, images, candidates.clone(), text_lengths.clone(), image_lengths.clone(),
+                                       backend="reference")
+    expected = torch.autograd.grad(oracle.sum(), (text, images))
+    kernel_text = text.detach().float().requires_grad_(True)
+    kernel_images = images.detach().float().requires_grad_(True)
+    for inputs in ((text, images), (kernel_text, kernel_images)):
+        scores = aladin_fast.rerank_scores(*inputs, candidates, text_lengths, image_lengths, backend=backend)
+        grads = torch.autograd.grad(scores.sum(), inputs)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

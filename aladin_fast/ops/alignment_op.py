@@ -762,8 +762,10 @@ class _EagerScore(torch.autograd.Function):
         scores, argmax, region_argmax = _score_tokens_impl(
             text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, aggregation,
             zero_padding, text_pad, image_pad, backend, want_argmax, want_region_argmax, validated=True)
-        ctx.save_for_backward(text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates,
-                              argmax, region_argmax)
+        ctx.save_for_backward(text, images, argmax, region_argmax)
+        # the index inputs are not arguments autograd sees (they travel in `call`): kept as they are, so index
+        # tensors made under torch.inference_mode work too (save_for_backward refuses inference tensors)
+        ctx.index_inputs = (text_offsets, text_lengths, image_offsets, image_lengths, candidates)
         ctx.options = (aggregation, zero_padding, text_pad, image_pad, backend)
         ctx.mark_non_differentiable(argmax, region_argmax)
         return scores, argmax, region_argmax
@@ -772,13 +774,15 @@ class _EagerScore(torch.autograd.Function):
     def backward(ctx, grad_scores, grad_argmax, grad_region_argmax):
         if grad_scores is None:  # (not materialised: no gradient reached the scores)
             return None, None, None
+        text, images, argmax, region_argmax = ctx.saved_tensors
+        text_offsets, text_lengths, image_offsets, image_lengths, candidates = ctx.index_inputs
+        saved = (text, text_offsets, text_lengths, images, image_offsets, image_lengths, candidates, argmax,
+                 region_argmax)
         if torch.is_grad_enabled():
             # create_graph=True records the backward as a node whose own backward raises (like the registered op)
-            grad_text, grad_images = _EagerScoreBackward.apply(grad_scores, *ctx.saved_tensors, *ctx.options,
-                                                               ctx.finite)
+            grad_text, grad_images = _EagerScoreBackward.apply(grad_scores, *saved, *ctx.options, ctx.finite)
         else:  # the usual case: no second autograd.Function around the kernels (its apply is host time per step)
-            grad_text, grad_images = _score_tokens_backward_impl(grad_scores, *ctx.saved_tensors, *ctx.options,
-                                                                 ctx.finite)
+            grad_text, grad_images = _score_tokens_backward_impl(grad_scores, *saved, *ctx.options, ctx.finite)
         return grad_text if ctx.needs_input_grad[0] else None, grad_images if ctx.needs_input_grad[1] else None, None
 
 
