@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import os
 import random
-import uuid
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .._io import fsync_path
+from .._io import write_atomic
 from ..data.vocab import Vocabulary
 from ..models import Student, Teacher
 
@@ -52,23 +51,8 @@ FORMAT_VERSION = 1
 
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     """Write ``payload`` (without ``format`` / ``version``; they are added) atomically to ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **payload}
-    # a unique name opened with "x" (mkstemp would make the checkpoint 0600, unreadable to the rest of a team)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        fsync_path(folder, directory=True)  # the rename itself survives a power loss
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    write_atomic(path, lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
