@@ -64,12 +64,17 @@ def best_first(values: torch.Tensor, topk: int) -> torch.Tensor:
     return order[:, :topk]
 
 
-def merge_best(values: torch.Tensor, ids: torch.Tensor, block: torch.Tensor, block_ids: torch.Tensor, topk: int):
+def merge_best(values: torch.Tensor, ids: torch.Tensor, block: torch.Tensor, block_ids: torch.Tensor, topk: int,
+               *, blocks_in_id_order: bool = True):
     """A running top-k: the best ``topk`` per row of ``(values, ids) [N, k']`` and a new ``(block, block_ids)
     [N, M]`` (``block_ids`` broadcastable), by :func:`best_first`. The running best comes first, so on ties it
-    wins over the block: with blocks in increasing id order, the lower id first."""
+    wins over the block: with blocks in increasing id order, the lower id first. Blocks in any id order
+    (``blocks_in_id_order=False``) are merged in id order first, for the same tie rule."""
     merged_values = torch.cat([values, block], dim=1)
     merged_ids = torch.cat([ids, block_ids.expand_as(block)], dim=1)
+    if not blocks_in_id_order:
+        by_id = torch.argsort(merged_ids, dim=1, stable=True)
+        merged_values, merged_ids = merged_values.gather(1, by_id), merged_ids.gather(1, by_id)
     order = best_first(merged_values, topk)
     return merged_values.gather(1, order), merged_ids.gather(1, order)
 

@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ..ops.streaming import best_first
+from ..ops.streaming import merge_best
 from .index import METRICS, ReadWriteLock, as_float_matrix, as_id_vector
 from .manifest import ManifestError, open_directory, save_directory
 
@@ -308,14 +308,8 @@ class MilvusStudentIndex:
                     block = -torch.cdist(queries.double(), vectors.double()).square().float()
                 else:
                     block = queries @ vectors.T
-                # the iterator's batches come in no id order: sort each merge by id before ranking it, so a
-                # tie keeps the lower id, as it would in one exhaustive pass
-                values = torch.cat([best, block], dim=1)
-                merged_ids = torch.cat([best_ids, ids.expand(queries.shape[0], -1)], dim=1)
-                by_id = torch.argsort(merged_ids, dim=1, stable=True)
-                values, merged_ids = values.gather(1, by_id), merged_ids.gather(1, by_id)
-                order = best_first(values, k)
-                best, best_ids = values.gather(1, order), merged_ids.gather(1, order)
+                # the iterator's batches come in no id order: a tie still keeps the lower id
+                best, best_ids = merge_best(best, best_ids, block, ids, k, blocks_in_id_order=False)
         found = best.shape[1]
         scores = torch.full((queries.shape[0], k), -math.inf)
         ids = torch.full((queries.shape[0], k), -1, dtype=torch.int64)
