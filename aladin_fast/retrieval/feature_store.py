@@ -24,6 +24,7 @@ snapshot, whatever ``append``/``remove`` do meanwhile.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import warnings
@@ -108,9 +109,10 @@ class _Layout:
     sorted_ids: np.ndarray  # live ids, sorted
     sorted_rows: np.ndarray  # their rows
     max_length: int  # longest live item
+    pad_width: int  # the width zero padding pads to (FeatureStore.pad_width), >= max_length
 
 
-def _make_layout(shards: Sequence[_Shard], live: Optional[np.ndarray] = None) -> _Layout:
+def _make_layout(shards: Sequence[_Shard], live: Optional[np.ndarray] = None, pad_width: int = 0) -> _Layout:
     counts = np.array([shard.ids.shape[0] for shard in shards], dtype=np.int64)
     row_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     empty = np.zeros(0, dtype=np.int64)
@@ -125,7 +127,8 @@ def _make_layout(shards: Sequence[_Shard], live: Optional[np.ndarray] = None) ->
         duplicate = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
         raise ValueError(f"feature store ids must be unique, duplicates: {duplicate[:8].tolist()}")
     max_length = int(lengths[live_rows].max()) if live_rows.size else 0
-    return _Layout(tuple(shards), row_start, starts, lengths, ids, live, sorted_ids, sorted_rows, max_length)
+    return _Layout(tuple(shards), row_start, starts, lengths, ids, live, sorted_ids, sorted_rows, max_length,
+                   max(pad_width, max_length))
 
 
 def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
@@ -154,7 +157,6 @@ class FeatureStore:
         self._write_lock = threading.Lock()
         self._layout = _make_layout([])
         self._view_cache = None
-        self._pad_width = 0
 
     @classmethod
     def from_tokens(cls, ids, tokens, lengths=None, *, cu_seqlens=None, dtype=None) -> "FeatureStore":
@@ -194,7 +196,7 @@ class FeatureStore:
         removed, so with ``padding="zero"`` (whose scores depend on the pad width) removing one item does not
         change the scores of the others, and a store of ``[N, R, D]`` features scores as the teacher does on
         them (padded to R)."""
-        return max(self._pad_width, self.max_length)
+        return self._layout.pad_width
 
     @property
     def total_tokens(self) -> int:
@@ -282,7 +284,8 @@ class FeatureStore:
             rows = np.nonzero(layout.live)[0]
             packed, lengths = self._gather_numpy(layout, rows, None)
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            self._layout = _make_layout([_Shard(packed, offsets, layout.ids[rows])] if rows.size else [])
+            self._layout = _make_layout([_Shard(packed, offsets, layout.ids[rows])] if rows.size else [],
+                                        pad_width=layout.pad_width)
 
     def lengths(self, ids) -> torch.Tensor:
         """Token counts of ``ids``: int64 ``[N]``."""
@@ -355,8 +358,8 @@ class FeatureStore:
             clash = id_array[self.contains(id_array)]
             if clash.size:
                 raise ValueError(f"ids already in the feature store: {clash[:8].tolist()}")
-            self._layout = _make_layout(list(layout.shards) + [shard], np.concatenate([layout.live, np.ones(id_array.size, bool)]))
-            self._pad_width = max(self._pad_width, width)
+            self._layout = _make_layout(list(layout.shards) + [shard], np.concatenate([layout.live, np.ones(id_array.size, bool)]),
+                                        pad_width=max(layout.pad_width, width))
 
     def remove(self, ids) -> int:
         """Remove ``ids`` (unknown ids are ignored); returns how many were removed.
@@ -371,7 +374,7 @@ class FeatureStore:
                 return 0
             live = layout.live.copy()
             live[self._rows(layout, np.unique(present))] = False
-            self._layout = _make_layout(list(layout.shards), live)
+            self._layout = _make_layout(list(layout.shards), live, pad_width=layout.pad_width)
             return int(np.unique(present).size)
 
     # --------------------------------------------------------------- gather
@@ -435,23 +438,18 @@ class FeatureStore:
 
     # ---------------------------------------------------------- persistence
     def config(self) -> dict:
-        return self._config(*self._snapshot())
+        return self._config(self._layout)
 
-    def _snapshot(self) -> Tuple[_Layout, int]:
-        """``(layout, pad width)`` of one state (append swaps in both under the write lock)."""
-        with self._write_lock:
-            return self._layout, self._pad_width
-
-    def _config(self, layout: _Layout, pad_width: int) -> dict:
+    def _config(self, layout: _Layout) -> dict:
         return {"dim": self.dim, "dtype": self.dtype_name, "count": int(layout.sorted_ids.shape[0]),
                 "total_tokens": int(layout.lengths[layout.live].sum()), "max_length": layout.max_length,
-                "pad_width": max(pad_width, layout.max_length)}
+                "pad_width": layout.pad_width}
 
     def write_payload(self, folder: str, items_per_shard: Optional[int] = None) -> dict:
         """Write live items as ``tokens/offsets/ids-NNNNN.npy`` shards into ``folder``."""
         if items_per_shard is not None and items_per_shard < 1:
             raise ValueError(f"items_per_shard must be >= 1, got {items_per_shard}")
-        layout, pad_width = self._snapshot()  # files and metadata of this one state, whatever append/remove do meanwhile
+        layout = self._layout  # files and metadata of this one snapshot, whatever append/remove do meanwhile
         if items_per_shard is None:  # keep the current shards, dropping removed rows
             groups = [np.arange(layout.row_start[s], layout.row_start[s + 1])[layout.live[layout.row_start[s]:layout.row_start[s + 1]]]
                       for s in range(len(layout.shards))]
@@ -470,7 +468,7 @@ class FeatureStore:
                     np.save(handle, np.asarray(array), allow_pickle=False)
             shards_meta.append({"items": int(rows.size), "tokens": int(offsets[-1]),
                                 "min_id": int(layout.ids[rows].min()), "max_id": int(layout.ids[rows].max())})
-        return {**self._config(layout, pad_width), "shards": shards_meta}
+        return {**self._config(layout), "shards": shards_meta}
 
     @classmethod
     def read_payload(cls, folder: str, meta: dict, mmap: bool = True) -> "FeatureStore":
@@ -516,7 +514,7 @@ class FeatureStore:
         if isinstance(pad_width, bool) or not isinstance(pad_width, int) or pad_width < store.max_length:
             raise ManifestError(f"feature store in {folder!r}: manifest pad_width={pad_width!r} is not an int >= the "
                                 f"longest item ({store.max_length})")
-        store._pad_width = pad_width
+        store._layout = dataclasses.replace(store._layout, pad_width=pad_width)
         return store
 
     def save(self, path: str, *, items_per_shard: Optional[int] = None) -> None:
