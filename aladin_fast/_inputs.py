@@ -148,6 +148,13 @@ def check_flag(name: str, value) -> bool:
     raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
+def check_positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1 (Python or numpy int; a bool is not a count)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 # unsigned dtypes most torch ops (aminmax, comparisons) do not implement: widened to int64 first. A uint64
 # value >= 2^63 becomes negative, which every index check refuses like the out-of-range value it is
 _WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)

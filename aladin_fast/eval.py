@@ -34,7 +34,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ._inputs import torch_compatible
+from ._inputs import check_positive_int, torch_compatible
 
 __all__ = [
     "METRIC_NAMES",
@@ -203,16 +203,12 @@ def chance_recalls(num_images: int, captions_per_image: int = 5) -> Dict[str, fl
     hits when any of them is in the top K: ``1 - C(M - c, K) / C(M, K)``. (``K / N`` for i2t, the usual
     shortcut, is off for small test sets: 62.5 % instead of 50.7 % at N = 8, K = 5.)
     """
-    for name, value in (("num_images", num_images), ("captions_per_image", captions_per_image)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive_int("num_images", num_images)
+    check_positive_int("captions_per_image", captions_per_image)
     total = num_images * captions_per_image
-    recalls = {}
-    for level in RECALL_LEVELS:
-        recalls[f"i2t_r{level}"] = 100.0 * (1.0 - math.comb(total - captions_per_image, level) / math.comb(total, level)
-                                            if level <= total else 1.0)
-        recalls[f"t2i_r{level}"] = 100.0 * min(1.0, level / num_images)
-    recalls = {name: recalls[name] for name in (f"{d}_r{level}" for d in ("i2t", "t2i") for level in RECALL_LEVELS)}
+    recalls = {f"i2t_r{level}": 100.0 * (1.0 - math.comb(total - captions_per_image, level) / math.comb(total, level)
+                                         if level <= total else 1.0) for level in RECALL_LEVELS}
+    recalls.update({f"t2i_r{level}": 100.0 * min(1.0, level / num_images) for level in RECALL_LEVELS})
     recalls["rsum"] = sum(recalls.values())
     return recalls
 

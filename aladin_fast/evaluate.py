@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import numbers
 import os
 import statistics
 import sys
@@ -40,6 +39,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from ._inputs import check_positive_int
 from ._io import write_text_atomic
 from .eval import metrics_from_ranks, retrieval_ranks
 
@@ -97,8 +97,7 @@ def encode_split(teacher, student, source, tokenizer, device: torch.device, bloc
     """Encode every image and caption of ``source`` (a :class:`~aladin_fast.training.data.PairSource`)."""
     from .training.data import encode_captions
 
-    if not isinstance(block, numbers.Integral) or isinstance(block, bool) or block < 1:
-        raise ValueError(f"block must be a positive int, got {block!r}")
+    check_positive_int("block", block)
     if source.num_images < 1:
         raise ValueError(f"source has no images ({source!r}): nothing to evaluate")
     started = time.perf_counter()
@@ -144,8 +143,7 @@ class RetrievalEvaluator:
                  store_dtype: str = "float32", seed: int = 0):
         from .retrieval import FeatureStore, Retriever, StudentIndex, TeacherScorer
 
-        if not isinstance(latency_queries, numbers.Integral) or isinstance(latency_queries, bool) or latency_queries < 1:
-            raise ValueError(f"latency_queries must be a positive int, got {latency_queries!r}")
+        check_positive_int("latency_queries", latency_queries)
         self.teacher, self.student, self.split, self.device = teacher.eval(), student.eval(), split, device
         started = time.perf_counter()
         index_device = "auto" if device.type == "cuda" else "cpu"
@@ -245,8 +243,7 @@ class RetrievalEvaluator:
 
     def two_stage(self, rerank_k: int, single_latency: bool = True) -> Dict[str, object]:
         """Student shortlist of ``rerank_k`` (capped at each gallery) reranked by the fused teacher, both directions."""
-        if not isinstance(rerank_k, numbers.Integral) or isinstance(rerank_k, bool) or rerank_k < 1:
-            raise ValueError(f"rerank_k must be a positive int, got {rerank_k!r}")
+        check_positive_int("rerank_k", rerank_k)
         split = self.split
         student = self._student_scores
         if student is None:
