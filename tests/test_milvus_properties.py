@@ -49,7 +49,7 @@ pytest.importorskip("milvus_lite")
 from aladin_fast.retrieval import FeatureStore, ManifestError, Retriever, StudentIndex, TeacherScorer  # noqa: E402
 from aladin_fast.retrieval import milvus as milvus_module  # noqa: E402
 from aladin_fast.retrieval.milvus import MAX_TOPK, MilvusStudentIndex  # noqa: E402
-from test_retrieval_properties import fill_retriever  # noqa: E402
+from test_retrieval_properties import _grid, fill_retriever, grid_queries  # noqa: E402
 
 DATABASE = DirectoryBasedExampleDatabase(os.path.join(os.path.dirname(__file__), ".hypothesis-db"))
 COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -123,11 +123,6 @@ def small_batches(monkeypatch):
     a time: make the chunks tiny so boundaries run."""
     monkeypatch.setattr(milvus_module, "INSERT_BATCH", 3)
     monkeypatch.setattr(milvus_module, "SCAN_BATCH", 3)
-
-
-def _grid(rng, shape, scale=4, limit=4):
-    """Multiples of 1/scale in [-limit/scale, limit/scale]: fp32 products and sums of them are exact, ties frequent."""
-    return (rng.integers(-limit, limit + 1, shape) / scale).astype(np.float32)
 
 
 def _as_input(values: np.ndarray, kind: str):
@@ -322,10 +317,7 @@ class MilvusIndexMachine(RuleBasedStateMachine):
           batch_size=st.integers(1, 15), kind=st.sampled_from(INPUT_KINDS))
     def search(self, seed, nq, extra_k, batch_size, kind):
         ids = sorted(self.model)
-        rng = np.random.default_rng(seed)
-        queries = _grid(rng, (nq, self.dim))
-        if ids and nq:  # some queries are gallery vectors: exact ties and perfect matches
-            queries[::2] = np.stack([self.model[ids[j]] for j in rng.integers(0, len(ids), len(queries[::2]))])
+        queries = grid_queries(self.model, self.dim, seed, nq)
         k = max(1, len(ids) + extra_k)
         scores, found = self.index.search(_as_input(queries, kind), k)
         assert scores.dtype == torch.float32 and found.dtype == torch.int64

@@ -308,6 +308,17 @@ def _grid(rng, shape, scale=4, limit=4):
     return (rng.integers(-limit, limit + 1, shape) / scale).astype(np.float32)
 
 
+def grid_queries(model, dim, seed, nq):
+    """``nq`` grid queries of a kNN state machine; every other one a gallery vector of ``model`` (id -> vector):
+    exact ties and perfect matches."""
+    ids = sorted(model)
+    rng = np.random.default_rng(seed)
+    queries = _grid(rng, (nq, dim))
+    if ids and nq:
+        queries[::2] = np.stack([model[ids[j]] for j in rng.integers(0, len(ids), len(queries[::2]))])
+    return queries
+
+
 def _prepared(vectors: np.ndarray, metric: str) -> np.ndarray:
     """What the index stores / searches with: cosine normalises (as documented), ip and l2 keep the vectors."""
     vectors = np.asarray(vectors, dtype=np.float32)
@@ -410,10 +421,7 @@ class StudentIndexMachine(RuleBasedStateMachine):
           batch_size=st.integers(1, 30))
     def search(self, seed, nq, extra_k, batch_size):
         ids = sorted(self.model)
-        rng = np.random.default_rng(seed)
-        queries = _grid(rng, (nq, self.dim))
-        if ids and nq:  # some queries are gallery vectors: exact ties and perfect matches
-            queries[::2] = np.stack([self.model[ids[j]] for j in rng.integers(0, len(ids), len(queries[::2]))])
+        queries = grid_queries(self.model, self.dim, seed, nq)
         k = max(1, len(ids) + extra_k)
         scores, found = self.index.search(torch.from_numpy(queries), k)
         assert scores.dtype == torch.float32 and found.dtype == torch.int64
