@@ -226,6 +226,11 @@ def _lengths_from(name: str, lengths, count: int, max_len: int, device: torch.de
         low, high = value_range(lengths)
         if low < 0 or high > max_len:
             raise ValueError(f"{name} must lie in [0, {max_len}] (the padded length), got values in [{low}, {high}]")
+    elif count and lengths.dtype == torch.int64:
+        # compiled: the op implementation re-checks the int32 values, but the cast below would wrap 2^32 + 3
+        # to a valid 3; so values beyond int32 are refused in the graph (no host read)
+        torch._assert_async(((lengths >= -2**31) & (lengths < 2**31)).all(),
+                            f"{name} must lie in [0, the padded length], got a value beyond int32")
     # contiguous: the C++ kernel takes the lengths as a C-contiguous array (a strided int32 view is no copy)
     return lengths.to(torch.int32).contiguous()
 

@@ -165,3 +165,21 @@ def test_max_lengths_eager_validation_and_zero_padding(generator):
                                                 padding="zero", image_cu_seqlens=image_cu)
         assert argmax.shape == (3, 4, 8)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_refuses_int64_lengths_that_would_wrap_in_int32(generator):
+    """The op implementation re-checks int32 lengths; an int64 2^32 + 3 must not reach it as a valid 3."""
+    def score(text, images, text_lengths, image_lengths):
+        return aladin_fast.alignment_scores(text, images, text_lengths, image_lengths, aggregation="MrSw")
+
+    text, images = torch.randn(2, 5, 8, generator=generator), torch.randn(3, 4, 8, generator=generator)
+    image_lengths = torch.tensor([4, 1, 3])
+    compiled = torch.compile(score, fullgraph=True)
+    good = torch.tensor([5, 2])
+    torch.testing.assert_close(compiled(text, images, good, image_lengths), score(text, images, good, image_lengths))
+    beyond = r"must lie in \[0, the padded length\], got a value beyond int32"
+    for bad in (torch.tensor([5, 2**32 + 3]), torch.tensor([-2**32 + 2, 1])):
+        with pytest.raises(RuntimeError, match="text_lengths " + beyond):
+            compiled(text, images, bad, image_lengths)
+    with pytest.raises(RuntimeError, match="image_lengths " + beyond):
+        compiled(text, images, good, torch.tensor([4, 2**32 + 1, 3]))
