@@ -27,6 +27,7 @@ so the 5,000 x 25,000 matrix is ranked without sorting it.
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 import time
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
@@ -63,8 +64,7 @@ NAN_POLICIES = ("raise", "worst")
 
 def _as_score_tensor(scores: ScoreMatrix, captions_per_image: int, nan: str) -> torch.Tensor:
     """Validate ``scores`` and return it as a floating CPU-or-device torch tensor."""
-    if not isinstance(captions_per_image, int) or captions_per_image < 1:
-        raise ValueError(f"captions_per_image must be a positive int, got {captions_per_image!r}")
+    check_positive_int("captions_per_image", captions_per_image)
     if nan not in NAN_POLICIES:
         raise ValueError(f"nan must be one of {NAN_POLICIES}, got {nan!r}")
     if isinstance(scores, np.ndarray):
@@ -245,10 +245,12 @@ def folds_metrics(
     """
     scores = _as_score_tensor(scores, captions_per_image, nan)
     num_images = scores.shape[0]
-    if not isinstance(fold_size, int) or fold_size < 1 or num_images % fold_size:
+    if isinstance(fold_size, bool) or not isinstance(fold_size, numbers.Integral) or fold_size < 1 \
+            or num_images % fold_size:
         raise ValueError(
             f"fold_size must be a positive int dividing N_images={num_images}, got {fold_size!r}"
         )
+    fold_size = int(fold_size)
     k = captions_per_image
     per_fold = []
     for start in range(0, num_images, fold_size):
@@ -333,11 +335,12 @@ def evaluate_scorer(
         against all captions). These are throughput figures, not single-query
         serving latency.
     """
-    for name, value in (("image_block", image_block), ("caption_block", caption_block)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if fold_size is not None and (not isinstance(fold_size, int) or isinstance(fold_size, bool) or fold_size < 1):
+    image_block, caption_block = check_positive_int("image_block", image_block), check_positive_int(
+        "caption_block", caption_block)
+    if fold_size is not None and (not isinstance(fold_size, numbers.Integral) or isinstance(fold_size, bool)
+                                  or fold_size < 1):
         raise ValueError(f"fold_size must be a positive int or None, got {fold_size!r}")  # before any scoring
+    fold_size = None if fold_size is None else int(fold_size)
     num_images, num_captions = _length(images, "images"), _length(captions, "captions")
     if num_images == 0 or num_captions != captions_per_image * num_images:
         raise ValueError(

@@ -555,3 +555,24 @@ def test_evaluate_scorer_checks_fold_size_before_scoring(fold_size):
 def test_metrics_from_ranks_refuses_non_whole_ranks(bad):
     with pytest.raises(ValueError, match="t2i_ranks must hold whole ranks"):
         metrics_from_ranks(torch.tensor([1, 2]), torch.tensor([1.0, bad]))
+
+
+def test_counts_refuse_bools_and_take_numpy_ints():
+    """True is not a count (it was taken as 1); a numpy int is one, with the same result as the Python int."""
+    scores = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    for call in (lambda v: retrieval_metrics(scores, v), lambda v: folds_metrics(scores, v, 2),
+                 lambda v: evaluate_scorer(lambda i, c: scores[i[0]:i[-1] + 1, c[0]:c[-1] + 1], list(range(4)),
+                                           list(range(8)), captions_per_image=2, image_block=v, fold_size=None)):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            call(True)
+    with pytest.raises(ValueError, match="must be a positive int"):
+        evaluate_scorer(lambda i, c: scores, list(range(4)), list(range(8)), captions_per_image=2, fold_size=True)
+    assert retrieval_metrics(scores, np.int64(2)) == retrieval_metrics(scores, 2)
+    assert folds_metrics(scores, np.int32(2), 2) == folds_metrics(scores, 2, 2)
+    slices = lambda i, c: scores[i[0]:i[-1] + 1, c[0]:c[-1] + 1]  # noqa: E731
+    with_numpy = evaluate_scorer(slices, list(range(4)), list(range(8)), captions_per_image=2,
+                                 image_block=np.int64(3), caption_block=np.int16(5), fold_size=np.int64(2))
+    plain = evaluate_scorer(slices, list(range(4)), list(range(8)), captions_per_image=2, image_block=3,
+                            caption_block=5, fold_size=2)
+    assert with_numpy["all"] == plain["all"] and with_numpy["folds"] == plain["folds"] is not None
+    torch.testing.assert_close(with_numpy["scores"], scores)
