@@ -86,13 +86,13 @@ def server(galleries):
         yield running
 
 
-def call(url, path, body=None, raw=None, method=None):
+def call(url, path, body=None, raw=None, method=None, timeout=60):
     """``(status, json)`` of one request; never raises on HTTP errors."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     request = urllib.request.Request(url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             payload = response.read()
             status = response.status
     except urllib.error.HTTPError as err:
@@ -332,3 +332,65 @@ def test_graceful_shutdown_lets_in_flight_requests_finish(galleries):
         results = [future.result() for future in pending]
     assert [status for status, _ in results] == [200] * 4
     assert not server._thread.is_alive()
+
+
+def test_shutdown_drains_first_health_says_draining_and_new_requests_get_503(galleries):
+    """Regression: the app set ``draining`` only in its lifespan shutdown, after uvicorn had stopped
+    answering, so the documented ``{"status": "draining"}`` could never be seen over HTTP. Now shutdown
+    begins with a drain period (``drain_period_s``) in which the server still answers: /health is 503
+    draining, new search / rerank / reload requests get 503 shutting_down, a request accepted before
+    goes on to a 200; then the server stops within the drain period plus the graceful timeout."""
+    config = ServingConfig(retriever_paths=[galleries["a"]], max_batch_size=64, max_wait_ms=600,
+                           drain_period_s=1.5, graceful_timeout_s=2)
+    server = ServerThread(config).start()
+    state = server.app.state.serving
+    try:
+        assert call(server.url, "/health", timeout=5) == (200, {"status": "ok", "generation": 1})
+        with ThreadPoolExecutor(1) as pool:
+            accepted = pool.submit(call, server.url, "/search", search_body(make_queries(51, 1, WORDS)[0]),
+                                   timeout=10)
+            deadline = time.monotonic() + 5
+            while state.search.depth + len(state.search._forming) < 1:  # queued, its batch still forming
+                assert time.monotonic() < deadline, "the search never reached the batch queue"
+                time.sleep(0.005)
+            begun = time.monotonic()
+            server.server.should_exit = True  # what stop() does, without waiting for the thread
+            health = None
+            while time.monotonic() < begun + 1.0:
+                try:
+                    health = call(server.url, "/health", timeout=2)
+                except OSError as err:  # connection refused: the server stopped answering at once
+                    raise AssertionError(f"the server stopped answering before draining: {err!r}") from None
+                if health[0] != 200:
+                    break
+                time.sleep(0.01)
+            assert health == (503, {"status": "draining", "generation": 1}), health
+            refused = [call(server.url, "/search", good_search(), timeout=5),
+                       call(server.url, "/rerank", {"query_tokens": [[0.1] * DIM], "candidate_ids": [1]}, timeout=5),
+                       call(server.url, "/admin/reload", {"path": galleries["b"]}, timeout=5)]
+            assert time.monotonic() < begun + config.drain_period_s, "the checks outlasted the drain period"
+            for status, answer in refused:
+                assert status == 503 and answer["error"]["type"] == "shutting_down", (status, answer)
+            assert call(server.url, "/health", timeout=5)[0] == 503  # still answering, still draining
+            status, answer = accepted.result(10)
+        assert status == 200 and answer["generation"] == 1, answer
+        server.stop(timeout=config.drain_period_s + config.graceful_timeout_s + 3)
+        stopped_in = time.monotonic() - begun
+        assert not server._thread.is_alive(), "shutdown hung"
+        assert config.drain_period_s <= stopped_in < config.drain_period_s + config.graceful_timeout_s + 1, stopped_in
+        assert state.gallery.generation == 1  # the refused reload changed nothing
+    finally:
+        server.stop(timeout=10)
+
+
+def test_drain_period_option_and_its_validation():
+    from aladin_fast.serving.cli import build_parser
+    from aladin_fast.serving.config import config_from_arguments
+
+    args = build_parser().parse_args(["--retriever", "g", "--drain-period", "0.25", "--graceful-timeout", "3"])
+    config = config_from_arguments(args)
+    assert (config.drain_period_s, config.graceful_timeout_s) == (0.25, 3.0)
+    assert ServingConfig().drain_period_s == 0.0  # no window unless asked: stopping stays fast
+    for bad in (-1, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="drain_period_s"):
+            ServingConfig(drain_period_s=bad)

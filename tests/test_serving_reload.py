@@ -373,6 +373,81 @@ def test_concurrent_reloads_and_load_each_get_a_distinct_generation(server, stat
     idle_metrics_are_zero(server.url, state)
 
 
+# ------------------------------------------------------------------------------------ reloads at shutdown
+def test_reload_in_flight_at_shutdown_is_abandoned_with_503_and_the_exit_does_not_wait_for_it(directories,
+                                                                                            monkeypatch):
+    """Regression: a reload still loading when shutdown began ran on; at the graceful timeout uvicorn cancelled
+    the request (a plain-text 500) and the server thread then waited for the load thread (asyncio.run joins
+    the default executor), so a slow load held up the exit for as long as it took. Now shutdown abandons it
+    at once: the reload -- and one queued behind it -- answer 503 ``shutting_down``, the load is told to stop,
+    its result is discarded and freed, the serving generation is untouched, and the thread exits promptly."""
+    config = ServingConfig(retriever_paths=[directories["a"]], device="cpu", graceful_timeout_s=1.0)
+    started, release, built, told_to_stop = threading.Event(), threading.Event(), [], []
+    original = serving_app.load_gallery
+
+    def slow_load(paths, **options):  # far slower than the graceful timeout, and deaf to cancellation
+        cancelled = options.pop("cancelled", lambda: False)
+        started.set()
+        release.wait(JOIN)
+        told_to_stop.append(cancelled())
+        gallery = original(paths, **options)
+        built.append(weakref.ref(gallery))
+        return gallery
+
+    server = ServerThread(config).start()
+    monkeypatch.setattr(serving_app, "load_gallery", slow_load)  # after the start-up load
+    state = server.app.state.serving
+    old = state.gallery
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(call, server.url, "/admin/reload", {"path": directories["b"]}, 10)
+            assert started.wait(JOIN)
+            queued = pool.submit(call, server.url, "/admin/reload", {}, 10)
+            wait_until(lambda: state.metrics.inflight.value() == 2, "the second reload is in flight", timeout=10)
+            time.sleep(0.2)  # its body is read and it waits for the reload lock
+            begun = time.monotonic()
+            server.stop(timeout=config.graceful_timeout_s + 4)
+            stopped_in = time.monotonic() - begun
+            exited = not server._thread.is_alive()
+            answers = [first.result(10), queued.result(10)]
+        assert exited, "the server thread waited for the abandoned load"
+        assert stopped_in < config.graceful_timeout_s + 1.0, stopped_in
+        for status, answer in answers:
+            assert status == 503 and answer["error"]["type"] == "shutting_down", (status, answer)
+        assert state.gallery is old and state.metrics.generation.value() == old.generation
+        assert state.metrics.reloads.value(status="abandoned") == 2
+        assert state.metrics.reloads.value(status="ok") == 0
+    finally:
+        release.set()
+        server.stop(timeout=JOIN)
+    wait_until(lambda: not any(t.name == "aladin-reload" for t in threading.enumerate()), "the load thread ends")
+    assert told_to_stop == [True] and len(built) == 1
+    assert state.gallery is old
+    del old
+    gc.collect()
+    assert built[0]() is None, "the abandoned load's gallery is still alive"
+
+
+def test_load_gallery_stops_between_steps_once_cancelled(directories, monkeypatch):
+    """``load_gallery(cancelled=...)`` polls between steps: once it says stop, no further directory is
+    loaded or warmed up and LoadCancelled is raised (nothing is returned)."""
+    from aladin_fast.serving import engine
+
+    loaded, real = [], engine.Retriever.load
+    monkeypatch.setattr(engine.Retriever, "load", lambda path, **options: (loaded.append(path), real(path, **options))[1])
+    polls = []
+
+    def cancelled():  # polls: before a, before a's warm-up, before captions (stop here), ...
+        polls.append(len(loaded))
+        return len(polls) >= 3
+
+    with pytest.raises(engine.LoadCancelled):
+        engine.load_gallery([directories["a"], directories["captions"]], generation=2, cancelled=cancelled)
+    assert loaded == [directories["a"]] and polls == [0, 1, 1]
+    gallery = engine.load_gallery([directories["a"], directories["captions"]], generation=2, cancelled=lambda: False)
+    assert sorted(gallery.retrievers) == ["image_to_text", "text_to_image"]
+
+
 # ----------------------------------------------------------------------------------------------- metrics
 def test_gallery_items_gauge_follows_the_directions_served(server, state, directories):
     """Regression: after a reload that drops a direction, ``aladin_gallery_items`` kept reporting the old

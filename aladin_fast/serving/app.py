@@ -4,13 +4,23 @@ Endpoints (JSON unless noted; request bodies in :mod:`aladin_fast.serving.schema
 
 - ``POST /search``  -> ``{"ids", "scores", ["explanations"], "direction", "generation"}``
 - ``POST /rerank``  -> ``{"scores", "direction", "generation"}``, scores in candidate order
-- ``GET /health``   -> ``{"status": "ok" | "draining", "generation"}``
+- ``GET /health``   -> ``{"status": "ok" | "draining", "generation"}``: 200 ``ok`` while serving, 503
+  ``draining`` once shutdown has begun (see below)
 - ``GET /info``     -> versions, backends (``aladin_fast.info()``), device, gallery, config
 - ``GET /metrics``  -> Prometheus text (:mod:`aladin_fast.serving.metrics`)
 - ``POST /admin/reload`` ``{"path": DIR}`` or ``{"paths": [DIR, ...]}`` (default: the current
   paths) -> the new gallery; loads and warms the new retrievers off the event loop, then swaps
   one reference. Requests already validated finish on the old snapshot, later ones use the new
   one; a failed reload leaves the old snapshot serving and answers 422 naming ``path``.
+
+Shutdown (:class:`~aladin_fast.serving.server.DrainingServer`: the CLI and ``ServerThread``) first
+drains: ``/health`` answers 503 ``{"status": "draining"}``, new ``/search`` / ``/rerank`` /
+``/admin/reload`` requests get 503 ``shutting_down``, requests already accepted go on. A reload
+still loading (or waiting for another one) is abandoned at once: it answers 503 ``shutting_down``,
+its load runs in a daemon thread that stops at its next step and releases what it loaded, the
+serving generation is untouched, and nothing waits for it (a slow load does not hold up the exit).
+The server keeps answering like this for ``drain_period_s`` (default 0), then stops accepting
+connections and gives in-flight requests ``graceful_timeout_s`` to finish.
 
 Errors are ``{"error": {"type", "field", "message"}}``: 400 (body is not a JSON object), 401
 (admin token), 404 (unknown route or candidate id), 405, 413 (body larger than
@@ -25,6 +35,7 @@ import hmac
 import io
 import logging
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -35,11 +46,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from .config import ServingConfig
-from .engine import Gallery, load_gallery, rerank_batch_key, run_rerank_batch, run_search_batch, search_batch_key
+from .engine import (Gallery, load_gallery, release_retrievers, rerank_batch_key, run_rerank_batch, run_search_batch,
+                     search_batch_key)
 from .metrics import CONTENT_TYPE, MetricsRegistry
 from .schema import RequestError, parse_json_body, parse_rerank, parse_search
 
-__all__ = ["create_app", "ServingState"]
+__all__ = ["create_app", "ServingState", "ShuttingDownError"]
 
 logger = logging.getLogger("aladin_fast.serving")
 ENDPOINTS = ("/search", "/rerank", "/health", "/info", "/metrics", "/admin/reload")
@@ -48,6 +60,14 @@ PARSE_OFF_LOOP_BYTES = 1 << 20  # bigger bodies are decoded in a thread so the e
 
 def _error(status: int, field: Optional[str], message: str, kind: str = "invalid_request") -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "field": field, "message": message}}, status_code=status)
+
+
+class ShuttingDownError(RuntimeError):
+    """The server is shutting down: the request (a reload) was refused or abandoned (HTTP 503)."""
+
+
+def _shutting_down(message: str) -> JSONResponse:
+    return _error(503, None, message, kind="shutting_down")
 
 
 def _check_finite_scores(query, result: dict) -> None:
@@ -75,6 +95,7 @@ class ServingState:
         self.rerank: Optional[DynamicBatcher] = None
         self.reload_lock = asyncio.Lock()
         self.draining = False
+        self._shutdown = asyncio.Event()  # set with draining: wakes reloads waiting for a load
         self.started_at = time.time()
         self.library_info: dict = {}
 
@@ -111,9 +132,78 @@ class ServingState:
         self.search.start()
         self.rerank.start()
 
+    def begin_draining(self) -> None:
+        """Shutdown has begun: ``/health`` says draining, new requests get 503, reloads are abandoned."""
+        self.draining = True
+        self._shutdown.set()
+
+    async def drain(self, period: float, stop_early=lambda: False) -> None:
+        """:meth:`begin_draining`, then keep serving (health checks see ``draining``) for ``period``
+        seconds or until ``stop_early()`` (a forced exit)."""
+        self.begin_draining()
+        deadline = time.monotonic() + period
+        while not stop_early():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(remaining, 0.05))
+
+    async def load_unless_shutting_down(self, paths, **options) -> Gallery:
+        """:func:`load_gallery` in a daemon thread; :class:`ShuttingDownError` as soon as shutdown begins.
+
+        An abandoned load is told to stop at its next step (``cancelled``), whatever it has loaded is
+        released and its result, should it still finish, is discarded: nothing is published and
+        nothing waits for the thread (a slow load never delays the exit). The same happens when the
+        awaiting request is cancelled.
+        """
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        abandoned = threading.Event()
+
+        def discard(gallery: Optional[Gallery]) -> None:
+            if gallery is not None:
+                release_retrievers(gallery.retrievers.values())
+
+        def deliver(gallery: Optional[Gallery], error: Optional[BaseException]) -> None:  # on the loop
+            if done.done():  # abandoned meanwhile
+                discard(gallery)
+            elif error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(gallery)
+
+        def work() -> None:
+            gallery, error = None, None
+            try:
+                gallery = load_gallery(paths, cancelled=abandoned.is_set, **options)
+            except BaseException as err:  # noqa: BLE001 - handed to the request (or dropped when abandoned)
+                error = err
+            if abandoned.is_set():
+                return discard(gallery)
+            try:
+                loop.call_soon_threadsafe(deliver, gallery, error)
+            except RuntimeError:  # the event loop is closed: the server is gone
+                discard(gallery)
+
+        threading.Thread(target=work, name="aladin-reload", daemon=True).start()
+        shutdown = asyncio.ensure_future(self._shutdown.wait())
+        try:
+            await asyncio.wait([done, shutdown], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            shutdown.cancel()
+            if not done.done():  # shutdown began (or this request was cancelled): abandon the load
+                abandoned.set()
+                done.cancel()
+        if done.cancelled():
+            raise ShuttingDownError("the server is shutting down; the reload was abandoned and the serving "
+                                    "generation is unchanged")
+        return done.result()
+
     async def stop(self) -> None:
         """Finish queued and running batches, then release the worker threads."""
-        self.draining = True
+        self.begin_draining()
         timeout = self.config.graceful_timeout_s
         await asyncio.gather(self.search.close(timeout), self.rerank.close(timeout))
         self.executor.shutdown(wait=True)
@@ -200,6 +290,8 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
         return _error(exc.status_code, None, str(exc.detail), kind="http_error")
 
     async def handle(request: Request, parse, batcher_name: str):
+        if state.draining:  # a load balancer still routing here: retry on another replica
+            return _shutting_down(f"{batcher_name} refused: the server is shutting down")
         try:
             raw = await request.body()
             gallery = state.gallery  # the snapshot this request is validated against and served by
@@ -233,9 +325,11 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
 
     @app.get("/health")
     async def health():
+        """200 ``ok`` while serving; 503 ``draining`` from the moment shutdown begins."""
         gallery = state.gallery
-        return {"status": "draining" if state.draining else "ok",
-                "generation": gallery.generation if gallery else None}
+        return JSONResponse({"status": "draining" if state.draining else "ok",
+                             "generation": gallery.generation if gallery else None},
+                            status_code=503 if state.draining else 200)
 
     @app.get("/info")
     async def info():
@@ -267,6 +361,8 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
                 request.headers.get("authorization", "").encode(), f"Bearer {config.admin_token}".encode()):
             return _error(401, "authorization", "admin endpoints need 'Authorization: Bearer <admin token>'",
                           kind="unauthorized")
+        if state.draining:
+            return _shutting_down("reload refused: the server is shutting down")
         try:
             raw = await request.body()
             body = parse_json_body(raw) if raw.strip() else {}
@@ -281,13 +377,16 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
                 raise RequestError("path" if "path" in body else "paths", "must name saved Retriever directories")
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
-        async with state.reload_lock:
+        async with state.reload_lock:  # a reload ahead is abandoned when shutdown begins: no long wait here
             old = state.gallery
             if paths is None:  # the paths served now, read under the lock: not those before a reload queued ahead
                 paths = list(old.paths.values())
             try:
-                new = await asyncio.to_thread(load_gallery, paths, generation=old.generation + 1, device=old.device,
-                                              verify=config.verify, warmup=config.warmup)
+                new = await state.load_unless_shutting_down(paths, generation=old.generation + 1, device=old.device,
+                                                            verify=config.verify, warmup=config.warmup)
+            except ShuttingDownError as err:
+                state.metrics.reloads.inc(status="abandoned")
+                return _shutting_down(f"reload of {paths} refused: {err}")
             except Exception as err:  # noqa: BLE001 - a bad directory must not take the service down
                 state.metrics.reloads.inc(status="error")
                 logger.warning("reload of %s failed: %s", paths, err)

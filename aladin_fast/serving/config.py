@@ -12,6 +12,7 @@ own fused call; with ``workers=1`` requests are then served one at a time).
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
@@ -43,6 +44,12 @@ class ServingConfig:
         admin_token: when set, ``/admin/*`` needs ``Authorization: Bearer <token>``.
         warmup: run one query on a (re)loaded retriever before it serves traffic.
         graceful_timeout_s: on shutdown, how long in-flight requests may take to finish.
+        drain_period_s: on shutdown, how long the server keeps answering before it stops
+            accepting connections: ``GET /health`` says ``"draining"`` (HTTP 503) so that a load
+            balancer stops routing to it, while new ``/search``, ``/rerank`` and
+            ``/admin/reload`` requests get 503 ``shutting_down`` and requests already accepted
+            go on. Then in-flight requests get ``graceful_timeout_s`` to finish. Default 0 (no
+            window); set it to at least the load balancer's health-check interval.
     """
 
     retriever_paths: List[str] = field(default_factory=list)
@@ -61,6 +68,7 @@ class ServingConfig:
     admin_token: Optional[str] = None
     warmup: bool = True
     graceful_timeout_s: float = 30.0
+    drain_period_s: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.retriever_paths, str):
@@ -73,10 +81,12 @@ class ServingConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("max_wait_ms", "graceful_timeout_s"):
+        for name in ("max_wait_ms", "graceful_timeout_s", "drain_period_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not math.isfinite(self.drain_period_s):  # an endless drain would never shut down
+            raise ValueError(f"drain_period_s must be finite, got {self.drain_period_s!r}")
 
     @property
     def batching(self) -> bool:
@@ -121,6 +131,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--graceful-timeout", dest="graceful_timeout_s", type=float,
                         default=defaults.graceful_timeout_s, help="seconds in-flight requests get on shutdown")
+    parser.add_argument("--drain-period", dest="drain_period_s", type=float, default=defaults.drain_period_s,
+                        help="seconds, on shutdown, that /health answers 'draining' (503) and new requests get 503 "
+                             "before the server stops accepting connections (default 0)")
 
 
 def config_from_arguments(args: argparse.Namespace) -> ServingConfig:

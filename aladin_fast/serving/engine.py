@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,8 +37,8 @@ import torch
 from ..retrieval import Retriever, TeacherScorer
 from ..retrieval.feature_store import MissingIdsError
 
-__all__ = ["Gallery", "SearchQuery", "RerankQuery", "load_gallery", "search_batch_key", "rerank_batch_key",
-           "run_search_batch", "run_rerank_batch"]
+__all__ = ["Gallery", "SearchQuery", "RerankQuery", "load_gallery", "LoadCancelled", "release_retrievers",
+           "search_batch_key", "rerank_batch_key", "run_search_batch", "run_rerank_batch"]
 
 
 @dataclass(frozen=True)
@@ -83,28 +83,65 @@ class Gallery:
         }
 
 
+class LoadCancelled(RuntimeError):
+    """:func:`load_gallery` was told to stop (``cancelled()`` became true between two steps)."""
+
+
+def release_retrievers(retrievers) -> None:
+    """Release what loaded retrievers hold beyond memory (a Milvus index's client connection); their
+    memory (indexes, memory-mapped features) goes with the last reference. For retrievers that never
+    served: an abandoned or failed load."""
+    for retriever in list(retrievers):
+        close = getattr(retriever.student_index, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - best effort: the load's own outcome is what gets reported
+                pass
+
+
 def load_gallery(paths: Sequence[str], *, generation: int, device: str = "cpu", verify: bool = True,
-                 warmup: bool = True) -> Gallery:
+                 warmup: bool = True, cancelled: Optional[Callable[[], bool]] = None) -> Gallery:
     """Load retriever directories (at most one per direction) into a new :class:`Gallery`.
+
+    ``cancelled`` (optional) is polled between steps (before and after each directory's load, before
+    its warm-up query); once it returns true the load stops, releases the retrievers it loaded
+    (:func:`release_retrievers`) and raises :class:`LoadCancelled`. A reload abandoned at shutdown
+    uses it so that a slow load does not run on for nothing.
 
     Raises:
         ValueError: no path, or two paths with the same direction.
         ManifestError / OSError: a directory is missing or corrupt (from :meth:`Retriever.load`).
+        LoadCancelled: ``cancelled()`` became true.
     """
     if not paths:
         raise ValueError("retriever_paths must name at least one saved Retriever directory")
     retrievers: Dict[str, Retriever] = {}
     where: Dict[str, str] = {}
-    for path in paths:
-        retriever = Retriever.load(str(path), device="cuda" if device == "cuda" else "cpu", verify=verify)
-        if retriever.direction in retrievers:
-            raise ValueError(f"retriever_paths: {path!r} and {where[retriever.direction]!r} are both "
-                             f"{retriever.direction}; give at most one directory per direction")
-        retrievers[retriever.direction] = retriever
-        where[retriever.direction] = str(path)
-        if warmup and retriever.count:  # first call pays lazy kernel / page-in costs, not the first user
-            dim, width = retriever.student_index.dim, retriever.feature_store.dim
-            retriever.search(np.ones((1, dim), np.float32), torch.ones(1, 2, width, device=device), k=1, rerank_k=2)
+
+    def check(step: str) -> None:
+        if cancelled is not None and cancelled():
+            raise LoadCancelled(f"load of {list(map(str, paths))} cancelled {step}")
+
+    try:
+        for path in paths:
+            check(f"before loading {str(path)!r}")
+            retriever = Retriever.load(str(path), device="cuda" if device == "cuda" else "cpu", verify=verify)
+            if retriever.direction in retrievers:
+                release_retrievers([retriever])
+                raise ValueError(f"retriever_paths: {path!r} and {where[retriever.direction]!r} are both "
+                                 f"{retriever.direction}; give at most one directory per direction")
+            retrievers[retriever.direction] = retriever
+            where[retriever.direction] = str(path)
+            if warmup and retriever.count:  # first call pays lazy kernel / page-in costs, not the first user
+                check(f"before warming {str(path)!r} up")
+                dim, width = retriever.student_index.dim, retriever.feature_store.dim
+                retriever.search(np.ones((1, dim), np.float32), torch.ones(1, 2, width, device=device), k=1,
+                                 rerank_k=2)
+        check("after loading")
+    except BaseException:
+        release_retrievers(retrievers.values())
+        raise
     default = next(iter(retrievers))
     return Gallery(generation, retrievers, where, default, device)
 

@@ -13,7 +13,8 @@ Metric families (all prefixed ``aladin_``):
 - ``aladin_batch_latency_seconds{queue}`` histogram: time of one fused call in the worker;
 - ``aladin_queue_depth{queue}`` gauge: requests waiting for a batch right now;
 - ``aladin_inflight_requests`` gauge: HTTP requests being handled right now;
-- ``aladin_reloads_total{status}`` counter, ``aladin_gallery_generation`` gauge,
+- ``aladin_reloads_total{status}`` counter (``ok``, ``error``, ``abandoned``: refused or cut short by
+  shutdown), ``aladin_gallery_generation`` gauge,
   ``aladin_gallery_items{direction}`` gauge.
 
 Updates take a lock: they come from the event loop and from worker threads.

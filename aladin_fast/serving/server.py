@@ -6,10 +6,19 @@
         requests.post(server.url + "/search", json=...)
     # leaving the block shuts down gracefully: in-flight requests finish first
 
-Both use uvicorn with ``timeout_graceful_shutdown = config.graceful_timeout_s``:
-on SIGINT/SIGTERM (foreground) or :meth:`ServerThread.stop`, uvicorn stops
-accepting connections, waits for in-flight requests, then the app's lifespan
-drains the batch queues and stops the worker threads.
+Both run a :class:`DrainingServer` (uvicorn with ``timeout_graceful_shutdown =
+config.graceful_timeout_s``). On SIGINT/SIGTERM (foreground) or
+:meth:`ServerThread.stop`:
+
+1. draining begins: ``GET /health`` answers 503 ``{"status": "draining"}``, new
+   ``/search``, ``/rerank`` and ``/admin/reload`` requests get 503
+   ``shutting_down``, a reload still loading is abandoned (503, old generation
+   kept, its load not waited for); requests already accepted go on;
+2. the server keeps answering like this for ``config.drain_period_s`` (default 0;
+   a second SIGINT cuts it short), so load balancers see the draining health;
+3. uvicorn stops accepting connections and gives in-flight requests
+   ``graceful_timeout_s``, then the app's lifespan drains the batch queues and
+   stops the worker threads.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ from .app import create_app
 from .config import ServingConfig
 from .engine import Gallery
 
-__all__ = ["ServerThread", "run_server", "uvicorn_config"]
+__all__ = ["ServerThread", "DrainingServer", "run_server", "uvicorn_config"]
 
 
 def uvicorn_config(app, config: ServingConfig, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
@@ -33,10 +42,27 @@ def uvicorn_config(app, config: ServingConfig, host: str, port: int, log_level: 
                           timeout_graceful_shutdown=config.graceful_timeout_s, server_header=False)
 
 
+class DrainingServer(uvicorn.Server):
+    """``uvicorn.Server`` whose shutdown first drains the app (``app.state.serving``, a
+    :class:`~aladin_fast.serving.app.ServingState`) for ``drain_period_s`` while it still answers,
+    then shuts down as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, serving_config: ServingConfig):
+        super().__init__(config)
+        self.serving_config = serving_config
+
+    async def shutdown(self, sockets=None) -> None:
+        state = getattr(getattr(self.config.app, "state", None), "serving", None)
+        if state is not None:
+            await state.drain(self.serving_config.drain_period_s, stop_early=lambda: self.force_exit)
+        await super().shutdown(sockets=sockets)
+
+
 def run_server(config: ServingConfig, host: str = "127.0.0.1", port: int = 8000, *, gallery: Optional[Gallery] = None,
                log_level: str = "info") -> None:
     """Serve in the foreground until SIGINT/SIGTERM (graceful: in-flight requests finish)."""
-    uvicorn.Server(uvicorn_config(create_app(config, gallery=gallery), config, host, port, log_level)).run()
+    app = create_app(config, gallery=gallery)
+    DrainingServer(uvicorn_config(app, config, host, port, log_level), config).run()
 
 
 class ServerThread:
@@ -56,7 +82,7 @@ class ServerThread:
         self._socket.bind((host, port))  # bound here, so the port is known before the thread starts
         self.port = self._socket.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(self.app, config, host, self.port, log_level))
+        self.server = DrainingServer(uvicorn_config(self.app, config, host, self.port, log_level), config)
         self._thread = threading.Thread(target=self._serve, name=f"aladin-serve-{self.port}", daemon=True)
         self.error: Optional[BaseException] = None
 
@@ -79,9 +105,11 @@ class ServerThread:
         return self
 
     def stop(self, timeout: Optional[float] = None) -> None:
-        """Graceful shutdown: stop accepting, let in-flight requests finish, drain the queues."""
+        """Graceful shutdown (see the module docstring): drain for ``drain_period_s``, stop accepting,
+        let in-flight requests finish, drain the queues. Waits for the thread at most ``timeout`` s."""
         self.server.should_exit = True
-        self._thread.join(timeout if timeout is not None else self.config.graceful_timeout_s + 10)
+        self._thread.join(timeout if timeout is not None
+                          else self.config.drain_period_s + self.config.graceful_timeout_s + 10)
         self._socket.close()
 
     def __enter__(self) -> "ServerThread":
