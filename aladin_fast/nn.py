@@ -42,5 +42,12 @@ class AlignmentScore(torch.nn.Module):
             return rerank_scores(text, images, candidates, text_lengths, image_lengths, **options)
         return alignment_scores(text, images, text_lengths, image_lengths, **options)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule first: a clear refusal instead of a TorchScript
+        # frontend error somewhere inside the op layer (Python-level validation, numpy and C++ / Triton calls)
+        raise RuntimeError(
+            "AlignmentScore cannot be compiled by torch.jit.script (TorchScript does not support the aladin_fast "
+            "op layer); use torch.export.export or torch.compile instead")
+
     def extra_repr(self) -> str:
         return f"aggregation={self.aggregation!r}, padding={self.padding!r}, normalize={self.normalize}, backend={self.backend!r}"

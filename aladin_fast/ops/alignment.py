@@ -62,6 +62,19 @@ def _score(
     text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, candidates, paired,
     aggregation, padding, normalize, backend, return_argmax, max_text_len=None, max_image_len=None,
 ):
+    if torch.jit.is_tracing():
+        # the kernels write their outputs through numpy views the tracer does not see (a trace returned the
+        # zero-filled buffers), and the padded sizes would be baked into the graph as constants
+        raise RuntimeError(
+            "torch.jit.trace cannot record aladin_fast alignment ops (the trace would return wrong scores); "
+            "use torch.export.export (dynamic shapes: torch.export.Dim) or torch.compile instead")
+    if all(isinstance(tokens, torch.Tensor) and tokens.device.type == "meta" for tokens in (text, images)):
+        # (else an error from inside the validation or the reference: "aten::equal ... Meta tensors"; one side
+        # on meta is refused by check_pair as mixed devices)
+        raise NotImplementedError(
+            "aladin_fast alignment ops do not run on meta tensors: the op layer reads the lengths, cu_seqlens and "
+            "candidate ids; for output shapes without computing, trace real-device example inputs with "
+            "torch.export.export or torch.compile (fake tensors)")
     check_choice("aggregation", aggregation, AGGREGATIONS)
     check_choice("padding", padding, PADDINGS)
     normalize, return_argmax = check_flag("normalize", normalize), check_flag("return_argmax", return_argmax)
@@ -74,15 +87,18 @@ def _score(
     chosen = _choose_backend(backend, device, text_batch.tokens.dtype)
     if chosen != "reference" and not tracing():
         _check_no_function_transforms(text_batch.tokens, image_batch.tokens, chosen)
+    # the batch sizes as the shapes hold them: ``TokenBatch.count`` is ``int(...)``, which would specialise a
+    # symbolic size to its example value under torch.export (a dynamic ``Dim`` then fails to export)
+    text_count, image_count = text_batch.offsets.shape[0], image_batch.offsets.shape[0]
     if paired:
-        if text_batch.count != image_batch.count:
+        if text_count != image_count:
             raise ValueError(
-                f"paired_scores needs as many texts as images, got {text_batch.count} texts and {image_batch.count} images"
+                f"paired_scores needs as many texts as images, got {text_count} texts and {image_count} images"
             )
-        candidates = torch.arange(text_batch.count, device=device)[:, None]
+        candidates = torch.arange(text_count, device=device)[:, None]
     elif candidates is not None:
-        candidates = check_candidates(candidates, text_batch.count, image_batch.count, device)
-    num_candidates = image_batch.count if candidates is None else int(candidates.shape[1])
+        candidates = check_candidates(candidates, text_count, image_count, device)
+    num_candidates = image_count if candidates is None else candidates.shape[1]
     check_index_limits(text_batch, image_batch, num_candidates, chosen)
     if normalize:
         text_batch, image_batch = normalized(text_batch), normalized(image_batch)
