@@ -150,6 +150,11 @@ def test_function_transforms_refused_clearly_by_kernel_backend(generator, transf
     def scores(backend):
         return lambda t: aladin_fast.alignment_scores(t, images, aggregation="symm", backend=backend)
 
+    if transform == "vmap":  # no backend batches over vmap (the reference failed deep inside): call on a batch
+        for backend in ("cpu", "reference"):
+            with pytest.raises(NotImplementedError, match=r"do not support torch.func.vmap \(any backend\)"):
+                TRANSFORMS[transform](scores(backend), text)
+        return
     with pytest.raises(NotImplementedError, match="torch.func transforms"):
         TRANSFORMS[transform](scores("cpu"), text)
     if transform == "grad":  # the advertised way out works and matches the explicit reference gradient
@@ -237,3 +242,14 @@ def test_regression_index_tensors_made_under_inference_mode(backend):
         grads = torch.autograd.grad(scores.sum(), inputs)
         for got, want in zip(grads, expected):
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_over_lengths_or_candidates_refused_clearly(generator):
+    text, images = torch.randn(3, 4, 5, generator=generator), torch.randn(2, 3, 5, generator=generator)
+    lengths = torch.tensor([[4, 1, 0], [2, 3, 4]])
+    candidates = torch.tensor([[[0], [1], [1]], [[1], [0], [0]]])
+    for backend in ("cpu", "reference"):
+        with pytest.raises(NotImplementedError, match="torch.func.vmap"):
+            torch.func.vmap(lambda n: aladin_fast.alignment_scores(text, images, n, backend=backend))(lengths)
+        with pytest.raises(NotImplementedError, match="torch.func.vmap"):
+            torch.func.vmap(lambda c: aladin_fast.rerank_scores(text, images, c, backend=backend))(candidates)

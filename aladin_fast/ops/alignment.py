@@ -58,10 +58,27 @@ def _check_no_function_transforms(text: torch.Tensor, images: torch.Tensor, back
             "jacrev / jacfwd and forward-mode AD, and call the op on a batch instead of vmap")
 
 
+def _vmapped(value) -> bool:
+    """Whether ``value`` is batched by a ``torch.func.vmap`` at any of its functorch levels."""
+    functorch = torch._C._functorch
+    while isinstance(value, torch.Tensor) and functorch.is_functorch_wrapped_tensor(value):
+        if functorch.is_batchedtensor(value):
+            return True
+        value = functorch.get_unwrapped(value)
+    return False
+
+
 def _score(
     text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, candidates, paired,
     aggregation, padding, normalize, backend, return_argmax, max_text_len=None, max_image_len=None,
 ):
+    if not tracing() and any(_vmapped(value) for value in (
+            text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, candidates)):
+        # every backend: the kernels read memory, the validation reads values on the host and the reference
+        # writes its blocks in place (vmap failed deep inside with "inplace arithmetic ... not possible")
+        raise NotImplementedError(
+            "aladin_fast alignment ops do not support torch.func.vmap (any backend): call the op on the whole "
+            "batch instead (one call scores every text against every image, or use paired_scores / rerank_scores)")
     if torch.jit.is_tracing():
         # the kernels write their outputs through numpy views the tracer does not see (a trace returned the
         # zero-filled buffers), and the padded sizes would be baked into the graph as constants
