@@ -183,3 +183,19 @@ def test_compiled_refuses_int64_lengths_that_would_wrap_in_int32(generator):
             compiled(text, images, bad, image_lengths)
     with pytest.raises(RuntimeError, match="image_lengths " + beyond):
         compiled(text, images, good, torch.tensor([4, 2**32 + 1, 3]))
+
+
+def test_compiling_the_op_raises_no_dynamo_warning(generator, monkeypatch):
+    """The backend probes were functools.lru_cache functions: every graph warned that Dynamo ignores the cache."""
+    import warnings
+
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # warnings already given in this process
+    torch._dynamo.reset()
+    text, images = torch.randn(2, 3, 8, generator=generator), torch.randn(4, 5, 8, generator=generator)
+    compiled = torch.compile(lambda t, i: aladin_fast.alignment_scores(t, i, aggregation="symm"), fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = compiled(text, images)
+    dynamo = [str(w.message) for w in caught if "Dynamo" in str(w.message)]
+    assert not dynamo, dynamo
+    torch.testing.assert_close(got, aladin_fast.alignment_scores(text, images, aggregation="symm"))

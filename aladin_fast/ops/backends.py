@@ -7,7 +7,6 @@ cannot run raises ``RuntimeError`` and never falls back silently.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -16,9 +15,12 @@ import torch
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_extension():
-    """Return ``(module, None)`` or ``(None, reason)`` for the C++ extension."""
+# the probes' results, filled at the first call: a plain dict, not functools.lru_cache, which torch.compile
+# warns about ("Dynamo ignores the cache wrapper") in every graph that picks a backend
+_PROBED: dict = {}
+
+
+def _probe_cpu_extension():
     try:
         from .. import _C  # type: ignore[attr-defined]
     except ImportError as err:
@@ -26,8 +28,7 @@ def _cpu_extension():
     return _C, None
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_module():
+def _probe_triton():
     try:
         import triton  # noqa: F401  (availability probe)
 
@@ -35,6 +36,20 @@ def _triton_module():
     except ImportError as err:
         return None, f"triton is not importable ({err})"
     return kernels, None
+
+
+def _cpu_extension():
+    """Return ``(module, None)`` or ``(None, reason)`` for the C++ extension."""
+    if "cpu" not in _PROBED:
+        _PROBED["cpu"] = _probe_cpu_extension()
+    return _PROBED["cpu"]
+
+
+def _triton_module():
+    """Return ``(aladin_fast.kernels, None)`` or ``(None, reason)`` for the Triton kernels."""
+    if "triton" not in _PROBED:
+        _PROBED["triton"] = _probe_triton()
+    return _PROBED["triton"]
 
 
 def triton_interpreter_enabled() -> bool:
