@@ -93,6 +93,14 @@ def _padded_layout_tensors(count, pad, device: torch.device) -> tuple[torch.Tens
             torch.full((count,), pad, dtype=torch.int32, device=device))
 
 
+# The caches below hold their tensors for the life of the process (64 entries each): only small ones are
+# cached, so that they stay a few MiB whatever the shapes seen (a 10^6-image batch would otherwise pin 12 MB of
+# layout per distinct size, 64 of them 0.75 GB, after the caller has dropped every tensor). Above these sizes a
+# call builds its own (two fills, negligible next to the kernel on such a batch).
+CACHED_LAYOUT_MAX_COUNT = 1 << 15  # sequences per cached padded layout: 384 KiB (int64 offsets + int32 lengths)
+CACHED_SEQUENCE_IDS_MAX_ROWS = 1 << 17  # token rows per cached sequence map: 512 KiB (int32)
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_padded_layout(count: int, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever mode the first call ran in
@@ -112,8 +120,9 @@ def padded_layout(count: int, pad: int, device: torch.device) -> tuple[torch.Ten
 
 
 def _cacheable(count, pad, device: torch.device) -> bool:
-    """Eager calls with int shapes outside a CUDA-graph capture share the cached layout tensors."""
-    return (not tracing() and isinstance(count, int) and isinstance(pad, int)
+    """Eager calls with int shapes (at most ``CACHED_LAYOUT_MAX_COUNT`` sequences) outside a CUDA-graph capture
+    share the cached layout tensors."""
+    return (not tracing() and isinstance(count, int) and isinstance(pad, int) and count <= CACHED_LAYOUT_MAX_COUNT
             and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
 
 
@@ -127,12 +136,23 @@ def is_shared_padded_layout(offsets: torch.Tensor, lengths: torch.Tensor, num_to
     return offsets is shared_offsets and lengths is shared_lengths
 
 
-@functools.lru_cache(maxsize=64)
 def padded_sequence_ids(count: int, pad: int, device: torch.device) -> torch.Tensor:
     """int32 ``[count * pad]``: the sequence owning each row of a shared full-length padded batch
-    (``row // pad``), one read-only copy per (count, pad, device)."""
+    (``row // pad``), one read-only copy per (count, pad, device) up to ``CACHED_SEQUENCE_IDS_MAX_ROWS`` rows
+    (a larger map is built per call)."""
+    if count * pad > CACHED_SEQUENCE_IDS_MAX_ROWS:
+        return _padded_sequence_ids(count, pad, device)
+    return _cached_padded_sequence_ids(count, pad, device)
+
+
+def _padded_sequence_ids(count: int, pad: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(count * pad, dtype=torch.int32, device=device) // pad
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_padded_sequence_ids(count: int, pad: int, device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False), torch.no_grad():
-        return torch.arange(count * pad, dtype=torch.int32, device=device) // pad
+        return _padded_sequence_ids(count, pad, device)
 
 
 def check_choice(name: str, value, choices) -> None:

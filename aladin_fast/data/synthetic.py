@@ -338,8 +338,11 @@ class SyntheticScenes:
 
     @property
     def concept_prototypes(self) -> np.ndarray:
-        """``[K, D]`` float32 unit prototypes; ``features @ concept_prototypes.T`` is the oracle projection."""
-        return _world(self.world_seed, self.feature_dim)[2]
+        """``[K, D]`` float32 unit prototypes; ``features @ concept_prototypes.T`` is the oracle projection.
+
+        A copy: the cached world is shared by every dataset of this ``world_seed`` in the process, so an in-place
+        edit of a shared array would change the features of every dataset built after it."""
+        return _world(self.world_seed, self.feature_dim)[2].copy()
 
     def _region_coefficients(self, scene: Scene, rng: np.random.Generator) -> np.ndarray:
         """``[R, K]`` float32 mixing weights of concept prototypes for each region (zero rows = padding)."""
