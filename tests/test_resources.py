@@ -247,3 +247,22 @@ def test_write_atomic_failure_leaves_no_temp_file_or_fd(tmp_path, failing):
     assert sorted(os.listdir(tmp_path)) == ["result.bin"]
     assert target.read_bytes() == b"old"
     assert _open_fds() == before
+
+
+def test_compact_releases_the_old_shard_held_by_the_packed_view_cache():
+    """FeatureStore kept the packed view of its old shard after compact() until the next packed_view call
+    (twice the memory of an in-memory store; a memory-mapped one kept its mapping open)."""
+    import weakref
+
+    from aladin_fast.retrieval.feature_store import FeatureStore
+
+    store = FeatureStore.from_tokens(np.arange(200), torch.randn(200, 10, 16))
+    old = weakref.ref(store._layout.shards[0].tokens)
+    before = store.packed_rows(np.arange(100, 200))
+    store.remove(np.arange(100))
+    store.compact()
+    del before
+    gc.collect()
+    assert old() is None, "the old shard is still alive after compact()"
+    tokens, offsets, rows = store.packed_rows(np.arange(100, 200))
+    assert torch.equal(rows, torch.arange(100)) and tokens.shape[0] == 1000 and offsets.shape[0] == 101

@@ -20,7 +20,8 @@ import torch
 pytest.importorskip("faiss")
 
 import aladin_fast  # noqa: E402
-from aladin_fast.retrieval import FeatureStore, Retriever, StudentIndex  # noqa: E402
+from aladin_fast.retrieval import FeatureStore, Retriever, StudentIndex, TeacherScorer  # noqa: E402
+from aladin_fast.retrieval import manifest as manifest_module  # noqa: E402
 from aladin_fast.retrieval import milvus as milvus_module  # noqa: E402
 from aladin_fast.retrieval.index import ReadWriteLock  # noqa: E402
 
@@ -618,3 +619,372 @@ def test_milvus_ids_and_count_during_a_batched_add_see_all_or_nothing(monkeypatc
     assert not adder.is_alive() and not reader.is_alive()
     assert seen["ids"] in ([1, 2], [1, 2] + new), f"ids() saw a half-done add: {seen['ids']}"
     assert seen["ntotal"] == len(seen["ids"]) and len(set(seen["contains"])) == 1
+
+
+# ------------------------------------------------------- reentrant reads, snapshot saves, one lock per gallery
+def wait_until(predicate, timeout=5.0):
+    """Poll ``predicate`` every millisecond; False if it is still false after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def start_thread(target):
+    """Run ``target`` in a daemon thread; returns (thread, box) with box["result"] or box["error"] once done."""
+    box = {}
+
+    def body():
+        try:
+            box["result"] = target()
+        except BaseException as err:  # noqa: B902 - reported to the test thread
+            box["error"] = err
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_rwlock_nested_read_is_granted_while_a_writer_waits_and_other_readers_still_queue():
+    """Regression: a thread holding the read lock that asked for it again (a custom scorer calling back into
+    Retriever.search) waited behind a waiting writer (writer preference), which waited for that thread's outer
+    read: a deadlock. Nested reads are now granted at once; a NEW reader from another thread still queues behind
+    the waiting writer."""
+    lock = ReadWriteLock()
+    holding, release = threading.Event(), threading.Event()
+    order = []
+
+    def reader():
+        with lock.read():
+            holding.set()
+            assert wait_until(lambda: lock._waiting_writers == 1), "the writer did not start waiting"
+            with lock.read():  # the old lock waited here for the writer, which waits for this very read
+                with lock.read():
+                    order.append("nested read")
+            assert release.wait(JOIN_TIMEOUT)
+            order.append("outer read ends")
+
+    def writer():
+        assert holding.wait(JOIN_TIMEOUT)
+        with lock.write():
+            order.append("write")
+
+    def new_reader():
+        assert wait_until(lambda: "nested read" in order)
+        with lock.read():
+            order.append("new reader")
+
+    threads = [start_thread(target) for target in (reader, writer, new_reader)]
+    assert wait_until(lambda: "nested read" in order or not threads[0][0].is_alive(), 5), \
+        "deadlock: a nested read() waited for a waiting writer"
+    time.sleep(0.05)  # the new reader has had time to (wrongly) get in
+    assert order == ["nested read"], "a new reader got in ahead of the waiting writer"
+    release.set()
+    for thread, box in threads:
+        thread.join(5)
+        assert not thread.is_alive() and "error" not in box, box.get("error")
+    assert order == ["nested read", "outer read ends", "write", "new reader"]
+
+
+def test_rwlock_write_holder_may_read_and_write_again_and_stays_exclusive():
+    """The thread holding the write lock may take read() and write() inside it (it already excludes everyone;
+    the old lock deadlocked on the nested read); other threads stay out until the outermost write() ends."""
+    lock = ReadWriteLock()
+    inside, inner_done, release, release_outer = (threading.Event() for _ in range(4))
+    order = []
+
+    def holder():
+        with lock.write():
+            with lock.read():
+                with lock.write():
+                    inside.set()
+                    assert release.wait(JOIN_TIMEOUT)
+            order.append("inner locks released")
+            inner_done.set()
+            assert release_outer.wait(JOIN_TIMEOUT)
+            order.append("write ends")
+
+    def other():
+        with lock.read():
+            order.append("other reader")
+
+    owner, owner_box = start_thread(holder)
+    assert inside.wait(5), "deadlock: read() inside write() of the same thread"
+    reader, reader_box = start_thread(other)
+    reader.join(0.05)
+    assert reader.is_alive()
+    release.set()
+    assert inner_done.wait(5)
+    reader.join(0.05)
+    assert reader.is_alive(), "another thread got in while the outer write() was still open"
+    release_outer.set()
+    for thread, box in ((owner, owner_box), (reader, reader_box)):
+        thread.join(5)
+        assert not thread.is_alive() and "error" not in box, box.get("error")
+    assert order == ["inner locks released", "write ends", "other reader"]
+
+
+def test_rwlock_write_inside_read_raises_instead_of_deadlocking():
+    """Upgrading (write() while this thread holds read()) waited forever for the thread's own read to end; it
+    now raises a RuntimeError naming the problem and leaves the lock usable."""
+    lock = ReadWriteLock()
+
+    def upgrade():
+        with lock.read():
+            with lock.read():
+                with pytest.raises(RuntimeError, match="holds the read lock and asked for the write lock"):
+                    with lock.write():
+                        pass  # pragma: no cover - refused
+
+    run_threads([upgrade], timeout=5)
+
+    def write():
+        with lock.write():
+            pass
+
+    def read():
+        with lock.read():
+            pass
+
+    run_threads([write, read, write], timeout=5)
+
+
+def _top(pair, position, state, query, k):
+    """The teacher top-k of one gallery state (full shortlist): ids by their single-pair score, best first."""
+    return sorted(state, key=lambda item: -float(pair[query, position[item]]))[:k]
+
+
+def _new_retriever(gallery, rows, **kwargs):
+    retriever = Retriever(StudentIndex(EMBED_DIM, device="cpu"), FeatureStore(TOKEN_DIM), **kwargs)
+    _add_rows(retriever, gallery, rows)
+    return retriever
+
+
+def _add_rows(retriever, gallery, rows):
+    retriever.add(gallery["ids"][rows], gallery["embeddings"][rows], gallery["regions"][rows],
+                  gallery["region_lengths"][rows])
+
+
+def _search(retriever, gallery, rows, k=5):
+    return retriever.search(gallery["query_embeddings"][rows], gallery["words"][rows], gallery["word_lengths"][rows],
+                            k=k, rerank_k=64)
+
+
+def test_retriever_scorer_calling_back_into_search_while_an_add_waits(gallery):
+    """Regression: a custom scorer that calls retriever.search from inside a search (the read lock held) while
+    an add() waits for the write lock deadlocked (the nested search queued behind the writer). Both searches
+    now finish, before the add, and see the same state."""
+    ids, pair = gallery["ids"], gallery["pair"]
+    position = {int(item): row for row, item in enumerate(ids)}
+    teacher = TeacherScorer()
+    queries = np.arange(4)
+    nested, calls = {}, []
+
+    def scorer(text, images, candidates, text_lengths=None, image_lengths=None, return_argmax=False):
+        calls.append(1)
+        if len(calls) == 1:
+            entered.set()
+            assert wait_until(lambda: retriever._lock._waiting_writers == 1), "the add did not start waiting"
+            nested["result"] = _search(retriever, gallery, queries)
+        return teacher(text, images, candidates, text_lengths, image_lengths, return_argmax=return_argmax)
+
+    entered = threading.Event()
+    retriever = _new_retriever(gallery, np.arange(30), scorer=scorer)
+    outer, outer_box = start_thread(lambda: _search(retriever, gallery, queries))
+    assert entered.wait(5)
+    adder, adder_box = start_thread(lambda: _add_rows(retriever, gallery, np.arange(30, 40)))
+    outer.join(10)
+    adder.join(10)
+    assert not outer.is_alive() and not adder.is_alive(), "deadlock: search inside a search behind a waiting add"
+    assert "error" not in outer_box and "error" not in adder_box, (outer_box.get("error"), adder_box.get("error"))
+    before = set(ids[:30].tolist())
+    for found, _ in (outer_box["result"], nested["result"]):
+        assert [row.tolist() for row in found] == [_top(pair, position, before, q, 5) for q in queries]
+    assert retriever.count == 40
+
+
+def test_retriever_add_from_inside_a_search_raises_instead_of_deadlocking(gallery):
+    """A scorer that calls retriever.add inside a search asks to upgrade the read lock: that used to hang for
+    good (the add waited for the search that called it); it now raises RuntimeError and the retriever stays
+    usable."""
+    teacher = TeacherScorer()
+
+    def scorer(text, images, candidates, text_lengths=None, image_lengths=None, return_argmax=False):
+        _add_rows(retriever, gallery, np.arange(30, 32))
+        return teacher(text, images, candidates, text_lengths, image_lengths, return_argmax=return_argmax)
+
+    retriever = _new_retriever(gallery, np.arange(30), scorer=scorer)
+
+    def search():
+        with pytest.raises(RuntimeError, match="read lock"):
+            _search(retriever, gallery, np.arange(2))
+
+    run_threads([search], timeout=10)
+    retriever.scorer = teacher
+    run_threads([lambda: _add_rows(retriever, gallery, np.arange(30, 32)), lambda: _search(retriever, gallery, [0])],
+                timeout=10)
+    assert retriever.count == 32
+
+
+def test_retriever_save_releases_the_lock_before_writing_so_searches_do_not_wait_for_it(gallery, tmp_path,
+                                                                                         monkeypatch):
+    """Regression: Retriever.save held the read lock through its file writes, fsyncs and hashes, so an add()
+    arriving during a save waited for the whole save -- and, writers first, so did every new search. Now save
+    holds the lock only while it snapshots index and store: with the save's hashing stalled, an add and a
+    search both finish, and the saved directory still holds the state of the snapshot (index ids == store
+    ids)."""
+    ids, pair = gallery["ids"], gallery["pair"]
+    position = {int(item): row for row, item in enumerate(ids)}
+    retriever = _new_retriever(gallery, np.arange(30))
+    hashing, release = threading.Event(), threading.Event()
+    real_sha256 = manifest_module.file_sha256
+
+    def stalled_sha256(path):  # the save's slow part (fsync + hash of every file), stalled until released
+        hashing.set()
+        assert release.wait(JOIN_TIMEOUT)
+        return real_sha256(path)
+
+    monkeypatch.setattr(manifest_module, "file_sha256", stalled_sha256)
+    path = str(tmp_path / "saved")
+    saver, saver_box = start_thread(lambda: retriever.save(path))
+    try:
+        assert hashing.wait(5)
+        adder, adder_box = start_thread(lambda: _add_rows(retriever, gallery, np.arange(30, 40)))
+        assert wait_until(lambda: not adder.is_alive() or retriever._lock._waiting_writers == 1)
+        searcher, search_box = start_thread(lambda: _search(retriever, gallery, np.arange(3)))
+        searcher.join(5)
+        adder.join(5)
+        assert not searcher.is_alive(), "a search waited for the whole save (behind an add waiting for the save)"
+        assert not adder.is_alive(), "an add waited for the whole save"
+        assert saver.is_alive()  # the save is still hashing: nothing above waited for it
+    finally:
+        release.set()
+        saver.join(JOIN_TIMEOUT)
+    monkeypatch.setattr(manifest_module, "file_sha256", real_sha256)
+    for box in (saver_box, adder_box, search_box):
+        assert "error" not in box, box.get("error")
+    after = set(ids.tolist())
+    found, _ = search_box["result"]
+    assert [row.tolist() for row in found] == [_top(pair, position, after, q, 5) for q in range(3)]
+    loaded = Retriever.load(path, device="cpu")  # the snapshot: the gallery before the add
+    assert loaded.feature_store.ids().tolist() == sorted(ids[:30].tolist())
+    assert sorted(loaded.student_index.ids().tolist()) == sorted(ids[:30].tolist())
+    found, _ = _search(loaded, gallery, np.arange(3))
+    assert [row.tolist() for row in found] == [_top(pair, position, set(ids[:30].tolist()), q, 5) for q in range(3)]
+
+
+def test_retrievers_on_the_same_components_share_one_lock(gallery):
+    """Regression: each Retriever had its own lock, so an add() through one retriever (index first, then store)
+    let a search through another retriever on the same index and store run in between: it shortlisted ids the
+    store did not hold yet (MissingIdsError) -- or mixed two states. The lock now lives on the components."""
+    ids, pair = gallery["ids"], gallery["pair"]
+    position = {int(item): row for row, item in enumerate(ids)}
+    writer = _new_retriever(gallery, np.arange(30))
+    reader = Retriever(writer.student_index, writer.feature_store)
+    store = writer.feature_store
+    entered, release = threading.Event(), threading.Event()
+    real_commit = store._commit_append
+
+    def paused_commit(*args):  # the index already holds the new ids; the store gets them after the release
+        entered.set()
+        assert release.wait(JOIN_TIMEOUT)
+        return real_commit(*args)
+
+    store._commit_append = paused_commit
+    adder, adder_box = start_thread(lambda: _add_rows(writer, gallery, np.arange(30, 40)))
+    try:
+        assert entered.wait(5)
+        searcher, search_box = start_thread(lambda: _search(reader, gallery, np.arange(4)))
+        searcher.join(0.2)  # the old code answers at once, between the index's add and the store's
+        waited = searcher.is_alive()
+    finally:
+        release.set()
+        adder.join(JOIN_TIMEOUT)
+        searcher.join(JOIN_TIMEOUT)
+        del store._commit_append
+    assert "error" not in search_box, f"the search ran in the middle of the other retriever's add: {search_box['error']!r}"
+    assert "error" not in adder_box and waited
+    found, _ = search_box["result"]
+    assert [row.tolist() for row in found] == [_top(pair, position, set(ids.tolist()), q, 5) for q in range(4)]
+    assert reader._lock is writer._lock is store._gallery_lock is writer.student_index._gallery_lock
+
+
+def test_retrievers_on_the_same_components_searches_during_add_remove_see_one_state(gallery, frequent_switches):
+    """Two retrievers on one index + store (and a third on the same store, built while the others run):
+    searches through two of them while the first adds and removes return the teacher top-k of one state."""
+    ids, pair = gallery["ids"], gallery["pair"]
+    position = {int(item): row for row, item in enumerate(ids)}
+    base = np.arange(24)
+    batches = [np.arange(start, start + 4) for start in range(24, 40, 4)]
+    writer = _new_retriever(gallery, base)
+    readers = [Retriever(writer.student_index, writer.feature_store)]
+    states = [frozenset(ids[base].tolist())]
+    results = []
+    progress = Progress(readers=2)
+
+    def searcher(number, seed):
+        local = np.random.default_rng(seed)
+
+        def step():
+            rows = local.choice(len(gallery["words"]), int(local.integers(1, 4)), replace=False)
+            found, scores = _search(readers[min(number, len(readers) - 1)], gallery, rows)
+            results.append((rows, found))
+        return step
+
+    def changes():
+        local = np.random.default_rng(9)
+        present = []
+        for number in range(40):
+            if number == 5:  # a retriever on the shared store and index, built meanwhile, takes the same lock
+                readers.append(Retriever(writer.student_index, writer.feature_store, check_ids=False))
+            absent = [b for b in batches if not any(b is p for p in present)]
+            if absent and (not present or local.random() < 0.55):
+                batch = absent[local.integers(len(absent))]
+                _add_rows(writer, gallery, batch)
+                present.append(batch)
+            else:
+                batch = present.pop(local.integers(len(present)))
+                assert writer.remove(ids[batch]) == batch.size
+            states.append(frozenset(ids[np.concatenate([base] + present)].tolist()))
+            yield
+
+    run_threads([progress.reader(searcher(0, 1)), progress.reader(searcher(1, 2)), progress.mutator(changes())])
+    assert len(results) >= 40 * 3
+    for rows, found in results:
+        if not any(all(found[r].tolist() == _top(pair, position, state, q, 5) for r, q in enumerate(rows))
+                   for state in set(states)):
+            raise AssertionError(f"search result {found.tolist()} is the top-5 of no state the gallery was in")
+    assert all(reader._lock is writer._lock for reader in readers)
+
+
+def test_retriever_lock_adoption_between_components(gallery):
+    """A retriever on a new index + the store of an existing retriever adopts the store's lock (and gives it
+    to the index); components carrying the locks of two different galleries are refused with a clear error."""
+    first = _new_retriever(gallery, np.arange(10))
+    index = StudentIndex(EMBED_DIM, device="cpu")
+    index.add(gallery["embeddings"][:10], gallery["ids"][:10])
+    second = Retriever(index, first.feature_store)
+    assert second._lock is first._lock and index._gallery_lock is first._lock
+    other = _new_retriever(gallery, np.arange(10))
+    assert other._lock is not first._lock
+    with pytest.raises(ValueError, match="other galleries"):
+        Retriever(first.student_index, other.feature_store)
+
+
+def test_image_to_text_explanations_after_the_longest_caption_is_gone():
+    """Found by test_two_stage_search_equals_the_teacher_ranking_thorough while checking these fixes (not a
+    concurrency bug): image->text with padding="zero" gathers captions padded to the store's pad_width, which
+    removals (or empty captions) leave above the longest live caption; return_explanations then failed with
+    "The expanded size of the tensor (0) must match the existing size (2)" instead of returning alignments of
+    the documented width (the longest gallery caption)."""
+    store = FeatureStore(1)
+    store.append([0, 1], torch.tensor([[[1.5], [0.625]], [[1.0], [0.0]]]), torch.tensor([1, 2]))
+    index = StudentIndex(1, device="cpu")
+    index.add(np.array([[1.0], [0.5]], np.float32), [0, 1])
+    retriever = Retriever(index, store, TeacherScorer(padding="zero"), direction="image_to_text", zero_copy=False)
+    retriever.remove([1])  # the 2-word caption: max_length 1, pad_width still 2
+    found, scores, alignments = retriever.search(np.ones((1, 1), np.float32), torch.full((1, 1, 1), 0.5),
+                                                 k=1, rerank_k=1, return_explanations=True)
+    assert found.tolist() == [[0]] and scores.tolist() == [[0.75]] and alignments.tolist() == [[[0]]]

@@ -20,7 +20,10 @@ fancy-index copy per shard, no Python loop over items.
 Thread-safety: readers take an immutable snapshot of the layout, writers
 (``append``/``remove``) build a new snapshot and swap it in, so ``gather``
 never needs a lock; ``save`` writes the files and the manifest metadata of one
-snapshot, whatever ``append``/``remove`` do meanwhile.
+snapshot, whatever ``append``/``remove`` do meanwhile (taking that snapshot is
+O(1): shard arrays are never written in place). A :class:`Retriever` built on
+the store keeps its gallery lock on the store (``_gallery_lock``), so every
+retriever sharing the store excludes the others' ``add``/``remove``.
 """
 from __future__ import annotations
 
@@ -155,6 +158,7 @@ class FeatureStore:
         self.dim = int(dim)
         self.dtype_name = _dtype_name(dtype)
         self._write_lock = threading.Lock()
+        self._gallery_lock = None  # set by the first Retriever built on this store, shared by all of them
         self._layout = _make_layout([])
         self._view_cache = None
 
@@ -274,7 +278,8 @@ class FeatureStore:
         if self.dtype_name == "bfloat16":
             tokens = tokens.view(torch.bfloat16)
         view = (tokens, torch.from_numpy(shard.offsets.copy()))
-        self._view_cache = (layout, view)
+        if layout is self._layout:  # a snapshot replaced meanwhile is not cached: its shard would stay pinned
+            self._view_cache = (layout, view)
         return view
 
     def compact(self) -> None:
@@ -286,6 +291,7 @@ class FeatureStore:
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
             self._layout = _make_layout([_Shard(packed, offsets, layout.ids[rows])] if rows.size else [],
                                         pad_width=layout.pad_width)
+            self._view_cache = None  # the view of the old shard would keep it (its memory or mapping) alive
 
     def lengths(self, ids) -> torch.Tensor:
         """Token counts of ``ids``: int64 ``[N]``."""
@@ -447,9 +453,20 @@ class FeatureStore:
 
     def write_payload(self, folder: str, items_per_shard: Optional[int] = None) -> dict:
         """Write live items as ``tokens/offsets/ids-NNNNN.npy`` shards into ``folder``."""
+        return self._snapshot_payload(items_per_shard)(folder)
+
+    def _snapshot_payload(self, items_per_shard: Optional[int] = None):
+        """``write(folder) -> metadata`` that writes the store as it is now, whenever it is called: layouts are
+        immutable snapshots and shard arrays are never written in place (append adds a shard, remove swaps in
+        a new live mask, compact builds a new shard), so holding the current layout is the whole snapshot --
+        O(1), no copy, however large the (memory-mapped) gallery. ``Retriever.save`` takes it under its lock
+        together with the index's and writes both after releasing the lock."""
         if items_per_shard is not None and items_per_shard < 1:
             raise ValueError(f"items_per_shard must be >= 1, got {items_per_shard}")
         layout = self._layout  # files and metadata of this one snapshot, whatever append/remove do meanwhile
+        return lambda folder: self._write_layout(folder, layout, items_per_shard)
+
+    def _write_layout(self, folder: str, layout: _Layout, items_per_shard: Optional[int]) -> dict:
         if items_per_shard is None:  # keep the current shards, dropping removed rows
             groups = [np.arange(layout.row_start[s], layout.row_start[s + 1])[layout.live[layout.row_start[s]:layout.row_start[s + 1]]]
                       for s in range(len(layout.shards))]

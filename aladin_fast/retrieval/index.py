@@ -13,7 +13,10 @@ master copy for add/remove/save (``device="cuda"`` forces the GPU and raises if
 it cannot be used, ``device="cpu"`` never uses it).
 
 Thread-safety: concurrent ``search`` calls are allowed (faiss CPU indexes are
-safe for concurrent reads); ``add``/``remove``/``train`` take an exclusive lock.
+safe for concurrent reads); ``add``/``remove``/``train`` take an exclusive lock
+(a :class:`ReadWriteLock`: reentrant reads, writer preference). ``save`` holds
+the read lock only while it serialises the index into memory; the file writes,
+fsyncs and hashes run without it.
 """
 from __future__ import annotations
 
@@ -64,47 +67,79 @@ def faiss_gpu_available() -> Tuple[bool, str]:
 
 
 class ReadWriteLock:
-    """Many concurrent readers or one writer (writers are not starved: new readers wait for them)."""
+    """Many concurrent readers or one writer; writers are not starved (new readers wait for a waiting writer).
+
+    Nesting, per thread:
+
+    * ``read()`` inside ``read()`` is reentrant: a thread that already holds the read lock gets it again at once,
+      even while a writer waits (writer preference would otherwise deadlock it: the writer waits for this
+      thread's outer read, this thread waits for the writer) -- e.g. a custom scorer that calls back into
+      ``Retriever.search`` from inside a search.
+    * ``read()`` or ``write()`` inside ``write()`` is granted at once (the thread already excludes everyone);
+      the lock stays exclusive until the outermost ``write()`` ends.
+    * ``write()`` inside ``read()`` (an upgrade) raises :class:`RuntimeError` instead of deadlocking: the
+      thread would wait for all readers to leave, itself included. Two threads upgrading at once would
+      deadlock each other whatever the lock did; release the read lock first.
+
+    A ``write()`` interrupted while waiting (KeyboardInterrupt) stops holding new readers back.
+    """
 
     def __init__(self):
         self._condition = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
+        self._readers = {}  # thread ident -> how many read() of that thread are open
+        self._writer = None  # ident of the thread holding the write lock
+        self._write_depth = 0
         self._waiting_writers = 0
 
     @contextmanager
     def read(self):
+        me = threading.get_ident()
         with self._condition:
-            while self._writer or self._waiting_writers:
-                self._condition.wait()
-            self._readers += 1
+            if self._writer != me and me not in self._readers:  # nested reads never wait
+                while self._writer is not None or self._waiting_writers:
+                    self._condition.wait()
+            self._readers[me] = self._readers.get(me, 0) + 1
         try:
             yield
         finally:
             with self._condition:
-                self._readers -= 1
-                if not self._readers:
+                depth = self._readers.pop(me) - 1
+                if depth:
+                    self._readers[me] = depth
+                elif not self._readers:
                     self._condition.notify_all()
 
     @contextmanager
     def write(self):
+        me = threading.get_ident()
         with self._condition:
-            self._waiting_writers += 1
-            try:
-                while self._writer or self._readers:
-                    self._condition.wait()
-            except BaseException:  # interrupted while waiting (KeyboardInterrupt): stop holding new readers back
+            if self._writer == me:
+                self._write_depth += 1
+            else:
+                if me in self._readers:
+                    raise RuntimeError(
+                        "ReadWriteLock: this thread holds the read lock and asked for the write lock; upgrading "
+                        "a read lock deadlocks (the writer would wait for its own read to end), so it is refused "
+                        "-- e.g. Retriever.add/remove called from inside a search (a custom scorer): release the "
+                        "read lock (finish the search) first")
+                self._waiting_writers += 1
+                try:
+                    while self._writer is not None or self._readers:
+                        self._condition.wait()
+                except BaseException:  # interrupted while waiting (KeyboardInterrupt): stop holding new readers back
+                    self._waiting_writers -= 1
+                    self._condition.notify_all()
+                    raise
                 self._waiting_writers -= 1
-                self._condition.notify_all()
-                raise
-            self._waiting_writers -= 1
-            self._writer = True
+                self._writer, self._write_depth = me, 1
         try:
             yield
         finally:
             with self._condition:
-                self._writer = False
-                self._condition.notify_all()
+                self._write_depth -= 1
+                if not self._write_depth:
+                    self._writer = None
+                    self._condition.notify_all()
 
 
 def as_float_matrix(name: str, value, dim: Optional[int]) -> np.ndarray:
@@ -197,6 +232,7 @@ class StudentIndex:
         self._device_auto = device == "auto"
         self.device = self._resolve_device(device)
         self._lock = ReadWriteLock()
+        self._gallery_lock = None  # set by the first Retriever built on this index, shared by all of them
         self._gpu_lock = threading.Lock()  # GpuIndex objects are not safe for concurrent use
         self._cpu_index = None  # faiss IndexIDMap2, built when the training set size is known
         self._gpu_index = None
@@ -483,13 +519,26 @@ class StudentIndex:
 
     def write_payload(self, folder: str) -> dict:
         """Write ``index.faiss`` + ``config.json`` into ``folder`` (used by the savers)."""
+        return self._snapshot_payload()(folder)
+
+    def _snapshot_payload(self):
+        """Copy the index as it is now (its faiss serialisation, under the read lock, so one state) and return
+        ``write(folder) -> config``, which writes that copy later without any lock: a save's slow file writes,
+        fsyncs and hashes then never hold back ``add`` / ``remove`` (nor, behind a waiting writer, searches).
+        The copy costs one in-memory serialisation of the index (about its size, briefly)."""
         with self._lock.read():
             config = self.config()
+            data = None if self._cpu_index is None else self._faiss.serialize_index(self._cpu_index)
+
+        def write(folder: str) -> dict:
             with open(os.path.join(folder, CONFIG_FILE), "w") as handle:
                 json.dump(config, handle, indent=2, sort_keys=True)
-            if self._cpu_index is not None:
-                self._faiss.write_index(self._cpu_index, os.path.join(folder, INDEX_FILE))
-        return config
+            if data is not None:  # the bytes faiss.write_index writes
+                with open(os.path.join(folder, INDEX_FILE), "wb") as handle:
+                    handle.write(memoryview(data))
+            return dict(config)
+
+        return write
 
     @classmethod
     def read_payload(cls, folder: str, meta: dict, device: str = "auto") -> "StudentIndex":

@@ -27,13 +27,21 @@ scores, for every aggregation and padding mode, and explanations are always
 word -> region.
 
 A :class:`Retriever` is safe to share between threads: searches run
-concurrently (read lock), ``add``/``remove`` are exclusive (write lock).
+concurrently (read lock), ``add``/``remove`` are exclusive (write lock). The
+lock belongs to the gallery, not to the Retriever object: it is kept on the
+feature store and the student index (``_gallery_lock``), so several Retrievers
+built on the same components exclude each other's ``add``/``remove`` too (see
+:class:`Retriever`). Reads are reentrant per thread (a scorer may call back into
+``search``); ``add``/``remove`` from inside a search raise RuntimeError instead
+of deadlocking. ``save`` holds the read lock only while it snapshots index and
+store; it writes, fsyncs and hashes the files after releasing it.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -96,6 +104,34 @@ class TeacherScorer:
         return {"type": "TeacherScorer", **asdict(self)}
 
 
+_LOCK_ADOPTION = threading.Lock()  # two Retrievers built at once on the same components agree on one lock
+
+
+def _gallery_lock(student_index, feature_store: FeatureStore) -> ReadWriteLock:
+    """The one lock of the gallery made of ``student_index`` + ``feature_store``, shared by every Retriever on them.
+
+    It is kept on the components (``_gallery_lock``): the first Retriever creates it and attaches it to both; a
+    later one adopts the lock of whichever component already has one (the store's when both do and agree)
+    and attaches it to the other. Components that already carry two different locks (each was part of
+    another gallery) cannot be made to exclude each other's retrievers with one lock: that raises."""
+    with _LOCK_ADOPTION:
+        store_lock = getattr(feature_store, "_gallery_lock", None)
+        index_lock = getattr(student_index, "_gallery_lock", None)
+        if store_lock is not None and index_lock is not None and store_lock is not index_lock:
+            raise ValueError(
+                "student_index and feature_store already belong to Retrievers over other galleries (each carries "
+                "another gallery lock), so no single lock would keep all those Retrievers consistent; build this "
+                "Retriever on the components of one existing Retriever, or on fresh ones")
+        lock = store_lock if store_lock is not None else index_lock if index_lock is not None else ReadWriteLock()
+        feature_store._gallery_lock = lock
+        if index_lock is None:
+            try:
+                student_index._gallery_lock = lock
+            except AttributeError:  # a stand-in index without attribute storage: the store's lock still serves
+                pass
+        return lock
+
+
 def _check_count(name: str, value, minimum: int) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -120,6 +156,14 @@ class Retriever:
             read the candidates' regions in place from the whole store (packed
             layout, candidates as store rows) instead of gathering a copy;
             scores are identical, the copy (and its memory) is saved.
+
+    Thread-safety: one reader-writer lock per gallery, kept on the components:
+    every Retriever built on the same ``feature_store`` (or the same
+    ``student_index``) uses the same lock, so ``add``/``remove`` through one of
+    them never interleave with ``search``/``save`` through another. Building a
+    Retriever on an index and a store that already belong to two different
+    galleries raises ValueError. Changing the index or the store directly (not
+    through a Retriever) bypasses that lock.
     """
 
     def __init__(self, student_index, feature_store: FeatureStore, scorer: Optional[Callable] = None, *,
@@ -140,7 +184,7 @@ class Retriever:
         self.scorer = scorer if scorer is not None else TeacherScorer()
         self.direction = direction
         self.zero_copy = bool(zero_copy)
-        self._lock = ReadWriteLock()
+        self._lock = _gallery_lock(student_index, feature_store)
 
     @property
     def count(self) -> int:
@@ -290,6 +334,9 @@ class Retriever:
             if return_explanations:
                 argmax = argmax.cpu()
                 picked = torch.gather(argmax, 1, order[:, :, None].expand(-1, -1, argmax.shape[2]))
+                # image->text with zero padding gathers captions padded to the store's pad_width, which removals do
+                # not shrink: the words past the longest live caption (the explanations' width) are padding (-1)
+                picked = picked[:, :, :width]
                 alignments[:, :hits, :picked.shape[2]] = picked.masked_fill(~top_valid[:, :, None], -1)
                 return ids, scores, alignments
             return ids, scores
@@ -337,23 +384,39 @@ class Retriever:
 
         Layout: ``manifest.json`` + ``payload-*/{retriever.json, student/, features/}``
         (see :mod:`aladin_fast.retrieval.manifest`).
+
+        The saved directory holds one state of the gallery (index and store with the same ids). The read lock
+        is held only while that state is snapshotted -- the store's current layout (O(1): its arrays are never
+        written in place) and an in-memory serialisation of a faiss index -- not while the files are written,
+        fsynced and hashed, so an ``add``/``remove`` waiting for the save (and the searches queued behind such
+        a writer) are not held up for the whole save. The snapshot is taken under the directory's save lock:
+        of two saves to one path, the later snapshot is the one committed last.
         """
         scorer_config = self.scorer.config() if hasattr(self.scorer, "config") else {"type": "custom", "repr": repr(self.scorer)}
 
         def write(folder):
-            os.makedirs(os.path.join(folder, "student"))
-            os.makedirs(os.path.join(folder, "features"))
-            index_meta = self.student_index.write_payload(os.path.join(folder, "student"))
-            store_meta = self.feature_store.write_payload(os.path.join(folder, "features"))
+            student, features = os.path.join(folder, "student"), os.path.join(folder, "features")
+            os.makedirs(student)
+            os.makedirs(features)
+            snapshot_index = getattr(self.student_index, "_snapshot_payload", None)
+            index_meta = None
+            with self._lock.read():  # one state of index + store; the slow part runs after the lock is released
+                if snapshot_index is not None:
+                    write_index = snapshot_index()
+                else:  # an index without snapshots (e.g. Milvus: a small settings file) writes under the lock
+                    index_meta = self.student_index.write_payload(student)
+                write_store = self.feature_store._snapshot_payload()
+            if index_meta is None:
+                index_meta = write_index(student)
+            store_meta = write_store(features)
             with open(os.path.join(folder, RETRIEVER_FILE), "w") as handle:
                 json.dump({"direction": self.direction, "scorer": scorer_config}, handle, indent=2, sort_keys=True)
-            return {"student_index": index_meta, "feature_store": store_meta}
+            return {"count": store_meta["count"], "student_index": index_meta, "feature_store": store_meta}
 
-        with self._lock.read():
-            meta = {"direction": self.direction, "scorer": scorer_config, "count": self.count,
-                    "embedding_dim": self.student_index.dim, "token_dim": self.feature_store.dim,
-                    "metric": self.student_index.metric, "dtype": self.feature_store.dtype_name}
-            save_directory(path, "retriever", meta, write)
+        meta = {"direction": self.direction, "scorer": scorer_config, "embedding_dim": self.student_index.dim,
+                "token_dim": self.feature_store.dim, "metric": self.student_index.metric,
+                "dtype": self.feature_store.dtype_name}
+        save_directory(path, "retriever", meta, write)
 
     @classmethod
     def load(cls, path: str, *, device: str = "auto", mmap: bool = True, verify: bool = True,
