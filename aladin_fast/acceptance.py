@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 import threading
@@ -252,7 +253,14 @@ def run_acceptance(seed: int = 0, *, out: Optional[str] = DEFAULT_OUT, device: s
             # serialised whole, then written atomically: a failure leaves the previous results.json, not a
             # truncated one (json.dump streamed into the open file)
             write_text_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=2, default=float) + "\n")
-            write_text_atomic(os.path.join(out, "report.md"), report_markdown(results))
+            try:
+                write_text_atomic(os.path.join(out, "report.md"), report_markdown(results))
+            except BaseException:
+                # results.json is this run's now: a previous run's report.md beside it would read as this run's
+                report = os.path.join(out, "report.md")
+                if os.path.lexists(report) and not os.path.isdir(report):
+                    os.unlink(report)
+                raise
         print("\n" + metrics_markdown(results))
         print(f"\nverdict: {verdict['summary']}")
         if out:
@@ -383,23 +391,47 @@ def _head_text(sizes: Dict[str, Any], model: str) -> str:
     return f"{pooling}-pooled, then projected ({layers} head transformer layers)"
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``acceptance`` flags, each checked when parsed: a bad value is a usage error (exit code 2) naming the
+    flag, not a traceback after minutes of oracle checks (``--train-images 0``) or from deep in the run."""
+    from .cli import _device, _seed
+
     parser = argparse.ArgumentParser(
         prog="python -m aladin_fast acceptance",
         description="train teacher and global baseline for equal wall-clock time, distil the student, evaluate")
-    parser.add_argument("--seconds", type=float, default=ACCEPTANCE_SIZES["seconds"],
+    parser.add_argument("--seconds", type=_positive_number, default=ACCEPTANCE_SIZES["seconds"],
                         help="training seconds of the teacher and of the baseline, each (default: %(default)s)")
-    parser.add_argument("--student-seconds", type=float, default=ACCEPTANCE_SIZES["student_seconds"],
+    parser.add_argument("--student-seconds", type=_positive_number, default=ACCEPTANCE_SIZES["student_seconds"],
                         help="training seconds of the distilled student (default: %(default)s)")
-    parser.add_argument("--train-images", type=int, default=ACCEPTANCE_SIZES["train_images"])
-    parser.add_argument("--test-images", type=int, default=ACCEPTANCE_SIZES["test_images"])
+    parser.add_argument("--train-images", type=_positive_int, default=ACCEPTANCE_SIZES["train_images"])
+    parser.add_argument("--test-images", type=_positive_int, default=ACCEPTANCE_SIZES["test_images"])
     parser.add_argument("--baseline-loss", choices=("hinge", "infonce"), default=ACCEPTANCE_SIZES["baseline_loss"])
     parser.add_argument("--baseline-pooling", choices=("first", "mean", "max"),
                         default=ACCEPTANCE_SIZES["baseline_pooling"])
-    parser.add_argument("--baseline-lr", type=float, default=None, help="default: the teacher's lr")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on <= 4 cores)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--baseline-lr", type=_positive_number, default=None, help="default: the teacher's lr")
+    parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: 1 on <= 4 cores)")
+    parser.add_argument("--device", type=_device, default="cpu")
     parser.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: %(default)s)")
     parser.add_argument("--no-checks", action="store_true", help="skip the oracle data checks")
     parser.add_argument("--progress", action="store_true", help="tqdm progress bars")

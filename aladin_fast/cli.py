@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -29,6 +30,23 @@ def _seed(text: str) -> int:
     return value
 
 
+def _out_dir(text: str) -> str:
+    """``demo --out``: a folder that can be created and written (a file there, or a read-only place, was an
+    OSError traceback from the demo)."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    try:
+        os.makedirs(text, exist_ok=True)
+        probe = os.path.join(text, f".aladin_fast_write_probe.{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write a report into {text!r}: "
+                                         f"{error.strerror or error}") from None
+    return text
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aladin_fast", description="aladin-fast: fused image-text alignment kernels")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,7 +54,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="score synthetic data with every available backend and time it")
     demo.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
     demo.add_argument("--seed", type=_seed, default=0)
-    demo.add_argument("--out", default=None, help="report directory (default: reports/demo-<timestamp>)")
+    demo.add_argument("--out", type=_out_dir, default=None, help="report directory (default: reports/demo-<timestamp>)")
     demo.add_argument("--device", type=_device, default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
     commands.add_parser("evaluate", help="evaluate a checkpoint on precomputed features (see `evaluate --help`)",
                         add_help=False)
@@ -65,9 +83,16 @@ def main(argv=None) -> int:
 
         return acceptance_main(argv[1:])
     if argv[:1] == ["evaluate"]:
-        from .evaluate import evaluate_main
+        from .evaluate import build_parser as evaluate_parser, evaluate_main
 
-        return evaluate_main(argv)
+        try:
+            return evaluate_main(argv)
+        except ValueError as error:  # the command's flag checks ("--max-images must be ...") raise ValueError
+            if not str(error).startswith("--"):
+                raise
+            evaluate_parser().error(str(error))  # a usage error: exit 2 naming the flag, not a traceback
+        except FileNotFoundError as error:  # "checkpoint not found: PATH", a missing --data split
+            evaluate_parser().error(str(error))
     args = _build_parser().parse_args(argv)
     if args.command == "info":
         from .info import info

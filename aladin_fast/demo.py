@@ -121,6 +121,7 @@ def run_demo(quick: bool = False, seed: int = 0, *, out: Optional[str] = None, d
                                                          device, threads)
     out = out or _default_out()
     os.makedirs(out, exist_ok=True)
+    _remove_previous_outputs(out)
     started = time.perf_counter()
     try:
         machine = info(file=io.StringIO())  # captured once, printed once below
@@ -186,6 +187,23 @@ def run_demo(quick: bool = False, seed: int = 0, *, out: Optional[str] = None, d
         torch.set_num_threads(previous_threads)
 
 
+def _remove_previous_outputs(out: str) -> None:
+    """Delete what an earlier demo run wrote into ``out`` (only the demo's own files).
+
+    The trainer appends to ``training/metrics.jsonl``, so a re-run into the same folder mixed the previous run's
+    records into this one's; and a run failing part way left the previous run's ``results.json`` / ``report.md`` /
+    plots beside this run's files, looking like a complete report of this run.
+    """
+    from .report import PLOTS
+
+    names = ["results.json", "report.md", *PLOTS.values(), os.path.join("training", "metrics.jsonl"),
+             os.path.join("training", "checkpoint.pt")]
+    for name in names:
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            os.unlink(path)
+
+
 def _kernel_check(split, device: torch.device, captions: int = 16, images: int = 64) -> Dict[str, Any]:
     """The fused op on real trained tokens vs the float64 reference, and the retriever's full shortlist
     vs the exhaustive op (same ranking), on a small slice of the test split."""
@@ -229,6 +247,8 @@ def _link_latest(out: str) -> None:
 
 
 def _print_summary(results: Dict[str, Any], metrics_table, out: str) -> None:
+    from .report import share_text, speedup_text
+
     scorers = results["scorers"]
     two = scorers["two_stage"]
     rows = {"teacher (exhaustive)": scorers["teacher"], "student (cosine)": scorers["student"],
@@ -237,8 +257,8 @@ def _print_summary(results: Dict[str, Any], metrics_table, out: str) -> None:
     print("\nrerank_k sweep (text->image single-query latency, rsum):")
     for entry in results["rerank_sweep"]:
         print(f"  k={entry['rerank_k']:>4}  {entry['latency']['single_ms']:8.3f} ms  rsum {entry['metrics']['rsum']:6.1f}"
-              f"  ({100 * (entry['rsum_fraction_of_teacher'] or 0):.0f}% of teacher)")
-    print(f"\nchance rsum {results['chance']['rsum']:.1f}; two-stage speed-up over the exhaustive teacher: "
-          f"{results['speedup_two_stage_vs_teacher']:.1f}x per query (gallery {results['gallery']['images']} images)")
+              f"  ({share_text(entry['rsum_fraction_of_teacher'])} of teacher)")
+    print(f"\nchance rsum {results['chance']['rsum']:.1f}; two-stage vs the exhaustive teacher: "
+          f"{speedup_text(results['speedup_two_stage_vs_teacher'])} per query (gallery {results['gallery']['images']} images)")
     print(f"total {results['timings']['total_seconds']:.0f} s; report: {os.path.join(out, 'report.md')}")
     sys.stdout.flush()

@@ -1,6 +1,7 @@
 """``aladin_fast.info()`` / ``python -m aladin_fast info``: versions and backend availability."""
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -38,7 +39,27 @@ def _cpu_status() -> str:
         return f"missing: {reason}"
     build = module.build_info()
     details = ", ".join(f"{key}={value}" for key, value in sorted(build.items()))
-    return f"built: ISA {module.best_isa()} (available: {', '.join(module.available_isas())}); {details}"
+    available = list(module.available_isas())
+    # the kernels run the ISA ALADIN_FAST_ISA names (csrc/bindings.cpp resolve_isa), not always best_isa():
+    # reporting best_isa() alone claimed "ISA avx2" while scalar code ran, or while every call failed
+    isa, problems = module.best_isa(), []
+    requested = os.environ.get("ALADIN_FAST_ISA", "").lower()
+    if requested and requested != "auto":
+        if requested not in ("avx512", "avx2", "scalar"):
+            problems.append(f"ALADIN_FAST_ISA={os.environ['ALADIN_FAST_ISA']!r} is invalid "
+                            "(expected auto, avx512, avx2 or scalar)")
+        elif requested not in available:
+            problems.append(f"ALADIN_FAST_ISA={os.environ['ALADIN_FAST_ISA']!r} is not supported by this CPU "
+                            f"(available: {', '.join(available)})")
+        else:
+            isa = f"{requested} (forced by ALADIN_FAST_ISA; best {module.best_isa()})"
+    layout = os.environ.get("ALADIN_FAST_CPU_LAYOUT", "").lower()
+    if layout and layout not in ("auto", "words", "dot"):
+        problems.append(f"ALADIN_FAST_CPU_LAYOUT={os.environ['ALADIN_FAST_CPU_LAYOUT']!r} is invalid "
+                        "(expected auto, words or dot)")
+    if problems:
+        return f"error: built, but every backend='cpu' call fails: {'; '.join(problems)}; {details}"
+    return f"built: ISA {isa} (available: {', '.join(available)}); {details}"
 
 
 def _faiss_status() -> str:

@@ -11,7 +11,7 @@ from typing import Any, Dict, List
 
 from ._io import write_text_atomic
 
-__all__ = ["PLOTS", "write_report", "plot_recall", "plot_rerank_sweep", "plot_training"]
+__all__ = ["PLOTS", "share_text", "speedup_text", "write_report", "plot_recall", "plot_rerank_sweep", "plot_training"]
 
 PLOTS = {"recall": "recall_at_k.png", "sweep": "latency_vs_rerank_k.png", "training": "training_curves.png"}
 SCORER_LABELS = {"teacher": "teacher (exhaustive)", "student": "student (cosine)", "two_stage": "two-stage"}
@@ -107,10 +107,29 @@ def plot_training(history: List[Dict[str, Any]], path: str) -> None:
     plt.close(figure)
 
 
+def speedup_text(speedup: float) -> str:
+    """``"4.7x faster"`` for a speed-up (time of the baseline / time of ours) >= 1, else ``"52.0x slower"``.
+
+    Written as ``f"{speedup:.1f}x faster"`` alone, a two-stage retriever 50 times slower than the teacher (tiny
+    galleries) read "0.0x faster".
+    """
+    speedup = float(speedup)
+    if 0 < speedup < 1:
+        return f"{1 / speedup:.1f}x slower"
+    return f"{speedup:.1f}x faster"
+
+
+def share_text(fraction) -> str:
+    """A share of the teacher's rsum in percent, ``"n/a"`` where undefined (a teacher rsum of 0: the sweep's
+    ``rsum_fraction_of_teacher`` is None, which was printed as "0%")."""
+    return "n/a" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def _markdown(results: Dict[str, Any]) -> str:
     scorers, gallery, machine = results["scorers"], results["gallery"], results["machine"]
     sizes = results["config"]["sizes"]
     two = scorers["two_stage"]
+    teacher_rsum = scorers["teacher"]["metrics"]["rsum"]
     lines = [
         f"# aladin-fast demo report ({results['mode']})",
         "",
@@ -134,10 +153,10 @@ def _markdown(results: Dict[str, Any]) -> str:
         f"{chance['t2i_r5']:.1f} | {chance['t2i_r10']:.1f} | {chance['rsum']:.1f} | | |",
         "",
         f"**Two-stage** (student kNN over a faiss index, fused teacher rerank of the top {two['rerank_k']}) keeps "
-        f"{100 * two['metrics']['rsum'] / max(scorers['teacher']['metrics']['rsum'], 1e-9):.0f}% of the exhaustive "
-        f"teacher's rsum and is **{results['speedup_two_stage_vs_teacher']:.1f}x faster per query** "
+        f"{share_text(two['metrics']['rsum'] / teacher_rsum if teacher_rsum else None)} of the exhaustive "
+        f"teacher's rsum and is **{speedup_text(results['speedup_two_stage_vs_teacher'])} per query** "
         f"({two['latency']['single_ms']:.3f} ms vs {scorers['teacher']['latency']['single_ms']:.3f} ms, median of single "
-        f"text->image queries; batched: {results['speedup_two_stage_vs_teacher_batched']:.1f}x).",
+        f"text->image queries; batched: {speedup_text(results['speedup_two_stage_vs_teacher_batched'])}).",
         "",
         "Latency notes: queries are pre-encoded (encoding one caption with both models costs "
         f"{results['encode_query_ms']['single_ms']:.3f} ms and is paid by every scorer); the exhaustive teacher scores "
@@ -153,7 +172,7 @@ def _markdown(results: Dict[str, Any]) -> str:
     for entry in results["rerank_sweep"]:
         m = entry["metrics"]
         lines.append(f"| {entry['rerank_k']} | {entry['latency']['single_ms']:.3f} | {m['rsum']:.1f} | "
-                     f"{100 * (entry['rsum_fraction_of_teacher'] or 0):.0f}% | {m['t2i_r1']:.1f} | {m['i2t_r1']:.1f} |")
+                     f"{share_text(entry['rsum_fraction_of_teacher'])} | {m['t2i_r1']:.1f} | {m['i2t_r1']:.1f} |")
     timings = results["timings"]
     lines += [
         "",
