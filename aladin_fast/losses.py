@@ -68,6 +68,13 @@ def _upcast(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
+def _connected_zero(*tensors: torch.Tensor) -> torch.Tensor:
+    """A float32 (float64 if any input is) scalar 0 in the autograd graph of ``tensors``: zero gradients, and
+    never NaN whatever the tensors hold (a sum over no elements)."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return sum((t.flatten()[:0].sum().to(dtype) for t in tensors), tensors[0].new_zeros((), dtype=dtype))
+
+
 def _check_positive(name: str, value) -> float:
     if not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -175,8 +182,9 @@ def listnet_loss(
         reduction: ``"mean"`` over queries of each direction, or ``"sum"``.
 
     Returns:
-        scalar tensor, float32. Computed with log-softmax (no overflow for
-        large scores); equals the teacher's entropy when ``P_S == P_T``.
+        scalar tensor, float32 (float16 / bfloat16 inputs are upcast), or
+        float64 when either input is float64. Computed with log-softmax (no
+        overflow for large scores); equals the teacher's entropy when ``P_S == P_T``.
     """
     if not isinstance(student_scores, torch.Tensor) or not isinstance(teacher_scores, torch.Tensor):
         raise TypeError("student_scores and teacher_scores must be torch.Tensors")
@@ -296,7 +304,8 @@ def concept_alignment_loss(
     Every valid word is paired with its best region (:func:`aligned_token_pairs`);
     both are scored against the L2-normalised ``prototypes [K, D]`` and each
     predicts the Sinkhorn code of the other (:func:`swapped_prediction_loss`).
-    Returns a scalar (0 when no word has a region).
+    Returns a scalar (exactly 0 when no word has a region, whatever the padding
+    positions hold; the tokens and prototypes still get zero gradients).
     """
     if prototypes.ndim != 2 or prototypes.shape[1] != word_tokens.shape[-1]:
         raise ValueError(f"prototypes must be [K, {word_tokens.shape[-1]}], got {list(prototypes.shape)}")
@@ -304,7 +313,9 @@ def concept_alignment_loss(
     centres = F.normalize(prototypes.float(), dim=1)
     words, regions = F.normalize(words.float(), dim=1), F.normalize(regions.float(), dim=1)
     if words.shape[0] == 0:
-        return (word_tokens.sum() + region_tokens.sum() + prototypes.sum()).float() * 0.0
+        # an empty sum: exactly 0 and still in the graph of every input. ``x.sum() * 0.0`` was NaN when a padding
+        # position held NaN / inf (0 * inf), though padding is never read
+        return _connected_zero(word_tokens, region_tokens, prototypes).float()
     return swapped_prediction_loss(words @ centres.T, regions @ centres.T, epsilon, iterations, temperature)
 
 
@@ -340,7 +351,9 @@ def context_alignment_loss(scores: torch.Tensor, top_k: int = 512, temperature: 
 
     Returns:
         scalar: mean over queries of each direction, summed over the two
-        directions (``2 log(1 + k)`` when all scores tie; 0 for N = 1: no negative).
+        directions (``2 log(1 + k)`` when all scores tie and no pair is masked,
+        with ``k = min(top_k, N - 1)``; exactly 0 for N = 1: no negative, whatever
+        the one score holds, as :func:`hinge_loss`).
     """
     scores, positives = _check_square("scores", scores, positive_mask)
     temperature = _check_positive("temperature", temperature)
@@ -350,8 +363,8 @@ def context_alignment_loss(scores: torch.Tensor, top_k: int = 512, temperature: 
     negatives = _upcast(scores).masked_fill(positives, float("-inf"))
     keep = min(top_k, count - 1)
     total = _upcast(scores).new_zeros(())
-    if keep == 0:
-        return total + scores.sum() * 0.0
+    if keep == 0:  # N = 1: an empty sum, so a NaN / inf score gives 0 (``scores.sum() * 0.0`` was NaN)
+        return total + _connected_zero(scores).to(total.dtype)
     diagonal = _upcast(scores).diagonal()
     for matrix in (negatives, negatives.T):  # rows: caption queries; columns: image queries
         hardest = matrix.topk(keep, dim=1).values  # -inf where a row has fewer negatives

@@ -15,7 +15,8 @@ class AlignmentScore(torch.nn.Module):
 
     ``forward(text [Nt, W, D], images [Ni, R, D], text_lengths=None, image_lengths=None, candidates=None,
     paired=False)`` returns all-pairs scores ``[Nt, Ni]``, or ``[Nt, K]`` with ``candidates [Nt, K]``, or
-    ``[N]`` with ``paired=True``; float32, differentiable w.r.t. both inputs.
+    ``[N]`` with ``paired=True``; float32 (float64 for float64 inputs, which run on the ``"cpu"`` or
+    ``"reference"`` backend), differentiable w.r.t. both inputs.
     """
 
     def __init__(self, aggregation: str = "MrSw", padding: str = "neg_inf", normalize: bool = False,

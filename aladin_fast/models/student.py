@@ -55,7 +55,8 @@ def _masked_max(values: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor
 
 
 class PoolingHead(nn.Module):
-    """Tokens ``[B, L, token_dim]`` -> embedding ``[B, embed_dim]`` (unit norm).
+    """Tokens ``[B, L, token_dim]`` -> embedding ``[B, embed_dim]`` (unit norm; with ``project_tokens`` an
+    empty sequence gives the zero vector instead, see below).
 
     ``pooling="first"`` (ALADIN): a learned token is prepended, the sequence
     runs through ``layers`` pre-norm transformer layers (padding masked), and
@@ -72,8 +73,11 @@ class PoolingHead(nn.Module):
     ``token_dim`` ones, which on SyntheticScenes lifts a distilled student's
     R@1 far more than a transformer layer in the head (docs/training.md).
     Only valid tokens are projected (padding would be a third to a half of the
-    work). ``projection_hidden`` makes the projection an MLP with one GELU
-    hidden layer of that width (default: one linear layer).
+    work), so an empty sequence has nothing to pool: its embedding is the zero
+    vector (finite, cosine 0 with everything, like the op's score of a caption
+    without words), not a unit vector. ``projection_hidden`` makes the
+    projection an MLP with one GELU hidden layer of that width (default: one
+    linear layer).
     """
 
     def __init__(self, token_dim: int, embed_dim: int, layers: int, heads: int, ff_dim: Optional[int] = None,
@@ -227,12 +231,14 @@ class Student(nn.Module):
 
     # ------------------------------------------------------------------ heads
     def embed_image_tokens(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Image embeddings ``[B, embed_dim]`` (unit norm) from backbone tokens ``[B, R, token_dim]``."""
+        """Image embeddings ``[B, embed_dim]`` (unit norm; zero for an empty sequence with ``project_tokens``)
+        from backbone tokens ``[B, R, token_dim]``."""
         tokens, lengths = check_tokens("image_tokens", tokens, lengths, self.token_dim)
         return self.image_head(tokens, lengths)
 
     def embed_caption_tokens(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Caption embeddings ``[B, embed_dim]`` (unit norm) from backbone tokens ``[B, L, token_dim]``."""
+        """Caption embeddings ``[B, embed_dim]`` (unit norm; zero for an empty sequence with ``project_tokens``)
+        from backbone tokens ``[B, L, token_dim]``."""
         tokens, lengths = check_tokens("caption_tokens", tokens, lengths, self.token_dim)
         return self.caption_head(tokens, lengths)
 
