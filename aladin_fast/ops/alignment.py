@@ -176,7 +176,8 @@ def alignment_scores(
         padding: ``"neg_inf"`` (padded tokens never take part) or ``"zero"``
             (TERAN-compatible: padded tokens are zero vectors; see
             :mod:`aladin_fast.reference` for the exact rule).
-        normalize: L2-normalise every token first.
+        normalize: L2-normalise every token first (unit vectors at any finite scale, zero tokens stay
+            zero; docs/kernel_contract.md, "Numerics").
         backend: ``"auto"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
         return_argmax: also return the winning region per word.
         max_text_len / max_image_len: packed inputs only: the padded length as a
@@ -189,7 +190,9 @@ def alignment_scores(
     Returns:
         scores ``[Nt, Ni]`` float32 (accumulated in float32; float64 for float64 inputs), and with
         ``return_argmax`` also ``argmax [Nt, Ni, W]`` int32 (first index wins
-        ties; -1 for padded words and empty images).
+        ties; -1 for padded words, and for every word of an empty image with
+        ``padding="neg_inf"``; with ``padding="zero"`` a padded region can win
+        (the first padded index), so an empty image gives 0).
     """
     scores, argmax = _score(
         text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, None, False,
@@ -214,7 +217,7 @@ def paired_scores(
     max_text_len: Optional[int] = None,
     max_image_len: Optional[int] = None,
 ):
-    """Score caption i with image i: returns ``[N]`` float32 (and ``argmax [N, W]``).
+    """Score caption i with image i: returns ``[N]`` float32 (float64 for float64 inputs) (and ``argmax [N, W]``).
 
     Arguments as in :func:`alignment_scores`; both sides must have N rows.
     """
@@ -250,7 +253,7 @@ def rerank_scores(
             (repeats allowed). Other arguments as in :func:`alignment_scores`.
 
     Returns:
-        scores ``[Nt, K]`` float32 (and ``argmax [Nt, K, W]`` int32).
+        scores ``[Nt, K]`` float32 (float64 for float64 inputs) (and ``argmax [Nt, K, W]`` int32).
     """
     if candidates is None:
         raise ValueError("candidates must be an int tensor [Nt, K] of image ids, got None (use alignment_scores for all pairs)")
