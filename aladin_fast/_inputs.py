@@ -384,8 +384,23 @@ def check_candidates(candidates, text_count: int, image_count: int, device: torc
 
 
 def normalized(batch: TokenBatch) -> TokenBatch:
-    """L2-normalise every token (in fp32 at least, then back to the input dtype)."""
+    """L2-normalise every token (in fp32 at least, then back to the input dtype).
+
+    Every token with a nonzero finite component becomes a unit vector, whatever its scale: each row is first
+    multiplied by a power of two (exact) that brings its largest |component| into [0.5, 1), so the sum of
+    squares neither overflows (fp32 rows with |x| above ~1e19 gave inf norms, hence all-zero "unit" vectors)
+    nor underflows, and ``F.normalize``'s eps (1e-12, which left rows of smaller norm short of unit length)
+    never applies. Rows in the ordinary range get the same bits as without the scaling; zero rows stay zero;
+    rows with a NaN or an infinity are left to ``F.normalize`` as before (NaN / inf components). The scale is a
+    constant of the backward (normalisation is scale-invariant)."""
     tokens = batch.tokens
     work = tokens if tokens.dtype == torch.float64 else tokens.float()
+    largest = work.detach().abs().amax(dim=-1, keepdim=True) if work.shape[-1] else None
+    if largest is not None and largest.numel():
+        exponent = torch.frexp(largest).exponent  # largest = m * 2**exponent, m in [0.5, 1)
+        exponent = torch.where(torch.isfinite(largest) & (largest > 0), exponent, torch.zeros_like(exponent))
+        # 2**-exponent in two factors: one alone can leave the dtype's range (fp32: exponent in [-148, 128])
+        first = torch.div(-exponent, 2, rounding_mode="floor")
+        work = work * torch.exp2(first.to(work.dtype)) * torch.exp2((-exponent - first).to(work.dtype))
     work = torch.nn.functional.normalize(work, p=2.0, dim=-1)
     return TokenBatch(work.to(tokens.dtype).contiguous(), batch.offsets, batch.lengths, batch.pad)

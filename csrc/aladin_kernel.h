@@ -14,7 +14,32 @@
 #include <omp.h>
 #endif
 
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr (SSE: the baseline of every x86-64 target)
+#endif
+
 namespace aladin_fast {
+
+// Subnormals honoured for the lifetime of the guard, on the thread that creates it: clears the
+// flush-to-zero (FTZ) and denormals-are-zero (DAZ) bits of MXCSR and restores the caller's MXCSR on
+// exit.  Every kernel thread (OpenMP workers included, which do not share the caller's MXCSR) opens
+// one, so torch.set_flush_denormal(True) or a library that sets FTZ / DAZ changes neither the exact
+// conversion of subnormal inputs nor the fp32 sums (docs/kernel_contract.md), and a worker's leftover
+// mode can never make the scores depend on the thread count.
+struct SubnormalsHonoured {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+    static constexpr unsigned kFtzDaz = 0x8040u;  // bit 15 FTZ, bit 6 DAZ
+    unsigned saved;
+    SubnormalsHonoured() : saved(_mm_getcsr()) {
+        if (saved & kFtzDaz) _mm_setcsr(saved & ~kFtzDaz);
+    }
+    ~SubnormalsHonoured() {
+        if (saved & kFtzDaz) _mm_setcsr(saved);
+    }
+#endif
+    SubnormalsHonoured(const SubnormalsHonoured&) = delete;
+    SubnormalsHonoured& operator=(const SubnormalsHonoured&) = delete;
+};
 
 // ---- helpers shared by the drivers.  Plain integer code: the ISA translation units include
 // this header before their target pragma, so these compile for the build's default target.

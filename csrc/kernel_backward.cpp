@@ -254,6 +254,7 @@ int Backward<Ops>::run(int num_threads, bool overlapping_rows) {
     int error = 0;
 #pragma omp parallel num_threads(threads)
     {
+        const SubnormalsHonoured subnormals;
 #ifdef _OPENMP
         const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
 #else

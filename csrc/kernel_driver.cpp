@@ -85,6 +85,7 @@ float* preconvert_images(const Job& job, const IsaKernels* isa, int threads) {
     const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t b = 0; b < blocks; ++b) {
+        const SubnormalsHonoured subnormals;
         const int64_t r0 = b * kRowsPerBlock;
         const int64_t n = (rows - r0 < kRowsPerBlock ? rows - r0 : kRowsPerBlock) * job.dim;
         isa->convert(src + r0 * job.dim, out + r0 * job.dim, job.dtype, n);
@@ -170,6 +171,7 @@ int run_job(const Job& job_in, const IsaKernels* isa, int num_threads) {
     int error = 0;
     // Scores the pairs of `range` with this thread's own workspace.
     const auto run_range = [&](Span range) {
+        const SubnormalsHonoured subnormals;
         Workspace ws;
         ws.query = static_cast<float*>(alloc_aligned(((D > 0 ? D : 1) + 16) * wp_max, sizeof(float)));
         ws.tile = static_cast<float*>(alloc_aligned(rt_max * wp_max, sizeof(float)));

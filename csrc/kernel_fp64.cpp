@@ -126,6 +126,7 @@ int run_job_f64(const Job& job, double* out, int num_threads) {
     int error = 0;
 #pragma omp parallel num_threads(threads)
     {
+        const SubnormalsHonoured subnormals;
 #ifdef _OPENMP
         const Span range = static_part(pairs, omp_get_thread_num(), omp_get_num_threads());
 #else
