@@ -180,6 +180,7 @@ struct BackwardJob {
     int64_t image_rows = 0;
     int64_t block = 0;    // captions (images) processed together; 0 = auto (~2 MB of accumulated rows)
     int64_t d_chunk = 0;  // feature columns per pass; 0 = whole rows
+    int64_t window = 0;   // pair rounds whose terms a row gathers per add_many; 0 = auto (8)
 };
 
 // Function table exported by each ISA translation unit.
@@ -196,6 +197,9 @@ struct IsaKernels {
     void (*axpy)(float* y, float c, const void* x, DType dtype, int64_t n);
     // dst[0:n] = fp32(src[0:n]), src fp16 or bf16 bits (exact)
     void (*convert)(const uint16_t* src, float* dst, DType dtype, int64_t n);
+    // y[0:n] += c[0] * x[0][0:n] + ... + c[m-1] * x[m-1][0:n], the terms added in this order with
+    // the same rounding as m successive axpy calls (same bits), y held in registers across the terms
+    void (*axpy_many)(float* y, const float* c, const void* const* x, DType dtype, int64_t m, int64_t n);
 };
 
 constexpr int64_t kTileRowMultiple = 24;  // every micro-kernel region block divides this

@@ -473,6 +473,7 @@ void score_backward(const py::object& grad_o, const py::object& text_o, const py
     job.image_rows = parsed.image_rows;
     job.block = env_int("ALADIN_FAST_BWD_BLOCK", 0);
     job.d_chunk = env_int("ALADIN_FAST_BWD_DC", 0);
+    job.window = env_int("ALADIN_FAST_BWD_WINDOW", 0);
     const bool overlap = rows_overlap(f.text_offsets, f.text_lengths, f.nt) ||
                          rows_overlap(f.image_offsets, f.image_lengths, f.ni);
     int err = 0;

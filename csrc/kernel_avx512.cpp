@@ -139,7 +139,7 @@ inline void V::cvt_bf16(const uint16_t* src, float* dst, int64_t n) {
     for (; d < n; ++d) dst[d] = bf16_bits_to_float(src[d]);
 }
 
-const IsaKernels kKernels = {"avx512", V::W, &prepare_query, &score_pair, &fma_loop, &axpy, &convert};
+const IsaKernels kKernels = {"avx512", V::W, &prepare_query, &score_pair, &fma_loop, &axpy, &convert, &axpy_many};
 
 }  // namespace
 }  // namespace isa_avx512

@@ -103,7 +103,7 @@ inline void V::transpose8x8(const T* src, int64_t ss, float* dst, int64_t ds) {
         }
 }
 
-const IsaKernels kKernels = {"scalar", V::W, &prepare_query, &score_pair, &fma_loop, &axpy, &convert};
+const IsaKernels kKernels = {"scalar", V::W, &prepare_query, &score_pair, &fma_loop, &axpy, &convert, &axpy_many};
 
 }  // namespace
 }  // namespace isa_scalar

@@ -627,3 +627,36 @@ def test_triton_backend_gradients_on_interpreter():
                             timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "triton gradients ok" in result.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["float32", "bfloat16", "float64"])
+def test_cpu_backward_bits_do_not_depend_on_the_gather_window_or_block(dtype, monkeypatch):
+    """The backward gathers each gradient row's terms over a window of pairs and adds them with the row held in
+    registers (axpy_many): the same fma sequence as adding them one by one, so every window / block size gives
+    the same bits (and the float64 path the same order)."""
+    generator = torch.Generator().manual_seed(11)
+    for mode in ("all", "rerank"):
+        case = _kernel_case(generator, nt=6, ni=9, width=12, regions=10, dim=75, dtype=dtype, packed=mode == "all",
+                            mode=mode, k=13)
+        text, t_off, t_len, images, v_off, v_len, candidates, text_pad, image_pad = case
+        for aggregation in range(6):
+            scores, argmax, region_argmax = score_tokens(text, t_off, t_len, images, v_off, v_len, candidates,
+                                                         aggregation, aggregation == 1, text_pad, image_pad, "cpu",
+                                                         True, True)
+            grad = torch.randn(scores.shape, generator=generator, dtype=scores.dtype)
+            grad[torch.rand(scores.shape, generator=generator) < 0.3] = 0  # skipped pairs
+            results = set()
+            for window, block in ((1, 1), (2, 16), (3, 5), (8, 0), (64, 2), (0, 0)):
+                monkeypatch.setenv("ALADIN_FAST_BWD_WINDOW", str(window))
+                monkeypatch.setenv("ALADIN_FAST_BWD_BLOCK", str(block))
+                grad_text, grad_images = torch.full_like(text, 7.0), torch.full_like(images, 7.0)  # overwritten
+                as_float = torch.float32 if dtype == torch.bfloat16 else dtype
+                grad_text, grad_images = grad_text.to(as_float), grad_images.to(as_float)
+                kind = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64: "float64"}[dtype]
+                raw = (lambda x: x.view(torch.int16).numpy()) if dtype == torch.bfloat16 else (lambda x: x.numpy())
+                _C.score_backward(grad.numpy(), raw(text), t_off.numpy(), t_len.numpy(), raw(images),
+                                  v_off.numpy(), v_len.numpy(), None if candidates is None else candidates.numpy(),
+                                  kind, aggregation, aggregation == 1, text_pad, image_pad, argmax.numpy(),
+                                  region_argmax.numpy(), grad_text.numpy(), grad_images.numpy())
+                results.add((grad_text.numpy().tobytes(), grad_images.numpy().tobytes()))
+            assert len(results) == 1, (mode, aggregation)
