@@ -135,14 +135,17 @@ std::string lower(std::string s) {
 std::string resolve_isa(const std::string& requested) {
     std::string isa = lower(requested);
     if (isa.empty()) isa = "auto";
+    std::string source = "isa";  // named in the errors: the argument or the environment variable
     if (isa == "auto") {
         const char* env = std::getenv("ALADIN_FAST_ISA");
-        if (env && *env) isa = lower(env);
+        if (env && *env) isa = lower(env), source = "ALADIN_FAST_ISA";
     }
     if (isa == "auto") return best_isa();
     if (isa != "avx512" && isa != "avx2" && isa != "scalar")
-        throw py::value_error("isa must be 'auto', 'avx512', 'avx2' or 'scalar', got '" + isa + "'");
-    if (!isa_supported(isa)) throw std::runtime_error("isa '" + isa + "' is not supported by this CPU");
+        throw py::value_error(source + " must be 'auto', 'avx512', 'avx2' or 'scalar', got '" + isa + "'" +
+                              (source == "isa" ? "" : " (unset it to use the best ISA of this CPU)"));
+    if (!isa_supported(isa))
+        throw std::runtime_error(source + " = '" + isa + "' is not supported by this CPU (best: " + best_isa() + ")");
     return isa;
 }
 

@@ -386,7 +386,7 @@ def test_isa_selection(monkeypatch):
     assert info["openmp"] and "scalar" in info["compiled_isas"] and info["best_isa"] == avail[0]
     rng = np.random.default_rng(3)
     kin, _ = make_case(rng, W=5, R=6, D=16, nt=2, ni=2, mode="all", dtype="float32", data="exact")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^isa must be"):
         run_kernel(kin, 0, False, "sse9")
     missing = [isa for isa in ("avx512", "avx2") if isa not in avail]
     for isa in missing:
@@ -394,8 +394,13 @@ def test_isa_selection(monkeypatch):
             run_kernel(kin, 0, False, isa)
     # the environment variable overrides "auto" (but not an explicit isa)
     monkeypatch.setenv("ALADIN_FAST_ISA", "bogus")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^ALADIN_FAST_ISA must be .* got 'bogus' \\(unset it"):  # names the variable
         run_kernel(kin, 0, False, "auto")
+    for isa in missing:
+        monkeypatch.setenv("ALADIN_FAST_ISA", isa)
+        with pytest.raises(RuntimeError, match=f"^ALADIN_FAST_ISA = '{isa}' is not supported by this CPU"):
+            run_kernel(kin, 0, False, "auto")
+    monkeypatch.setenv("ALADIN_FAST_ISA", "bogus")
     run_kernel(kin, 0, False, "scalar")
     monkeypatch.setenv("ALADIN_FAST_ISA", "scalar")
     a, _ = run_kernel(kin, 0, False, "auto")

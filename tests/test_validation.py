@@ -155,3 +155,18 @@ def test_non_tensor_input():
     _, images = _ok()
     with pytest.raises(TypeError, match=r"text must be a torch.Tensor, got list"):
         aladin_fast.alignment_scores([[[1.0]]], images)
+
+
+@pytest.mark.parametrize("value, enabled", [("1", True), ("true", True), ("TRUE", True), ("yes", True), ("on", True),
+                                            ("0", False), ("false", False), ("", False), ("2", False)])
+def test_triton_interpret_read_as_triton_reads_it(monkeypatch, value, enabled):
+    """TRITON_INTERPRET=true turns triton's interpreter on; the backend check accepted only "1"."""
+    from aladin_fast.ops.backends import triton_interpreter_enabled, triton_unavailable_reason
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpreter_enabled() is enabled
+    reason = triton_unavailable_reason(torch.device("cpu"))
+    if enabled:
+        assert reason is None or "not importable" in reason
+    else:
+        assert "TRITON_INTERPRET=1" in reason

@@ -52,8 +52,15 @@ def _triton_module():
     return _PROBED["triton"]
 
 
+# the values triton's own getenv_bool reads as true (triton.knobs: TRITON_INTERPRET=true turns its interpreter on)
+_TRUE_WORDS = ("1", "true", "yes", "on", "y")
+
+
 def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether ``TRITON_INTERPRET`` asks for triton's CPU interpreter, read as triton reads it (``1``, ``true``,
+    ``yes``, ``on``, ``y``, any case): accepting only "1" refused ``backend='triton'`` while triton itself
+    interpreted."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _TRUE_WORDS
 
 
 def cpu_kernels():
