@@ -24,6 +24,24 @@ def _read_version():
     return about["__version__"]
 
 
+class AtomicBuildExt(build_ext):
+    """``build_ext`` whose in-place copy of the built extension (``--inplace``, ``make``) writes a new file and
+    renames it over the old one: overwriting the old file in place changed the pages of every running process
+    that had it mapped (a test run or a server during a rebuild crashed in the kernel)."""
+
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        if not (self.inplace and str(outfile).endswith((".so", ".pyd"))):
+            return super().copy_file(infile, outfile, *args, **kwargs)
+        partial = f"{outfile}.partial-{os.getpid()}"
+        try:
+            result = super().copy_file(infile, partial, *args, **kwargs)
+            os.replace(partial, outfile)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+        return (outfile, result[1]) if isinstance(result, tuple) else result
+
+
 def _cpu_extension():
     sources = sorted(
         os.path.join("csrc", name) for name in os.listdir(os.path.join(HERE, "csrc")) if name.endswith(".cpp")
@@ -59,7 +77,7 @@ setup(
     packages=find_packages(include=["aladin_fast", "aladin_fast.*"]) + ["aladin_fast.kernels"],
     package_dir={"aladin_fast.kernels": "kernels"},
     ext_modules=[_cpu_extension()],
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": AtomicBuildExt},
     install_requires=["torch>=2.4,<2.16", "triton>=3.0", "numpy>=1.24", "tqdm>=4.60"],
     extras_require={
         "cpu": ["faiss-cpu>=1.8"],
