@@ -46,7 +46,9 @@ class TokenBatch:
 
     @property
     def count(self) -> int:
-        return int(self.offsets.shape[0])
+        # the shape as it is (no ``int()``): under torch.export / compile a dynamic batch size stays symbolic
+        # instead of being specialised to its example value
+        return self.offsets.shape[0]
 
     @property
     def dim(self) -> int:

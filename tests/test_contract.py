@@ -141,6 +141,30 @@ def test_triton_nan_expanded_inputs_and_float64():
         aladin_fast.alignment_scores(TEXT.double(), IMAGES.double(), backend="triton")
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="triton runs on CPU only under TRITON_INTERPRET=1 (child process)")
+def test_triton_export_with_dynamic_batch_sizes():
+    """torch.export of a triton-backend call with dynamic caption / image counts: the op layer's batch counts were
+    int()s, which specialised them to the example sizes (Constraints violated). Triton's pair limits need a max."""
+    from torch.export import Dim, export
+
+    class Score(torch.nn.Module):
+        def forward(self, text, images, text_lengths, image_lengths):
+            return aladin_fast.alignment_scores(text, images, text_lengths, image_lengths, backend="triton")
+
+    generator = torch.Generator().manual_seed(0)
+    captions, images = Dim("captions", min=2, max=4096), Dim("images", min=2, max=4096)
+    example = (torch.randn(3, 4, 8, generator=generator), torch.randn(5, 6, 8, generator=generator),
+               torch.tensor([4, 2, 1]), torch.tensor([6, 1, 3, 2, 6]))
+    program = export(Score(), example, dynamic_shapes=({0: captions}, {0: images}, {0: captions}, {0: images}))
+    text, regions = torch.randn(4, 4, 8, generator=generator), torch.randn(7, 6, 8, generator=generator)
+    text_lengths, image_lengths = torch.tensor([4, 2, 0, 3]), torch.tensor([6, 1, 3, 2, 6, 5, 0])
+    got = program.module()(text, regions, text_lengths, image_lengths)
+    expected = aladin_fast.alignment_scores(text.double(), regions.double(), text_lengths, image_lengths,
+                                            backend="reference")
+    assert got.shape == (4, 7)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="triton is interpreted in this process: the triton tests run in-process")
 def test_triton_claims_in_interpreter_child():
     pytest.importorskip("triton")
@@ -150,7 +174,7 @@ def test_triton_claims_in_interpreter_child():
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
-    assert re.search(r"\b4 passed", output), output[-3000:]  # three table cases, the NaN / expanded / float64 test
+    assert re.search(r"\b5 passed", output), output[-3000:]  # three table cases, NaN / expanded / float64, export
 
 
 # ------------------------------------------------------------------------------------------ op claims
