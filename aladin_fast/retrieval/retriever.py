@@ -306,19 +306,30 @@ class Retriever:
                 return (ids, scores, alignments) if return_explanations else (ids, scores)
             _, candidate_ids = self.student_index.search(embeddings, shortlist, batch_size=student_batch_size)
             valid = candidate_ids >= 0  # IVF/HNSW may find fewer than asked
-            if not bool(valid.any()):
+            found = int(valid.sum())
+            if not found:
                 return (ids, scores, alignments) if return_explanations else (ids, scores)
+            # a full shortlist (the usual case, always with a flat index): no boolean-mask copies
+            all_valid = found == valid.numel()
             device = query_tokens.device
             local = torch.zeros_like(candidate_ids)
-            view = self._in_place_view(device, candidate_ids[valid])
+            wanted = candidate_ids.reshape(-1) if all_valid else candidate_ids[valid]
+            view = self._in_place_view(device, wanted)
             if view is not None:  # the kernel reads candidates straight from the (memory-mapped) store
-                tokens, cu_seqlens, local[valid] = view
+                tokens, cu_seqlens, rows = view
+                if all_valid:
+                    local = rows.view(candidate_ids.shape)
+                else:
+                    local[valid] = rows
                 out = self.scorer(query_tokens.to(store.dtype), tokens, local, query_lengths, None,
                                   return_argmax=return_explanations, image_cu_seqlens=cu_seqlens)
                 teacher, argmax = out if return_explanations else (out, None)
             else:  # gather each unique candidate once, remap the shortlist into that batch
-                unique_ids, inverse = torch.unique(candidate_ids[valid], return_inverse=True)
-                local[valid] = inverse
+                unique_ids, inverse = torch.unique(wanted, return_inverse=True)
+                if all_valid:
+                    local = inverse.view(candidate_ids.shape)
+                else:
+                    local[valid] = inverse
                 pad_to = store.pad_width if getattr(self.scorer, "padding", "neg_inf") == "zero" else None
                 gathered, gathered_lengths = store.gather(unique_ids, pad_to=pad_to, device=device)
                 teacher, argmax = self._rerank(query_tokens.to(store.dtype), query_lengths, gathered, gathered_lengths,
