@@ -16,6 +16,10 @@ Scorers, all ranked with the standard protocol (:mod:`aladin_fast.eval`):
   ranks past ``rerank_k`` (medr, meanr) are the student's; with ``rerank_k`` >=
   the gallery the ranking is the teacher's.
 
+Every scorer's ``metrics`` rank the whole split (COCO 5K on SCAN's ``testall``, Flickr30K's 1,000-image
+``test``); for a split of k * 1,000 images (k > 1) the teacher and the student also get ``metrics_1k``, the
+COCO 1K protocol (mean over the folds of 1,000 images; ``--max-images 1000`` would give the first fold only).
+
 Latency is per query on pre-encoded queries (the gallery is indexed offline):
 ``single_ms`` is the median of one-query calls (text -> image, the serving
 case), ``batched_ms`` the amortised text -> image cost of one batched call
@@ -41,11 +45,12 @@ import torch
 
 from ._inputs import check_positive_int
 from ._io import write_text_atomic
-from .eval import metrics_from_ranks, retrieval_ranks
+from .eval import folds_metrics, metrics_from_ranks, retrieval_ranks
 
 __all__ = ["EncodedSplit", "encode_split", "RetrievalEvaluator", "recall_curve", "evaluate_main"]
 
 RECALL_CURVE_LEVELS = (1, 2, 5, 10, 20, 50, 100)
+COCO_FOLD = 1000  # COCO 1K: folds of 1,000 images (5 folds of the 5K "testall" split)
 STUDENT_GAP = 3.0  # student cosines lie in [-1, 1]: shift them below the lowest reranked teacher score
 
 
@@ -299,9 +304,18 @@ class RetrievalEvaluator:
         return merged
 
     def _result(self, i2t_scores: torch.Tensor, t2i_scores: torch.Tensor, latency: Dict[str, float]) -> Dict[str, object]:
-        """Metrics from an image->text matrix ``[N, Nc]`` and a text->image one (also ``[N, Nc]``)."""
+        """Metrics from an image->text matrix ``[N, Nc]`` and a text->image one (also ``[N, Nc]``).
+
+        ``metrics`` rank every image against every caption (COCO 5K on ``testall``); when ``N`` is a multiple
+        of 1,000 above 1,000, ``metrics_1k`` adds the COCO 1K protocol (the mean over folds of 1,000 images,
+        SCAN's ``fold5``) of the same scores.
+        """
         cpi = self.split.captions_per_image
-        return self._ranks_result(retrieval_ranks(i2t_scores, cpi)[0], retrieval_ranks(t2i_scores, cpi)[1], latency)
+        result = self._ranks_result(retrieval_ranks(i2t_scores, cpi)[0], retrieval_ranks(t2i_scores, cpi)[1], latency)
+        count = self.split.num_images
+        if i2t_scores is t2i_scores and count > COCO_FOLD and count % COCO_FOLD == 0:
+            result["metrics_1k"] = folds_metrics(i2t_scores, COCO_FOLD, cpi)
+        return result
 
     @staticmethod
     def _ranks_result(i2t_ranks: torch.Tensor, t2i_ranks: torch.Tensor, latency: Dict[str, float]) -> Dict[str, object]:

@@ -2,7 +2,7 @@
 
 * :class:`SyntheticScenes` — deterministic scenes rendered as region features
   with 5 captions each and built-in hard negatives (the demo and test data).
-* :class:`PrecompDataset` — the SCAN/TERAN precomputed format and a packed
+* :class:`PrecompDataset` — the SCAN / VSRN precomputed format and a packed
   token-feature format, memory-mapped; :class:`PrecompCollator` pads batches;
   :func:`save_precomp` writes either layout.
 * :class:`Vocabulary` — a word-level :class:`Tokenizer` saved as JSON.

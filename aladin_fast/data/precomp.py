@@ -1,12 +1,20 @@
-"""Loaders for precomputed features: the SCAN/TERAN format and a packed token-feature format.
+"""Loaders for precomputed features: the SCAN precomp format and a packed token-feature format.
 
-Layout ``"scan"`` (SCAN, VSRN, TERAN releases), files in ``root``:
+Layout ``"scan"`` (the SCAN / VSRN ``*_precomp`` releases), files in ``root``:
 
-* ``{split}_ims.npy``: ``[N, R, D]`` region features (memory-mapped), or a
-  directory ``{split}_ims/`` of per-image ``[R_i, D]`` ``.npy`` files, taken in
-  name order (numeric order when every file stem is a decimal integer);
-* ``{split}_caps.txt``: one caption per line, ``captions_per_image`` (5)
-  consecutive lines per image.
+* ``{split}_ims.npy``: ``[N, R, D]`` region features (memory-mapped; any float
+  dtype, float16 included), or a directory ``{split}_ims/`` of per-image
+  ``[R_i, D]`` ``.npy`` files (variable region counts: ``image_lengths``), taken
+  in name order (numeric order when every file stem is a decimal integer);
+* ``{split}_caps.txt``: one caption per line (UTF-8, an optional BOM and CRLF
+  line ends are dropped), ``captions_per_image`` (5) consecutive lines per image.
+
+SCAN's ``im_div`` rule: when ``{split}_ims.npy`` has as many rows as the split
+has captions (images repeated once per caption), caption ``j`` is paired with
+row ``j`` and image ``i`` is row ``i * captions_per_image`` (as SCAN's and VSE++'s
+evaluation take ``img_embs[::5]``). Not read: VSE++ global features
+``[N, D]`` (refused; save ``x[:, None]`` for one region per image) and TERAN's
+``features_36/bu_att/*.npz`` + COCO JSON captions (convert them to this layout).
 
 Layout ``"tokens"`` (variable-length tokens packed like ``cu_seqlens``), files
 in ``root/{split}/``:
@@ -22,6 +30,7 @@ is asked for. :func:`save_precomp` writes both layouts.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -52,10 +61,11 @@ def _require_file(path: str, what: str) -> str:
 
 
 def _read_captions(path: str) -> List[str]:
-    """One caption per line: lines end at "\n" (a "\r" before it is dropped: CRLF files). Not
+    """One caption per line: lines end at "\n" (a "\r" before it is dropped: CRLF files; a UTF-8 BOM
+    at the start of the file is dropped too). Not
     ``str.splitlines``: it also breaks at \v, \f, \x1c-\x1e, \x85, \u2028 and \u2029, which scraped
     captions can hold, and would shift every later caption onto the wrong image."""
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:  # -sig: a leading BOM is not caption text
         lines = handle.read().split("\n")
     if lines and lines[-1] == "":  # the final line break ends the last caption
         lines.pop()
@@ -95,7 +105,9 @@ class PrecompDataset(torch.utils.data.Dataset):
         captions_per_image: consecutive captions per image (5).
 
     ``len(dataset)`` is the number of captions; ``dataset[j]`` is a
-    :class:`PrecompItem` for caption ``j`` and image ``j // captions_per_image``.
+    :class:`PrecompItem` for caption ``j`` and image ``j // captions_per_image``
+    (with an image array of one row per caption, SCAN's ``im_div = 1``, the item
+    holds row ``j`` and :meth:`image` ``i`` is row ``i * captions_per_image``).
     Attributes: ``num_images``, ``num_captions``, ``feature_dim``,
     ``image_lengths`` ``[N]`` int64, ``captions`` (``list[str]`` or None), ``layout``.
     """
@@ -130,10 +142,23 @@ class PrecompDataset(torch.utils.data.Dataset):
         self._words: Optional[np.ndarray] = None
         self._word_offsets: Optional[np.ndarray] = None
         self.captions: Optional[List[str]] = None
+        self._row_stride = 1  # rows of the image array per image: captions_per_image under SCAN's im_div = 1
         if layout == "scan":
             self._open_scan(scan_array, scan_folder)
-            self.captions = _read_captions(_require_file(os.path.join(root, f"{split}_caps.txt"), "captions file"))
-            self._check_caption_count(len(self.captions), os.path.join(root, f"{split}_caps.txt"))
+            captions_path = os.path.join(root, f"{split}_caps.txt")
+            self.captions = _read_captions(_require_file(captions_path, "captions file"))
+            rows = len(self.image_lengths)
+            if self._images is not None and captions_per_image > 1 and len(self.captions) == rows \
+                    and rows % captions_per_image == 0:
+                # SCAN's im_div = 1: one (repeated) image row per caption; image i is row i * captions_per_image
+                self._row_stride = captions_per_image
+                self.image_lengths = self.image_lengths[::captions_per_image].copy()
+                warnings.warn(
+                    f"{scan_array} has one row per caption ({rows}): read as SCAN's repeated-image layout (im_div = 1, "
+                    f"image i = row {captions_per_image} * i); if the split really has one caption per image, pass "
+                    f"captions_per_image=1", stacklevel=2)
+            self._check_caption_count(len(self.captions), captions_path,
+                                      scan_array if self._images is not None else scan_folder + "/")
         else:
             self._open_tokens(tokens_folder)
 
@@ -141,6 +166,11 @@ class PrecompDataset(torch.utils.data.Dataset):
     def _open_scan(self, array_path: str, folder: str) -> None:
         if os.path.isfile(array_path):
             images = np.load(array_path, mmap_mode="r")
+            if images.ndim == 2:
+                raise ValueError(
+                    f"{array_path} must be [N_images, R, D], got shape {tuple(images.shape)}: one global vector per "
+                    f"image (VSE++ precomp), not region features; save it as [N, 1, D] (x[:, None]) to use each "
+                    f"vector as one region")
             if images.ndim != 3:
                 raise ValueError(f"{array_path} must be [N_images, R, D], got shape {tuple(images.shape)}")
             self._images = images
@@ -149,9 +179,14 @@ class PrecompDataset(torch.utils.data.Dataset):
             return
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"missing image features: neither {array_path} nor folder {folder}/ exists")
-        names = [name for name in os.listdir(folder) if name.endswith(".npy")]
+        entries = os.listdir(folder)
+        names = [name for name in entries if name.endswith(".npy")]
         if not names:
-            raise FileNotFoundError(f"image feature folder {folder}/ holds no .npy files")
+            hint = ""
+            if any(name.endswith(".npz") for name in entries):
+                hint = (" (it holds .npz archives, e.g. TERAN's bottom-up bu_att/*.npz: they are not read; save each "
+                        "image's [R_i, D] region features as <index>.npy)")
+            raise FileNotFoundError(f"image feature folder {folder}/ holds no .npy files{hint}")
         stems = [name[:-4] for name in names]
         if all(stem.isdecimal() for stem in stems):  # not isdigit(): int() refuses "²"
             names = [name for _, name in sorted(zip((int(s) for s in stems), names))]
@@ -201,12 +236,19 @@ class PrecompDataset(torch.utils.data.Dataset):
                 f"missing captions: {captions_path} or {words_path} + {word_offsets_path} (tokens layout)"
             )
 
-    def _check_caption_count(self, count: int, path: str) -> None:
+    def _check_caption_count(self, count: int, path: str, images_path: Optional[str] = None) -> None:
         expected = self.captions_per_image * len(self.image_lengths)
         if count != expected:
+            source = f" (images: {images_path})" if images_path else ""
+            trailing = 0
+            if self.captions is not None and path.endswith(".txt") and count == len(self.captions):
+                while trailing < count and self.captions[count - 1 - trailing].strip() == "":
+                    trailing += 1
+            hint = f" (the file ends with {trailing} empty line(s))" if trailing else ""
             raise ValueError(
                 f"{path} has {count} captions for {len(self.image_lengths)} images; expected "
                 f"captions_per_image * N_images = {self.captions_per_image} * {len(self.image_lengths)} = {expected}"
+                f"{hint}{source}"
             )
 
     # ------------------------------------------------------------------ access
@@ -227,7 +269,7 @@ class PrecompDataset(torch.utils.data.Dataset):
             raise IndexError(f"image index {index} out of range for {self.num_images} images")
         index %= self.num_images
         if self._images is not None:
-            return self._images[index]
+            return self._images[index * self._row_stride]
         if self._image_files is not None:
             features = np.load(self._image_files[index], mmap_mode="r")
             if features.ndim != 2 or features.shape[1] != self.feature_dim:
@@ -250,6 +292,8 @@ class PrecompDataset(torch.utils.data.Dataset):
         index %= len(self)
         image_index = index // self.captions_per_image
         caption = self.captions[index] if self.captions is not None else self.word_features(index)
+        if self._row_stride > 1:  # SCAN's im_div = 1: caption j reads row j
+            return PrecompItem(self._images[index], caption, image_index)
         return PrecompItem(self.image(image_index), caption, image_index)
 
     def __repr__(self) -> str:
@@ -399,5 +443,7 @@ def _write_lines(path: str, lines: Sequence[str]) -> None:
     for line in lines:
         if "\n" in line or "\r" in line:
             raise ValueError(f"captions must not contain line breaks, got {line!r}")
-    with open(path, "w", encoding="utf-8") as handle:
+    # no BOM, unless the first caption starts with U+FEFF itself: the reader drops one leading BOM
+    encoding = "utf-8-sig" if lines and lines[0].startswith("\ufeff") else "utf-8"
+    with open(path, "w", encoding=encoding) as handle:
         handle.write("".join(f"{line}\n" for line in lines))
