@@ -234,13 +234,14 @@ def _warps(rows: int, block_d: int) -> int:
 
 
 def winner_gemm_aot_specs() -> list:
-    """Both kernels at the training shape (W=32, R=36, D=1024): bf16 MrSw and symm, fp32 MwSr."""
+    """Both kernels at the training shape (W=32, R=36, D=1024): bf16 MrSw and symm, fp32 MwSr and MrSw (fp32
+    MrSw: the image side of the default "gather" strategy for fp32 tokens)."""
     from .alignment import _TRITON_DTYPE
     from .alignment_packed import _aot_spec
 
     specs = []
     for name, dtype, aggregation in (("bf16_MrSw", torch.bfloat16, 0), ("bf16_symm", torch.bfloat16, 3),
-                                     ("fp32_MwSr", torch.float32, 2)):
+                                     ("fp32_MwSr", torch.float32, 2), ("fp32_MrSw", torch.float32, 0)):
         size = torch.empty((), dtype=dtype).element_size()
         cfg = winner_gemm_config(text_pad=32, image_pad=36, dim=1024, element_size=size)
         for side, kernel, caps in (("text", _winner_gemm_text_kernel, cfg["TEXT_CAPS"]),

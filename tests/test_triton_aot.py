@@ -24,6 +24,17 @@ from triton_modes import load_kernels, run_suite_in_child, triton_interpreted  #
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHES = (80, 90)
 MAX_LOCAL_BYTES = 64  # spill budget per thread (local memory)
+# ptxas puts register spills in the stack frame, which cuobjdump reports as STACK (LOCAL stays 0): same budget.
+# Known exceptions, measured with triton 3.9 (session 9), held to their current size so that growth fails: the
+# fp32 winner GEMM (IEEE fp32 dots: the "dense" strategy's text side, and the fp32 "gather" image side on sm_80)
+# and the bf16 packed symm text backward on sm_80. See docs/reliability.md, "Open items".
+KNOWN_STACK_BYTES = {
+    ("winner_gemm_text_fp32_MwSr", 80): 1696, ("winner_gemm_text_fp32_MwSr", 90): 1128,
+    ("winner_gemm_images_fp32_MwSr", 80): 7280,
+    ("winner_gemm_text_fp32_MrSw", 80): 9496, ("winner_gemm_text_fp32_MrSw", 90): 216,
+    ("winner_gemm_images_fp32_MrSw", 80): 120,
+    ("packed_bwd_text_bf16_symm_zero", 80): 344,
+}
 
 
 IN_PROCESS = not triton_interpreted()
@@ -91,6 +102,8 @@ def test_compiles(spec, arch, tmp_path):
         assert tensor_cores, f"{name}: 16-bit dot did not lower to mma/wgmma on sm_{arch}"
     if usage:
         assert usage["LOCAL"] < MAX_LOCAL_BYTES, f"{name} sm_{arch}: {usage['LOCAL']} bytes of local memory (spills)"
+        stack_budget = KNOWN_STACK_BYTES.get((name, arch), MAX_LOCAL_BYTES)
+        assert usage.get("STACK", 0) <= stack_budget, f"{name} sm_{arch}: {usage['STACK']} bytes of stack (spills)"
         assert usage["REG"] <= 255
     # shared memory must fit the smallest of the targets (A100: 163 KiB per block)
     assert compiled.metadata.shared <= 163 * 1024
