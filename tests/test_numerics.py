@@ -94,6 +94,16 @@ def _fp32(values):
         return values.astype(np.float32).astype(np.float64)
 
 
+def _every_mode(text, images, text_lengths, image_lengths, backend):
+    """(aggregation, padding, scores as float64 numpy, argmax, oracle scores, oracle argmax) for every mode."""
+    for aggregation in AGGS:
+        for padding in ("neg_inf", "zero"):
+            got, argmax = aladin_fast.alignment_scores(text, images, text_lengths, image_lengths, backend=backend,
+                                                       aggregation=aggregation, padding=padding, return_argmax=True)
+            want, _, want_argmax = oracle(text, text_lengths, images, image_lengths, aggregation, padding == "zero")
+            yield aggregation, padding, got.double().numpy(), argmax, want, want_argmax
+
+
 # ----------------------------------------------------------------------------- accumulation
 @pytest.mark.parametrize("path", CPU_PATHS, ids=_ids(CPU_PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -224,15 +234,10 @@ def test_overflowing_similarities_are_infinite_and_first_wins(path, dtype, path_
     images = torch.tensor([[[1e20, 1e20], [2e20, 2e20], [-1e20, -1e20], [1e18, 1e18], [3e18, 1e18]]]).to(dtype)
     for tl, il in ((4, 5), (3, 4)):
         tl, il = torch.tensor([tl]), torch.tensor([il])
-        for aggregation in AGGS:
-            for padding in ("neg_inf", "zero"):
-                got, am = aladin_fast.alignment_scores(text, images, tl, il, aggregation=aggregation, padding=padding,
-                                                       backend=backend, return_argmax=True)
-                want, _, want_am = oracle(text, tl, images, il, aggregation, padding == "zero")
-                got = got.double().numpy()
-                # class for class (+inf, -inf, NaN from +inf + -inf, finite), value for value
-                np.testing.assert_allclose(got, _fp32(want), rtol=1e-6, err_msg=f"{aggregation} {padding}")
-                np.testing.assert_array_equal(am.numpy(), want_am, err_msg=f"{aggregation} {padding}")
+        for aggregation, padding, got, am, want, want_am in _every_mode(text, images, tl, il, backend):
+            # class for class (+inf, -inf, NaN from +inf + -inf, finite), value for value
+            np.testing.assert_allclose(got, _fp32(want), rtol=1e-6, err_msg=f"{aggregation} {padding}")
+            np.testing.assert_array_equal(am.numpy(), want_am, err_msg=f"{aggregation} {padding}")
 
 
 @pytest.mark.parametrize("path", TINY_PATHS, ids=_ids(TINY_PATHS))
@@ -273,15 +278,10 @@ def test_ties_signed_zeros_and_padding_value(path, path_env):
     images = torch.tensor([[[0.0, 0.0], [-0.0, 0.0], [0.0, -1.0]], [[-1.0, 0.0], [0.0, -1.0], [-2.0, -2.0]]])
     for tl, il in (([3, 2], [3, 2]), ([3, 3], [3, 3]), ([1, 1], [1, 2]), ([2, 0], [0, 3])):
         tl, il = torch.tensor(tl), torch.tensor(il)
-        for aggregation in AGGS:
-            for padding in ("neg_inf", "zero"):
-                got, am = aladin_fast.alignment_scores(text, images, tl, il, aggregation=aggregation, padding=padding,
-                                                       backend=backend, return_argmax=True)
-                want, _, want_am = oracle(text, tl, images, il, aggregation, padding == "zero")
-                got = got.double().numpy()
-                np.testing.assert_array_equal(got, _fp32(want), err_msg=f"{aggregation} {padding} {tl} {il}")
-                np.testing.assert_array_equal(np.signbit(got), np.signbit(_fp32(want)), err_msg=f"{aggregation}")
-                np.testing.assert_array_equal(am.numpy(), want_am, err_msg=f"{aggregation} {padding} {tl} {il}")
+        for aggregation, padding, got, am, want, want_am in _every_mode(text, images, tl, il, backend):
+            np.testing.assert_array_equal(got, _fp32(want), err_msg=f"{aggregation} {padding} {tl} {il}")
+            np.testing.assert_array_equal(np.signbit(got), np.signbit(_fp32(want)), err_msg=f"{aggregation}")
+            np.testing.assert_array_equal(am.numpy(), want_am, err_msg=f"{aggregation} {padding} {tl} {il}")
 
 
 # ----------------------------------------------------------------------------- gradients
