@@ -148,7 +148,7 @@ class PrecompDataset(torch.utils.data.Dataset):
             captions_path = os.path.join(root, f"{split}_caps.txt")
             self.captions = _read_captions(_require_file(captions_path, "captions file"))
             rows = len(self.image_lengths)
-            if self._images is not None and captions_per_image > 1 and len(self.captions) == rows \
+            if self._images is not None and captions_per_image > 1 and len(self.captions) == rows > 0 \
                     and rows % captions_per_image == 0:
                 # SCAN's im_div = 1: one (repeated) image row per caption; image i is row i * captions_per_image
                 self._row_stride = captions_per_image
