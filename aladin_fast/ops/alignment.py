@@ -51,7 +51,8 @@ def _check_no_function_transforms(text: torch.Tensor, images: torch.Tensor, back
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     dual = torch.autograd.forward_ad._current_level >= 0 and any(
         torch.autograd.forward_ad.unpack_dual(tokens).tangent is not None for tokens in (text, images))
-    if dual or wrapped(text) or wrapped(images):
+    transformed = torch._C._functorch.maybe_current_level() is not None and (wrapped(text) or wrapped(images))
+    if dual or transformed:
         raise NotImplementedError(
             f"backend={backend!r} does not support torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, vmap) "
             "or forward-mode AD (torch.autograd.forward_ad); use backend='reference' for torch.func.grad / "
@@ -72,7 +73,8 @@ def _score(
     text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, candidates, paired,
     aggregation, padding, normalize, backend, return_argmax, max_text_len=None, max_image_len=None,
 ):
-    if not tracing() and any(_vmapped(value) for value in (
+    # maybe_current_level(): None unless a torch.func transform is active here (then the inputs may be wrapped)
+    if not tracing() and torch._C._functorch.maybe_current_level() is not None and any(_vmapped(value) for value in (
             text, images, text_lengths, image_lengths, text_cu_seqlens, image_cu_seqlens, candidates)):
         # every backend: the kernels read memory, the validation reads values on the host and the reference
         # writes its blocks in place (vmap failed deep inside with "inplace arithmetic ... not possible")
