@@ -106,9 +106,7 @@ def _score(
     chosen = _choose_backend(backend, device, text_batch.tokens.dtype)
     if chosen != "reference" and not tracing():
         _check_no_function_transforms(text_batch.tokens, image_batch.tokens, chosen)
-    # the batch sizes as the shapes hold them: ``TokenBatch.count`` is ``int(...)``, which would specialise a
-    # symbolic size to its example value under torch.export (a dynamic ``Dim`` then fails to export)
-    text_count, image_count = text_batch.offsets.shape[0], image_batch.offsets.shape[0]
+    text_count, image_count = text_batch.count, image_batch.count  # symbolic under torch.export (Dims)
     if paired:
         if text_count != image_count:
             raise ValueError(

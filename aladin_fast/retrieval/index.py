@@ -40,6 +40,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .._inputs import check_positive_int
 from .manifest import ManifestError, open_directory, save_directory
 
 __all__ = ["StudentIndex", "ReadWriteLock", "import_faiss", "faiss_gpu_available", "as_float_matrix", "as_id_vector"]
@@ -514,24 +515,25 @@ class StudentIndex:
             best first. Scores are "higher is better": inner products for
             ``"ip"``/``"cosine"``, negative squared distances for ``"l2"``.
         """
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
+        k = check_positive_int("k", k)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         matrix = self._prepare("queries", queries)
         count = matrix.shape[0]
-        k = int(k)
         with self._lock.read(), _omp_threads(self._faiss, self.faiss_threads()):
             if count == 0 or self.ntotal == 0:
                 return (torch.from_numpy(np.full((count, k), -np.inf, dtype=np.float32)),
                         torch.from_numpy(np.full((count, k), -1, dtype=np.int64)))
             index, serial = self._searcher(k)
+
+            def run(rows):  # a GPU index is not safe for concurrent use: its searches are serialised
+                if serial is None:
+                    return index.search(rows, k)
+                with serial:
+                    return index.search(rows, k)
+
             if count <= batch_size and not progress:  # one faiss call: its own output arrays, no staging copy
-                if serial is not None:
-                    with serial:
-                        scores, ids = index.search(matrix, k)
-                else:
-                    scores, ids = index.search(matrix, k)
+                scores, ids = run(matrix)
                 scores, ids = np.asarray(scores, np.float32), np.asarray(ids, np.int64)
             else:
                 scores = np.full((count, k), -np.inf, dtype=np.float32)
@@ -543,12 +545,7 @@ class StudentIndex:
                     starts = tqdm(starts, total=math.ceil(count / batch_size), desc="student search", unit="batch")
                 for start in starts:
                     stop = min(count, start + batch_size)
-                    if serial is not None:
-                        with serial:
-                            distances, found = index.search(matrix[start:stop], k)
-                    else:
-                        distances, found = index.search(matrix[start:stop], k)
-                    scores[start:stop], ids[start:stop] = distances, found
+                    scores[start:stop], ids[start:stop] = run(matrix[start:stop])
         missing = ids < 0
         if self.metric == "l2":
             scores = -scores
