@@ -391,16 +391,6 @@ def _head_text(sizes: Dict[str, Any], model: str) -> str:
     return f"{pooling}-pooled, then projected ({layers} head transformer layers)"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
 def _positive_number(text: str) -> float:
     try:
         value = float(text)
@@ -414,7 +404,9 @@ def _positive_number(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The ``acceptance`` flags, each checked when parsed: a bad value is a usage error (exit code 2) naming the
     flag, not a traceback after minutes of oracle checks (``--train-images 0``) or from deep in the run."""
-    from .cli import _device, _seed
+    from .cli import _device, _int_at_least, _seed
+
+    _positive_int = _int_at_least(1)
 
     parser = argparse.ArgumentParser(
         prog="python -m aladin_fast acceptance",

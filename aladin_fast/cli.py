@@ -19,15 +19,23 @@ def _device(text: str) -> str:
     return text
 
 
-def _seed(text: str) -> int:
-    """``--seed``: a non-negative int (the synthetic data's numpy seeds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {text!r}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: an int >= ``minimum`` (0: "non-negative", 1: "positive"), else a usage error."""
+    what = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_seed = _int_at_least(0)  # ``--seed``: the synthetic data's numpy seeds
 
 
 def _out_dir(text: str) -> str:

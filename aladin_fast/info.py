@@ -40,25 +40,15 @@ def _cpu_status() -> str:
     build = module.build_info()
     details = ", ".join(f"{key}={value}" for key, value in sorted(build.items()))
     available = list(module.available_isas())
-    # the kernels run the ISA ALADIN_FAST_ISA names (csrc/bindings.cpp resolve_isa), not always best_isa():
-    # reporting best_isa() alone claimed "ISA avx2" while scalar code ran, or while every call failed
-    isa, problems = module.best_isa(), []
+    try:  # resolves ALADIN_FAST_ISA and ALADIN_FAST_CPU_LAYOUT as every kernel call does (csrc/bindings.cpp)
+        module.layout_for(1, 1, 1)
+    except (ValueError, RuntimeError) as err:
+        return f"error: built, but every backend='cpu' call fails: {err}; {details}"
+    # the kernels run the ISA ALADIN_FAST_ISA names, not always best_isa(): reporting best_isa() alone
+    # claimed "ISA avx2" while scalar code ran
     requested = os.environ.get("ALADIN_FAST_ISA", "").lower()
-    if requested and requested != "auto":
-        if requested not in ("avx512", "avx2", "scalar"):
-            problems.append(f"ALADIN_FAST_ISA={os.environ['ALADIN_FAST_ISA']!r} is invalid "
-                            "(expected auto, avx512, avx2 or scalar)")
-        elif requested not in available:
-            problems.append(f"ALADIN_FAST_ISA={os.environ['ALADIN_FAST_ISA']!r} is not supported by this CPU "
-                            f"(available: {', '.join(available)})")
-        else:
-            isa = f"{requested} (forced by ALADIN_FAST_ISA; best {module.best_isa()})"
-    layout = os.environ.get("ALADIN_FAST_CPU_LAYOUT", "").lower()
-    if layout and layout not in ("auto", "words", "dot"):
-        problems.append(f"ALADIN_FAST_CPU_LAYOUT={os.environ['ALADIN_FAST_CPU_LAYOUT']!r} is invalid "
-                        "(expected auto, words or dot)")
-    if problems:
-        return f"error: built, but every backend='cpu' call fails: {'; '.join(problems)}; {details}"
+    isa = module.best_isa() if requested in ("", "auto") else \
+        f"{requested} (forced by ALADIN_FAST_ISA; best {module.best_isa()})"
     return f"built: ISA {isa} (available: {', '.join(available)}); {details}"
 
 
