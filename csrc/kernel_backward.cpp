@@ -128,6 +128,8 @@ class Backward {
     template <class Emit>
     void matched_terms(const Side<Acc>& other, int64_t other_row0, const int32_t* match, int64_t n_from,
                        int64_t n_to, bool owner_is_from, Acc c, int64_t d0, Emit&& emit) const;
+    template <class Visit>
+    void window_pairs(bool owns_text, int64_t s, int64_t e0, int64_t e1, Visit&& visit) const;
     template <class Emit>
     void window_terms(bool owns_text, int64_t s, int64_t e0, int64_t e1, int64_t d0, Emit&& emit) const;
     void owner_pass(bool owns_text, Span owned, int64_t d0, int64_t dl, int64_t block, Acc* acc, Terms& terms) const;
@@ -170,14 +172,13 @@ void Backward<Ops>::matched_terms(const Side<Acc>& other, int64_t other_row0, co
     }
 }
 
-// The argmax terms sequence s of the owning side receives from its pairs e0 <= e < e1 (pairs in
-// increasing order; per pair the word terms, then the region terms).
+// The pairs e0 <= e < e1 of sequence s of the owning side that carry a gradient (a nonzero upstream
+// gradient and a non-empty partner), in increasing order: visit(pair, grad, partner, n_words, n_regions).
 template <class Ops>
-template <class Emit>
-void Backward<Ops>::window_terms(bool owns_text, int64_t s, int64_t e0, int64_t e1, int64_t d0, Emit&& emit) const {
-    const Side<Acc>& own = owns_text ? text_ : images_;
+template <class Visit>
+void Backward<Ops>::window_pairs(bool owns_text, int64_t s, int64_t e0, int64_t e1, Visit&& visit) const {
+    const int64_t n_own = (owns_text ? text_ : images_).lengths[s];
     const Side<Acc>& other = owns_text ? images_ : text_;
-    const int64_t n_own = own.lengths[s];
     e1 = std::min(e1, pair_count(owns_text, s));
     for (int64_t e = e0; e < e1; ++e) {
         const int64_t p = pair(owns_text, s, e);
@@ -186,14 +187,24 @@ void Backward<Ops>::window_terms(bool owns_text, int64_t s, int64_t e0, int64_t 
         const int64_t o = owns_text ? (f_.candidates ? f_.candidates[p] : e) : p / f_.k;
         const int64_t n_other = other.lengths[o];
         if (n_other == 0) continue;
-        const int64_t nw = owns_text ? n_own : n_other, nr = owns_text ? n_other : n_own;
+        visit(p, g, o, owns_text ? n_own : n_other, owns_text ? n_other : n_own);
+    }
+}
+
+// The argmax terms sequence s of the owning side receives from its pairs e0 <= e < e1 (pairs in
+// increasing order; per pair the word terms, then the region terms).
+template <class Ops>
+template <class Emit>
+void Backward<Ops>::window_terms(bool owns_text, int64_t s, int64_t e0, int64_t e1, int64_t d0, Emit&& emit) const {
+    const Side<Acc>& other = owns_text ? images_ : text_;
+    window_pairs(owns_text, s, e0, e1, [&](int64_t p, Acc g, int64_t o, int64_t nw, int64_t nr) {
         if (word_term_)  // words -> regions (argmax): the text owns the "from" end
             matched_terms(other, other.offsets[o], job_.argmax + p * f_.text_pad, nw, nr, owns_text,
                           word_coefficient(g, nw), d0, emit);
         if (region_term_)  // regions -> words (region_argmax): the image owns the "from" end
             matched_terms(other, other.offsets[o], job_.region_argmax + p * f_.image_pad, nr, nw, !owns_text, g, d0,
                           emit);
-    }
+    });
 }
 
 // Accumulates columns [d0, d0 + dl) of the gradient rows of the owned sequences (captions
@@ -226,15 +237,10 @@ void Backward<Ops>::owner_pass(bool owns_text, Span owned, int64_t d0, int64_t d
                 const int64_t n_own = own.lengths[s];
                 if (n_own == 0 || e0 >= pair_count(owns_text, s)) continue;
                 if (sum_term_)
-                    for (int64_t e = e0; e < std::min(e1, pair_count(owns_text, s)); ++e) {
-                        const int64_t p = pair(owns_text, s, e);
-                        const Acc g = grad_[p];
-                        const int64_t o = owns_text ? (f_.candidates ? f_.candidates[p] : e) : p / f_.k;
-                        const int64_t n_other = other.lengths[o];
-                        if (g == Acc(0) || n_other == 0) continue;
-                        const Acc c = sum_coefficient(g, owns_text ? n_own : n_other, owns_text ? n_other : n_own);
+                    window_pairs(owns_text, s, e0, e1, [&](int64_t, Acc g, int64_t o, int64_t nw, int64_t nr) {
+                        const Acc c = sum_coefficient(g, nw, nr);
                         if (c != Acc(0)) ops_.add(acc + (s - sb) * dl, c, other.sums + o * D + d0, dl);
-                    }
+                    });
                 if (!word_term_ && !region_term_) continue;
                 // counting sort of the window's terms by own row, stable: count, offsets, fill
                 terms.start.assign(static_cast<size_t>(n_own + 1), 0);
