@@ -645,7 +645,7 @@ def test_server_shutdown_completes_while_a_request_waits_in_a_forming_batch(dire
         started = time.monotonic()
         server.stop(timeout=4)
         stopped_in = time.monotonic() - started
-        assert pending.result(timeout=10)[0] in (200, 500, 503)  # 500: uvicorn cancelled it at the timeout
+        assert pending.result(timeout=10)[0] in (200, 503)  # never uvicorn's 500 (test_serving_shutdown.py)
     assert not server._thread.is_alive(), "shutdown hung"
     assert stopped_in < 3
 

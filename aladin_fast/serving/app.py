@@ -20,7 +20,12 @@ still loading (or waiting for another one) is abandoned at once: it answers 503 
 its load runs in a daemon thread that stops at its next step and releases what it loaded, the
 serving generation is untouched, and nothing waits for it (a slow load does not hold up the exit).
 The server keeps answering like this for ``drain_period_s`` (default 0), then stops accepting
-connections and gives in-flight requests ``graceful_timeout_s`` to finish.
+connections and gives in-flight requests ``graceful_timeout_s`` to finish. A request still waiting
+for its batch (queued or in a running call) when that expires is answered 503 ``shutting_down``
+then; one cancelled by the server for any other reason (a forced exit, an upload still arriving)
+gets the same answer, never a bare 500. Every ``shutting_down`` answer carries ``Retry-After: 1``
+and ``Connection: close`` (a keep-alive client or proxy reconnects, to another replica) and is
+counted in ``aladin_shutdown_refusals_total``.
 
 Errors are ``{"error": {"type", "field", "message"}}``: 400 (body is not a JSON object), 401
 (admin token), 404 (unknown route or candidate id), 405, 413 (body larger than
@@ -67,7 +72,12 @@ class ShuttingDownError(RuntimeError):
 
 
 def _shutting_down(message: str) -> JSONResponse:
-    return _error(503, None, message, kind="shutting_down")
+    """503 ``shutting_down``: retry in a second, on a new connection (this one closes, so that a keep-alive
+    client or proxy is not kept on a server that is going away)."""
+    response = _error(503, None, message, kind="shutting_down")
+    response.headers["Retry-After"] = "1"
+    response.headers["Connection"] = "close"
+    return response
 
 
 def _check_finite_scores(query, result: dict) -> None:
@@ -96,6 +106,8 @@ class ServingState:
         self.reload_lock = asyncio.Lock()
         self.draining = False
         self._shutdown = asyncio.Event()  # set with draining: wakes reloads waiting for a load
+        self.deadline: Optional[float] = None  # time.monotonic() when in-flight requests stop being waited for
+        self.deadline_passed = False
         self.started_at = time.time()
         self.library_info: dict = {}
 
@@ -147,6 +159,27 @@ class ServingState:
             if remaining <= 0:
                 break
             await asyncio.sleep(min(remaining, 0.05))
+
+    def refuse_unanswered(self, why: str) -> int:
+        """The wait for in-flight requests is over (``why``): every request still waiting for its batch --
+        queued or in a running call -- is answered 503 ``shutting_down`` now, and later ones too. Returns
+        how many were waiting."""
+        self.begin_draining()
+        self.deadline, self.deadline_passed = time.monotonic(), True  # the lifespan's close waits no longer
+        batchers = [batcher for batcher in (self.search, self.rerank) if batcher is not None]
+        refused = sum(batcher.refuse_unanswered(f"{batcher.name} not answered before shutdown: {why}")
+                      for batcher in batchers)
+        if refused:
+            logger.warning("shutdown: %s; %d request(s) still waiting for a batch answered 503 shutting_down",
+                           why, refused)
+        return refused
+
+    def shutdown_refusal(self, endpoint: str, message: str, stage: Optional[str] = None) -> JSONResponse:
+        """The 503 ``shutting_down`` answer, counted in ``aladin_shutdown_refusals_total`` (``stage``:
+        ``"deadline"`` once :meth:`refuse_unanswered` ran, else ``"draining"``)."""
+        stage = stage or ("deadline" if self.deadline_passed else "draining")
+        self.metrics.shutdown_refusals.inc(endpoint=endpoint, stage=stage)
+        return _shutting_down(message)
 
     async def load_unless_shutting_down(self, paths, **options) -> Gallery:
         """:func:`load_gallery` in a daemon thread; :class:`ShuttingDownError` as soon as shutdown begins.
@@ -202,11 +235,16 @@ class ServingState:
         return done.result()
 
     async def stop(self) -> None:
-        """Finish queued and running batches, then release the worker threads."""
+        """Finish queued and running batches until the shutdown's ``deadline`` (``graceful_timeout_s``
+        from now when none was set), then release the worker threads. Nothing waits for a call still
+        running after that: its requests were answered already, its results are dropped."""
         self.begin_draining()
-        timeout = self.config.graceful_timeout_s
+        if self.deadline is None:
+            timeout = self.config.graceful_timeout_s
+        else:  # the time left of graceful_timeout_s, not a second one
+            timeout = max(0.0, self.deadline - time.monotonic())
         await asyncio.gather(self.search.close(timeout), self.rerank.close(timeout))
-        self.executor.shutdown(wait=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)  # wait=True blocked the event loop on such a call
 
 
 class _ObserveAndLimit:
@@ -221,13 +259,13 @@ class _ObserveAndLimit:
             return await self.app(scope, receive, send)
         metrics, limit = self.state.metrics, self.state.config.max_body_bytes
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
         started = time.perf_counter()
         metrics.inflight.inc()
 
         async def send_and_observe(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
             await send(message)
 
         try:
@@ -261,6 +299,22 @@ class _ObserveAndLimit:
 
                 return await self.app(scope, receive_body, send_and_observe)
             return await self.app(scope, receive, send_and_observe)
+        except asyncio.CancelledError:
+            # the server cancels what still runs when its graceful-shutdown timeout expires (uvicorn's
+            # timeout_graceful_shutdown; DrainingServer answers the batch waits just before) or at a forced exit,
+            # and uvicorn then answers a plain-text 500: refuse it like any request at shutdown instead (as
+            # uvicorn answers a cancelled request itself, the cancellation ends here)
+            if status["started"]:
+                raise
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):  # Python >= 3.11: the cancellation is handled here
+                task.uncancel()
+            logger.warning("shutdown: %s %s cancelled by the server before it was answered; answered 503 "
+                           "shutting_down", scope["method"], scope["path"])
+            refusal = self.state.shutdown_refusal(endpoint, "the server shut down before this request was answered",
+                                                  stage="deadline")
+            await refusal(scope, receive, send_and_observe)
+            return None
         finally:
             metrics.inflight.dec()
             metrics.requests.inc(endpoint=endpoint, status=str(status["code"]))
@@ -290,8 +344,9 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
         return _error(exc.status_code, None, str(exc.detail), kind="http_error")
 
     async def handle(request: Request, parse, batcher_name: str):
+        endpoint = f"/{batcher_name}"
         if state.draining:  # a load balancer still routing here: retry on another replica
-            return _shutting_down(f"{batcher_name} refused: the server is shutting down")
+            return state.shutdown_refusal(endpoint, f"{batcher_name} refused: the server is shutting down")
         try:
             raw = await request.body()
             gallery = state.gallery  # the snapshot this request is validated against and served by
@@ -307,8 +362,8 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
         except QueueFullError as err:
             return JSONResponse({"error": {"type": "overloaded", "field": None, "message": str(err)}},
                                 status_code=503, headers={"Retry-After": "1"})
-        except BatcherClosedError as err:
-            return _error(503, None, str(err), kind="shutting_down")
+        except BatcherClosedError as err:  # shutdown: the queue closed, or the graceful timeout expired
+            return state.shutdown_refusal(endpoint, str(err))
         except Exception as err:  # noqa: BLE001 - a 500 for this request, the server keeps serving
             logger.exception("internal error on %s", request.url.path)
             return _error(500, None, f"{type(err).__name__}: {err}", kind="internal_error")
@@ -362,7 +417,7 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
             return _error(401, "authorization", "admin endpoints need 'Authorization: Bearer <admin token>'",
                           kind="unauthorized")
         if state.draining:
-            return _shutting_down("reload refused: the server is shutting down")
+            return state.shutdown_refusal("/admin/reload", "reload refused: the server is shutting down")
         try:
             raw = await request.body()
             body = parse_json_body(raw) if raw.strip() else {}
@@ -386,7 +441,7 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
                                                             verify=config.verify, warmup=config.warmup)
             except ShuttingDownError as err:
                 state.metrics.reloads.inc(status="abandoned")
-                return _shutting_down(f"reload of {paths} refused: {err}")
+                return state.shutdown_refusal("/admin/reload", f"reload of {paths} refused: {err}")
             except Exception as err:  # noqa: BLE001 - a bad directory must not take the service down
                 state.metrics.reloads.inc(status="error")
                 logger.warning("reload of %s failed: %s", paths, err)

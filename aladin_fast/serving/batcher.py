@@ -22,6 +22,12 @@ Isolation. ``run_batch(items)`` must return one result per item, in order;
 item i's future gets exactly result i. When a batch call raises, every item is
 re-run alone, so one poisoned request fails only itself (its own exception,
 which the HTTP layer turns into a 5xx) and never its batch neighbours.
+
+Shutdown. :meth:`close` refuses new items and lets queued and running ones
+finish (up to a timeout); :meth:`refuse_unanswered` answers every item not
+answered yet -- queued, forming or running -- with :class:`BatcherClosedError`
+at once (a running call goes on in its worker thread; its results are
+dropped). A batch whose items are all answered already is not run.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import asyncio
 import collections
 import time
 from concurrent.futures import Executor
-from typing import Any, Callable, Deque, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 from .metrics import MetricsRegistry
 
@@ -77,7 +83,7 @@ class DynamicBatcher:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        if max_wait_ms < 0:
+        if not max_wait_ms >= 0:  # NaN too
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.name = name
         self.run_batch = run_batch
@@ -93,7 +99,7 @@ class DynamicBatcher:
         self._arrived: Optional[asyncio.Event] = None
         self._slots: Optional[asyncio.Semaphore] = None
         self._runner: Optional[asyncio.Task] = None
-        self._running: set = set()
+        self._running: Dict[asyncio.Task, List[_Item]] = {}  # each running call's task -> its batch
         self._closing = False
         self.batches_run = 0
 
@@ -107,12 +113,14 @@ class DynamicBatcher:
         self._runner = asyncio.get_running_loop().create_task(self._collect_forever(), name=f"batcher-{self.name}")
 
     async def close(self, timeout: Optional[float] = None) -> None:
-        """Refuse new items, finish every queued and running one, then stop the collector."""
+        """Refuse new items, finish every queued and running one (at most ``timeout`` s: then the items
+        not started yet get :class:`BatcherClosedError`; a running call still delivers), then stop the
+        collector. A call whose items are all answered already (refused) is not waited for."""
         self._closing = True
         if self._arrived is not None:
             self._arrived.set()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self._items or self._forming or self._running:  # _forming: a batch the collector is filling
+        while self._unanswered():
             if deadline is not None and time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.005)
@@ -128,6 +136,27 @@ class DynamicBatcher:
         self._forming = []
         self._items.clear()
         self._report_depth()
+
+    def refuse_unanswered(self, reason: str) -> int:
+        """Refuse new items and fail every item not answered yet -- queued, being formed into a batch or in
+        a running call -- with ``BatcherClosedError(reason)`` now; returns how many. A running call goes
+        on in its worker thread (it cannot be interrupted) and its results are dropped."""
+        self._closing = True
+        if self._arrived is not None:
+            self._arrived.set()
+        refused = 0
+        for item in [*self._forming, *self._items, *(item for batch in self._running.values() for item in batch)]:
+            if not item.future.done():
+                item.future.set_exception(BatcherClosedError(reason))
+                refused += 1
+        self._items.clear()
+        self._report_depth()
+        return refused
+
+    def _unanswered(self) -> bool:
+        """Some item waits for its result: queued, in a batch being formed, or in a running call."""
+        return any(not item.future.done() for item in
+                   [*self._items, *self._forming, *(item for batch in self._running.values() for item in batch)])
 
     @property
     def depth(self) -> int:
@@ -198,16 +227,22 @@ class DynamicBatcher:
                 self._slots.release()
                 raise
             task = asyncio.get_running_loop().create_task(self._run(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._running[task] = batch
+            task.add_done_callback(self._forget)
             # hold nothing while waiting for the next batch: a done batch's payloads pin their gallery generation
             del batch, task
 
+    def _forget(self, task: asyncio.Task) -> None:
+        self._running.pop(task, None)
+
     async def _run(self, batch: List[_Item]) -> None:
         loop = asyncio.get_running_loop()
-        payloads = [item.payload for item in batch]
         started = time.perf_counter()
         try:
+            batch = [item for item in batch if not item.future.done()]  # refused (or cancelled) meanwhile
+            if not batch:
+                return
+            payloads = [item.payload for item in batch]
             try:
                 results = await loop.run_in_executor(self.executor, self.run_batch, payloads)
                 if len(results) != len(batch):

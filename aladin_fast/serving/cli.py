@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the retrievers named in ``args`` and serve until SIGINT/SIGTERM; returns the exit code."""
+    """Load the retrievers named in ``args`` and serve until SIGINT/SIGTERM; returns the exit code (130
+    after SIGINT; after SIGTERM uvicorn re-raises it once shut down: the process ends by that signal)."""
     try:
         from .config import config_from_arguments
         from .engine import load_gallery
@@ -56,7 +57,11 @@ def run(args: argparse.Namespace) -> int:
         "serving %s on http://%s:%d (batching: max_batch_size=%d, max_wait_ms=%g)",
         {direction: retriever.count for direction, retriever in gallery.retrievers.items()}, args.host, args.port,
         config.max_batch_size, config.max_wait_ms)
-    run_server(config, args.host, args.port, gallery=gallery, log_level=args.log_level)
+    try:
+        run_server(config, args.host, args.port, gallery=gallery, log_level=args.log_level)
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it caught once its graceful shutdown is done
+        logging.getLogger("aladin_fast.serving").info("stopped by SIGINT")
+        return 130  # 128 + SIGINT, as a shell reports it (without the traceback)
     return 0
 
 

@@ -43,7 +43,8 @@ class ServingConfig:
         max_body_bytes: request bodies larger than this get 413.
         admin_token: when set, ``/admin/*`` needs ``Authorization: Bearer <token>``.
         warmup: run one query on a (re)loaded retriever before it serves traffic.
-        graceful_timeout_s: on shutdown, how long in-flight requests may take to finish.
+        graceful_timeout_s: on shutdown, how long in-flight requests may take to finish; those
+            still unanswered then get 503 ``shutting_down`` (never a bare 500).
         drain_period_s: on shutdown, how long the server keeps answering before it stops
             accepting connections: ``GET /health`` says ``"draining"`` (HTTP 503) so that a load
             balancer stops routing to it, while new ``/search``, ``/rerank`` and
@@ -83,7 +84,7 @@ class ServingConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         for name in ("max_wait_ms", "graceful_timeout_s", "drain_period_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:  # NaN too
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if not math.isfinite(self.drain_period_s):  # an endless drain would never shut down
             raise ValueError(f"drain_period_s must be finite, got {self.drain_period_s!r}")
@@ -130,7 +131,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-token", default=None, help="require 'Authorization: Bearer TOKEN' on /admin/*")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--graceful-timeout", dest="graceful_timeout_s", type=float,
-                        default=defaults.graceful_timeout_s, help="seconds in-flight requests get on shutdown")
+                        default=defaults.graceful_timeout_s,
+                        help="seconds in-flight requests get on shutdown (then 503 shutting_down)")
     parser.add_argument("--drain-period", dest="drain_period_s", type=float, default=defaults.drain_period_s,
                         help="seconds, on shutdown, that /health answers 'draining' (503) and new requests get 503 "
                              "before the server stops accepting connections (default 0)")

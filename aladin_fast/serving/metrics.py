@@ -8,6 +8,10 @@ a :class:`MetricsRegistry`, and :meth:`MetricsRegistry.render` produces the
 Metric families (all prefixed ``aladin_``):
 
 - ``aladin_requests_total{endpoint, status}`` counter: HTTP requests by route and status code;
+- ``aladin_shutdown_refusals_total{endpoint, stage}`` counter: requests answered 503 ``shutting_down``
+  (also counted above as status 503): ``stage="draining"`` refused on arrival (or a reload abandoned)
+  once shutdown began, ``stage="deadline"`` accepted but not answered when the graceful timeout
+  expired (or at a forced exit);
 - ``aladin_request_latency_seconds{endpoint}`` histogram: end-to-end handler latency;
 - ``aladin_batch_size{queue}`` histogram: requests merged into one fused call;
 - ``aladin_batch_latency_seconds{queue}`` histogram: time of one fused call in the worker;
@@ -166,6 +170,10 @@ class MetricsRegistry:
         self._metrics: List[_Metric] = []
         self.requests = self._add(Counter("aladin_requests_total", "HTTP requests by endpoint and status code.",
                                           ("endpoint", "status"), self._lock))
+        self.shutdown_refusals = self._add(Counter(
+            "aladin_shutdown_refusals_total", "Requests answered 503 shutting_down, by endpoint and shutdown stage "
+            "(draining: refused on arrival; deadline: not answered within the graceful timeout).",
+            ("endpoint", "stage"), self._lock))
         self.request_latency = self._add(Histogram(
             "aladin_request_latency_seconds", "End-to-end request latency in seconds.", ("endpoint",), self._lock,
             LATENCY_BUCKETS))
