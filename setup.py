@@ -8,6 +8,7 @@ import os
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.errors import BaseError, CCompilerError, ExecError, PlatformError
 
 try:
     from pybind11.setup_helpers import Pybind11Extension, build_ext
@@ -27,7 +28,18 @@ def _read_version():
 class AtomicBuildExt(build_ext):
     """``build_ext`` whose in-place copy of the built extension (``--inplace``, ``make``) writes a new file and
     renames it over the old one: overwriting the old file in place changed the pages of every running process
-    that had it mapped (a test run or a server during a rebuild crashed in the kernel)."""
+    that had it mapped (a test run or a server during a rebuild crashed in the kernel). A failed compile says
+    what the build needs (it was a bare "[Errno 2] No such file or directory: 'g++'" or an "omp.h" error)."""
+
+    def build_extension(self, ext):
+        try:
+            return super().build_extension(ext)
+        except (CCompilerError, ExecError, PlatformError, OSError) as error:
+            raise BaseError(
+                f"building the C++ extension {ext.name} failed: {error}\n"
+                "aladin-fast needs a C++17 compiler with OpenMP: g++ >= 9 (Debian / Ubuntu: apt-get install g++), "
+                "or clang++ with libomp; the CC and CXX environment variables choose the compiler"
+            ) from error
 
     def copy_file(self, infile, outfile, *args, **kwargs):
         if not (self.inplace and str(outfile).endswith((".so", ".pyd"))):
@@ -78,9 +90,14 @@ setup(
     package_dir={"aladin_fast.kernels": "kernels"},
     ext_modules=[_cpu_extension()],
     cmdclass={"build_ext": AtomicBuildExt},
-    install_requires=["torch>=2.4,<2.16", "triton>=3.0", "numpy>=1.24", "tqdm>=4.60"],
+    install_requires=[
+        "torch>=2.4,<2.16", "triton>=3.0", "numpy>=1.24", "tqdm>=4.60",
+        "tomli>=1.1; python_version < '3.11'",  # .toml training configs (the standard library's tomllib is 3.11+)
+    ],
     extras_require={
         "cpu": ["faiss-cpu>=1.8"],
+        # `aladin-fast demo`: the faiss student index and the report's plots (with CUDA, a CUDA build of faiss serves)
+        "demo": ["faiss-cpu>=1.8", "matplotlib>=3.7"],
         "gpu": ["faiss-gpu>=1.7"],
         "milvus": ["pymilvus>=2.4", "milvus-lite>=2.4"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "uvloop>=0.19; sys_platform != 'win32'"],

@@ -13,5 +13,9 @@ from . import nn, reference
 from ._version import __version__
 from .info import info
 from .ops import alignment_scores, full_scores, paired_scores, rerank_scores
+from .ops.backends import warn_if_not_installed
+
+warn_if_not_installed()
+del warn_if_not_installed
 
 __all__ = ["alignment_scores", "paired_scores", "rerank_scores", "full_scores", "reference", "nn", "info", "__version__"]

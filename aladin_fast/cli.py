@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from .info import MissingDependencyError
+
 
 def _device(text: str) -> str:
     """``--device``: checked when parsed (a bad one was a RuntimeError / ValueError traceback from the demo)."""
@@ -59,8 +61,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aladin_fast", description="aladin-fast: fused image-text alignment kernels")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print versions and which backends can run")
-    demo = commands.add_parser("demo", help="score synthetic data with every available backend and time it")
-    demo.add_argument("--quick", action="store_true", help="smaller sizes (a few seconds)")
+    demo = commands.add_parser("demo", help="train, distil, index, search and evaluate on synthetic data; "
+                                             "writes a report")
+    demo.add_argument("--quick", action="store_true", help="smaller sizes (about a minute on 2 CPU cores)")
     demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--out", type=_out_dir, default=None, help="report directory (default: reports/demo-<timestamp>)")
     demo.add_argument("--device", type=_device, default="auto", help="auto (CUDA when available), cpu, cuda[:N]")
@@ -82,6 +85,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except MissingDependencyError as error:  # an optional extra (faiss, matplotlib): what to install, no traceback
+        print(f"aladin_fast {argv[0]}: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(argv) -> int:
     if argv[:1] == ["train"]:  # the training command owns its (many) flags
         from .training.command import main as train_main
 

@@ -13,7 +13,8 @@
 4. writes ``results.json``, PNG plots and ``report.md`` (:mod:`aladin_fast.report`)
    and prints a summary table.
 
-Sizes: the default run takes about 10 minutes on a loaded 2-core CPU, ``quick``
+Sizes: the default run takes about 6 minutes on the 2-core development CPU
+(352 s recorded, README.md; longer when the machine is loaded), ``quick``
 about 1 minute; ``sizes_override`` replaces any entry of the size table (tests
 use tiny sizes). With CUDA available everything runs on the GPU.
 """
@@ -32,7 +33,7 @@ from ._io import write_text_atomic
 from .eval import chance_recalls
 from .training.config import TUNED_STUDENT
 
-__all__ = ["DEFAULT_SIZES", "QUICK_SIZES", "run_demo"]
+__all__ = ["DEFAULT_SIZES", "QUICK_SIZES", "check_dependencies", "run_demo"]
 
 # One place for every size knob. Calibrated on the loaded 2-core CPU (one torch thread):
 # the teacher clearly beats chance and the student shortlists most of its hits.
@@ -48,6 +49,22 @@ QUICK_SIZES: Dict[str, Any] = dict(
     DEFAULT_SIZES, train_images=600, test_images=200, teacher_epochs=6, student_epochs=6, warmup_steps=10,
     eval_every=2, eval_max_images=100, rerank_ks=(5, 10, 20, 50), rerank_k=20, latency_queries=100,
 )
+
+
+def check_dependencies() -> None:
+    """Raise :class:`~aladin_fast.info.MissingDependencyError` naming the install command when faiss (the student
+    index) or matplotlib (the report's plots) is missing: both are optional extras of the package, and the demo
+    failed on them with a traceback only after its minutes of training."""
+    from .info import MissingDependencyError
+
+    missing = []
+    for module, package in (("faiss", "faiss-cpu, or a CUDA build of faiss"), ("matplotlib", "matplotlib")):
+        try:
+            __import__(module)
+        except ImportError as error:
+            missing.append(f"{module} ({package}; {error})")
+    if missing:
+        raise MissingDependencyError(f"the demo needs {' and '.join(missing)}: pip install 'aladin-fast[demo]'")
 
 
 def _default_out() -> str:
@@ -109,7 +126,10 @@ def run_demo(quick: bool = False, seed: int = 0, *, out: Optional[str] = None, d
             oversubscribe and stall; otherwise torch's default).
         sizes_override: entries replacing :data:`DEFAULT_SIZES` / :data:`QUICK_SIZES`.
         progress: tqdm progress bars.
+
+    Raises :class:`~aladin_fast.info.MissingDependencyError` before any work when faiss or matplotlib is missing.
     """
+    check_dependencies()
     from .data import SyntheticScenes
     from .evaluate import encode_split, evaluate_models, metrics_table
     from .info import info

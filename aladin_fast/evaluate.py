@@ -443,6 +443,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Run the ``evaluate`` command from parsed flags (see :func:`add_arguments`)."""
     from .data import PrecompDataset
     from .info import info
+    from .retrieval.index import import_faiss
     from .training import load_models
     from .training.data import PairSource, as_source
 
@@ -455,6 +456,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--latency-queries must be a positive int, got {args.latency_queries}")
     if args.out and os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a directory; give the results JSON file to write")
+    import_faiss()  # the two-stage scorer's index: a missing faiss failed only after the split was encoded
     teacher, student, vocabulary = load_models(args.checkpoint, map_location=device)
     if student is None:
         raise ValueError(f"checkpoint {args.checkpoint} holds no student: train the student stage first")

@@ -8,6 +8,11 @@ import sys
 from ._version import __version__
 
 
+class MissingDependencyError(ImportError):
+    """An optional dependency (a pip extra) is not installed; the message says what to install. The command line
+    prints it and exits 2 instead of a traceback."""
+
+
 def _module_version(name: str) -> str:
     try:
         module = __import__(name)

@@ -871,15 +871,23 @@ def check_full_scores_case(case):
         except Exception as err:  # noqa: BLE001
             raise AssertionError(f"{kind}: expected {expectation}, got {type(err).__name__}: {err}") from err
         raise AssertionError(f"{kind}: expected {expectation}, but full_scores succeeded")
+    # in the op's dtype: float64 inputs score in float64 (full_scores rounded them to float32 before session 10)
     expected = aladin_fast.alignment_scores(text, images, lengths["text"], lengths["images"], **kwargs)
+    if expected.dtype == torch.float64 and kwargs["backend"] == "reference":
+        # the reference's batched float64 matmuls may round a last bit differently per block shape (the C++
+        # kernel scores each pair alone): the streamed matrix of the same blocks is the exact oracle, close to
+        # the one-call scores
+        blocks = aladin_fast.full_scores(text, images, **{**call, "topk": None})
+        torch.testing.assert_close(blocks, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+        expected = blocks
     got = aladin_fast.full_scores(text, images, **call)
     if case["topk"] is None:
-        _assert_same(got, expected.float(), f"{kind}: full matrix")
+        _assert_same(got, expected, f"{kind}: full matrix")
         return
     values, indices = got
-    order = aladin_fast.ops.streaming.best_first(expected.float(), case["topk"])
+    order = aladin_fast.ops.streaming.best_first(expected, case["topk"])
     _assert_same(indices, order, f"{kind}: top-k ids")
-    _assert_same(values, expected.float().gather(1, order), f"{kind}: top-k values")
+    _assert_same(values, expected.gather(1, order), f"{kind}: top-k values")
 
 
 def fuzz_full_scores(examples, trace=None):

@@ -458,12 +458,13 @@ class SyntheticScenes:
 
     def oracle_phrase_features(self, caption_indices: Optional[Sequence[int]] = None
                                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Noun phrases as unit concept vectors: ``([Nc, P, K] float32, lengths [Nc])``.
+        """Noun phrases as concept vectors: ``([Nc, P, K] float32, lengths [Nc])``, zero padding.
 
         One token per noun phrase of the caption, the mean of one-hot vectors of
         its noun and the attributes the caption gives it ("a small red cube" ->
-        (cube + small + red) / 3). With ``region_features @ concept_prototypes.T``
-        and MrSw each phrase must find one region carrying all of its concepts:
+        (cube + small + red) / 3: components summing to 1, not a unit L2 norm).
+        With ``region_features @ concept_prototypes.T`` and MrSw each phrase
+        must find one region carrying all of its concepts:
         the binding a contextual word encoder can learn and a bag of words
         (:meth:`oracle_word_features`) cannot.
         """

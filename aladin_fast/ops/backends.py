@@ -7,7 +7,10 @@ cannot run raises ``RuntimeError`` and never falls back silently.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -20,21 +23,40 @@ BACKENDS = ("auto", "triton", "cpu", "reference")
 _PROBED: dict = {}
 
 
+# what a source checkout that pip has not installed lacks: the compiled _C, and aladin_fast.kernels (setup.py maps
+# the top-level kernels/ folder into the package, so that name exists only in an install, editable or not)
+_INSTALL_HINT = "(re)install aladin-fast: `pip install .`, or `pip install -e .` in a source checkout (`make` does it)"
+
+
+def warn_if_not_installed() -> None:
+    """At import: warn when the compiled ``_C`` or ``aladin_fast.kernels`` cannot be found at all, i.e. the package
+    is imported from a source tree that was never installed. Silently, ``backend="auto"`` ran the plain-PyTorch
+    reference on CPU (tens of times slower) and only ``info`` or an explicit backend said why."""
+    missing = [name for name in ("aladin_fast._C", "aladin_fast.kernels") if importlib.util.find_spec(name) is None]
+    if missing:
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        warnings.warn(f"aladin_fast imported from {package} has no {' and no '.join(missing)}: backend='auto' runs the "
+                      f"slow reference on CPU tensors, and backend='cpu' / 'triton' raise; {_INSTALL_HINT}; "
+                      "`python -m aladin_fast info` shows what can run", UserWarning, stacklevel=3)
+
+
 def _probe_cpu_extension():
     try:
         from .. import _C  # type: ignore[attr-defined]
-    except ImportError as err:
-        return None, f"C++ extension aladin_fast._C is not built ({err}); reinstall with `pip install -e .`"
+    except ImportError as err:  # not built, or a broken / foreign .so (dlopen errors are ImportErrors too)
+        return None, f"C++ extension aladin_fast._C is not built or not importable ({err}); {_INSTALL_HINT}"
     return _C, None
 
 
 def _probe_triton():
     try:
-        import triton  # noqa: F401  (availability probe)
-
-        from .. import kernels
+        importlib.import_module("triton")  # availability probe
     except ImportError as err:
         return None, f"triton is not importable ({err})"
+    try:
+        from .. import kernels
+    except ImportError as err:  # said "triton is not importable" while triton imported fine
+        return None, f"the Triton kernels aladin_fast.kernels are not importable ({err}); {_INSTALL_HINT}"
     return kernels, None
 
 

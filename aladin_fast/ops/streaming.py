@@ -101,18 +101,19 @@ def full_scores(
         text_lengths / image_lengths: valid tokens per row (optional).
         chunk: captions per kernel call (bounds the workspace).
         image_chunk: images per kernel call (None: all images at once).
-        topk: if given, return ``(values [Nt, topk] float32, indices [Nt, topk] int64)``
+        topk: if given, return ``(values [Nt, topk], indices [Nt, topk] int64)``
             of the best images per caption instead of the full matrix: higher score first,
             the lower image id first on ties, NaN scores last (after -inf), as the
             evaluation's ``nan="worst"`` ranks them.
         progress: show a tqdm progress bar.
-        out: optional preallocated ``[Nt, Ni]`` float32 output (e.g. a memory-mapped tensor);
-            the full matrix only (not with ``topk``).
+        out: optional preallocated ``[Nt, Ni]`` output of the scores' dtype (e.g. a memory-mapped
+            tensor); the full matrix only (not with ``topk``).
         **op_kwargs: ``aggregation``, ``padding``, ``normalize``, ``backend`` as in
             :func:`aladin_fast.alignment_scores`.
 
     Returns:
-        ``[Nt, Ni]`` float32 scores, or the top-k pair when ``topk`` is set.
+        ``[Nt, Ni]`` scores, or the top-k pair when ``topk`` is set: float32, float64 for float64 inputs
+        (as :func:`aladin_fast.alignment_scores`; they were rounded to float32 here before).
     """
     if not isinstance(text, torch.Tensor) or not isinstance(images, torch.Tensor):
         raise TypeError("text and images must be torch.Tensors (padded [N, L, D])")
@@ -139,19 +140,22 @@ def full_scores(
     if image_chunk < 1:
         raise ValueError(f"image_chunk must be >= 1, got {image_chunk}")
     device = images.device
+    # the op's score dtype: float64 tokens score in float64 ("float64 throughout"), everything else in float32
+    score_dtype = torch.float64 if text.dtype == images.dtype == torch.float64 else torch.float32
     if topk is not None:
         if not 1 <= topk <= max(num_images, 1) or num_images == 0:
             raise ValueError(f"topk must be in [1, {num_images}] (the number of images), got {topk}")
         if out is not None:
             raise ValueError("out is the full [Nt, Ni] matrix; with topk the result is (values, indices): "
                              "pass one of them")
-        best_values = torch.empty(num_texts, topk, dtype=torch.float32)
+        best_values = torch.empty(num_texts, topk, dtype=score_dtype)
         best_indices = torch.empty(num_texts, topk, dtype=torch.int64)
     else:
         if out is None:
-            out = torch.empty(num_texts, num_images, dtype=torch.float32, device=device)
-        elif tuple(out.shape) != (num_texts, num_images) or out.dtype != torch.float32:
-            raise ValueError(f"out must be float32 [{num_texts}, {num_images}], got {out.dtype} {list(out.shape)}")
+            out = torch.empty(num_texts, num_images, dtype=score_dtype, device=device)
+        elif tuple(out.shape) != (num_texts, num_images) or out.dtype != score_dtype:
+            raise ValueError(f"out must be {str(score_dtype).replace('torch.', '')} [{num_texts}, {num_images}], "
+                             f"got {out.dtype} {list(out.shape)}")
     bar = _progress(num_texts, progress, "full_scores")
     for start in range(0, num_texts, chunk):
         stop = min(num_texts, start + chunk)
@@ -166,12 +170,12 @@ def full_scores(
                 out[start:stop, image_start:image_stop] = block.to(out.device)
         else:
             # start empty: (-inf, image 0) placeholders would win every tie with a real -inf score
-            values = torch.empty(stop - start, 0)
+            values = torch.empty(stop - start, 0, dtype=score_dtype)
             indices = torch.empty(stop - start, 0, dtype=torch.int64)
             for image_start in range(0, num_images, image_chunk):
                 image_stop = min(num_images, image_start + image_chunk)
                 image_rows, image_len = _rows(images, image_lengths, image_start, image_stop)
-                block = alignment_scores(text_rows, image_rows, text_len, image_len, **op_kwargs).float().cpu()
+                block = alignment_scores(text_rows, image_rows, text_len, image_len, **op_kwargs).to(score_dtype).cpu()
                 values, indices = merge_best(values, indices, block, torch.arange(image_start, image_stop), topk)
             best_values[start:stop], best_indices[start:stop] = values, indices
         if bar is not None:

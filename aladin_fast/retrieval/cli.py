@@ -118,13 +118,14 @@ def run_search(args: argparse.Namespace) -> int:
     embeddings = _load_array("query-embeddings", args.query_embeddings, 2, "f")
     tokens = _load_array("query-tokens", args.query_tokens, 3, "f")
     lengths = _load_array("query-lengths", args.query_lengths, 1, "i")
+    # np.array copies: np.load's memory maps are read-only, and torch.from_numpy of a read-only array printed
+    # a UserWarning on every search (the queries are small; index avoids the copy by passing numpy on)
+    query_embeddings = torch.from_numpy(np.array(embeddings, dtype=np.float32))
+    query_tokens = torch.from_numpy(np.array(tokens, dtype=np.float32))
+    query_lengths = None if lengths is None else torch.from_numpy(np.array(lengths, dtype=np.int64))
     start = time.perf_counter()
-    result = retriever.search(
-        torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)),
-        torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)),
-        None if lengths is None else torch.from_numpy(np.asarray(lengths, dtype=np.int64)),
-        k=args.k, rerank_k=args.rerank_k, return_explanations=args.explain,
-    )
+    result = retriever.search(query_embeddings, query_tokens, query_lengths, k=args.k, rerank_k=args.rerank_k,
+                              return_explanations=args.explain)
     elapsed = time.perf_counter() - start
     ids, scores = result[0], result[1]
     # strict JSON: an empty slot (id -1, score -inf) and a NaN score are written as null

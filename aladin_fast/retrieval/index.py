@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .._inputs import check_positive_int
+from ..info import MissingDependencyError
 from .manifest import ManifestError, open_directory, save_directory
 
 __all__ = ["StudentIndex", "ReadWriteLock", "import_faiss", "faiss_gpu_available", "as_float_matrix", "as_id_vector"]
@@ -57,7 +58,7 @@ def import_faiss():
     try:
         import faiss  # noqa: F401
     except ImportError as err:  # pragma: no cover - faiss is installed in the test environment
-        raise ImportError(
+        raise MissingDependencyError(
             "aladin_fast.retrieval.StudentIndex needs faiss: pip install 'aladin-fast[cpu]' (faiss-cpu) "
             "or a CUDA build of faiss for GPU search"
         ) from err
@@ -221,7 +222,8 @@ class StudentIndex:
             ``"cosine"`` (normalises on add and search) or ``"l2"``.
         device: ``"auto"`` (GpuIndex when faiss has GPU support and CUDA is
             available), ``"cpu"`` or ``"cuda"`` / ``"cuda:N"`` (raises if impossible).
-        nlist: IVF lists (default ~4 sqrt(N) from the training set).
+        nlist: IVF lists (default ~4 sqrt(N) of the N training vectors, at most N // 39: faiss
+            wants 39 training points per centroid).
         nprobe: IVF lists visited per query (default max(1, nlist // 8)).
         hnsw_m / ef_search / ef_construction: HNSW graph degree and beam widths.
         pq_m / pq_bits: PQ sub-quantisers (default ~dim/4) and bits per code

@@ -12,7 +12,8 @@ only tensors and plain Python containers inside, no pickled classes)::
     baseline    {"hparams": ..., "state_dict": ...} or None (a Student with its own encoders)
     extras      {name: state_dict} (e.g. SelfAlign prototypes)
     progress    {"stage", "epoch", "global_step", "completed_stages", "stage_seconds", "stage_cpu_seconds",
-                "stage_first_step", "stage_wall_start"} (the last four: totals of the stage in progress)
+                "stage_first_step", "stage_wall_start", "stage_cache_seconds"} (the last five: the stage in
+                progress: training and CPU seconds so far, first step, wall-clock start, token-cache seconds)
     optimizer / scheduler   state of the stage in progress (or None)
     rng         torch / CUDA / Python / NumPy generator states
     rank_rng    under DDP: every rank's generator states, in rank order (else None)

@@ -296,7 +296,10 @@ def load_config_file(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(f"config file not found: {path}")
     extension = os.path.splitext(path)[1].lower()
     if extension == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10 (python_requires >= 3.10): the same parser as the tomli package
+            import tomli as tomllib
 
         with open(path, "rb") as handle:
             try:
