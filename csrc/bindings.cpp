@@ -257,6 +257,22 @@ struct ParsedInputs {
     int64_t text_rows = 0, image_rows = 0;
 };
 
+// The kernel's dtype names: returns true for "float64" (the scalar float64 kernel, kernel_fp64.h), else sets
+// *out; anything else is refused with the list of names.
+bool parse_dtype(const std::string& dtype, DType* out) {
+    if (dtype == "float32")
+        *out = DType::F32;
+    else if (dtype == "float16")
+        *out = DType::F16;
+    else if (dtype == "bfloat16")
+        *out = DType::BF16;
+    else if (dtype == "float64")
+        return true;
+    else
+        throw py::value_error("dtype must be 'float32', 'float16', 'bfloat16' or 'float64', got '" + dtype + "'");
+    return false;
+}
+
 ParsedInputs parse_inputs(const py::object& text_o, const py::object& text_offsets_o,
                           const py::object& text_lengths_o, const py::object& images_o,
                           const py::object& image_offsets_o, const py::object& image_lengths_o,
@@ -264,16 +280,7 @@ ParsedInputs parse_inputs(const py::object& text_o, const py::object& text_offse
                           bool zero_padding, int64_t text_pad, int64_t image_pad, int num_threads) {
     ParsedInputs parsed;
     Job& job = parsed.job;
-    if (dtype == "float32")
-        job.dtype = DType::F32;
-    else if (dtype == "float16")
-        job.dtype = DType::F16;
-    else if (dtype == "bfloat16")
-        job.dtype = DType::BF16;
-    else if (dtype == "float64")
-        parsed.float64 = true;
-    else
-        throw py::value_error("dtype must be 'float32', 'float16', 'bfloat16' or 'float64', got '" + dtype + "'");
+    parsed.float64 = parse_dtype(dtype, &job.dtype);
     if (aggregation < 0 || aggregation > 5)
         throw py::value_error("aggregation must be in [0, 5], got " + std::to_string(aggregation));
     if (text_pad < 0 || image_pad < 0) throw py::value_error("text_pad and image_pad must be >= 0");
@@ -587,11 +594,16 @@ PYBIND11_MODULE(_C, m) {
         "layout_for",
         [](int64_t words, int64_t regions, int64_t dim, const std::string& dtype, const std::string& isa,
            const std::string& layout) {
+            if (words < 0 || regions < 0 || dim < 0)
+                throw py::value_error("words, regions and dim must be >= 0, got " + std::to_string(words) + ", " +
+                                      std::to_string(regions) + ", " + std::to_string(dim));
             Job job;
             job.max_text_len = words;
             job.max_image_len = regions;
             job.dim = dim;
-            job.dtype = dtype == "float16" ? DType::F16 : dtype == "bfloat16" ? DType::BF16 : DType::F32;
+            if (parse_dtype(dtype, &job.dtype))
+                throw py::value_error("dtype 'float64' runs the scalar float64 kernel (kernel_fp64.cpp), which has one "
+                                      "layout: there is no layout choice to report; ask for float32, float16 or bfloat16");
             job.layout = resolve_layout(layout);
             return std::string(choose_layout(job, kernels_for(resolve_isa(isa)), words) == LAYOUT_DOT ? "dot" : "words");
         },

@@ -143,6 +143,21 @@ def test_layout_for_dispatch(monkeypatch):
     assert _C.layout_for(20, 36, 768) == "words"
 
 
+@pytest.mark.parametrize("dtype, message", [("float64", "float64 kernel"), ("int8", "dtype must be"),
+                                            ("half", "dtype must be"), ("", "dtype must be")])
+def test_layout_for_refuses_dtypes_without_a_layout_choice(dtype, message):
+    """Any name but float32 / float16 / bfloat16 was answered as float32 ('int8' got a layout; 'float64', which
+    runs the scalar float64 kernel, was told 'dot')."""
+    with pytest.raises(ValueError, match=message):
+        _C.layout_for(20, 36, 768, dtype)
+
+
+@pytest.mark.parametrize("shape", [(-1, 36, 768), (20, -1, 768), (20, 36, -1)])
+def test_layout_for_refuses_negative_sizes(shape):
+    with pytest.raises(ValueError, match=">= 0"):
+        _C.layout_for(*shape)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pair_bits_independent_of_the_batch(dtype):
     """A pair's score has the same bits in any batch: captions of mixed lengths (some below,
