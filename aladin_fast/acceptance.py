@@ -404,12 +404,12 @@ def _positive_number(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The ``acceptance`` flags, each checked when parsed: a bad value is a usage error (exit code 2) naming the
     flag, not a traceback after minutes of oracle checks (``--train-images 0``) or from deep in the run."""
-    from .cli import _device, _int_at_least, _seed
+    from .cli import _device, _int_at_least, _seed, program
 
     _positive_int = _int_at_least(1)
 
     parser = argparse.ArgumentParser(
-        prog="python -m aladin_fast acceptance",
+        prog=program("acceptance"),
         description="train teacher and global baseline for equal wall-clock time, distil the student, evaluate")
     parser.add_argument("--seconds", type=_positive_number, default=ACCEPTANCE_SIZES["seconds"],
                         help="training seconds of the teacher and of the baseline, each (default: %(default)s)")

@@ -8,6 +8,19 @@ import sys
 from .info import MissingDependencyError
 
 
+def program(command: str = "") -> str:
+    """The command as the user typed it, for usage lines and errors: ``aladin-fast`` (the console script),
+    ``python -m aladin_fast.training`` (that module run directly) or ``python -m aladin_fast``, then ``command``."""
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(script) == "aladin-fast":
+        name = "aladin-fast"
+    elif os.path.basename(script) == "__main__.py" and os.path.basename(os.path.dirname(script)) == "training":
+        name = "python -m aladin_fast.training"
+    else:
+        name = "python -m aladin_fast"
+    return f"{name} {command}" if command else name
+
+
 def _device(text: str) -> str:
     """``--device``: checked when parsed (a bad one was a RuntimeError / ValueError traceback from the demo)."""
     from .evaluate import resolve_device
@@ -58,7 +71,7 @@ def _out_dir(text: str) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aladin_fast", description="aladin-fast: fused image-text alignment kernels")
+    parser = argparse.ArgumentParser(prog=program(), description="aladin-fast: fused image-text alignment kernels")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print versions and which backends can run")
     demo = commands.add_parser("demo", help="train, distil, index, search and evaluate on synthetic data; "
@@ -88,7 +101,7 @@ def main(argv=None) -> int:
     try:
         return _run(argv)
     except MissingDependencyError as error:  # an optional extra (faiss, matplotlib): what to install, no traceback
-        print(f"aladin_fast {argv[0]}: {error}", file=sys.stderr)
+        print(f"{program(argv[0] if argv else '')}: {error}", file=sys.stderr)
         return 2
 
 

@@ -381,7 +381,9 @@ def metrics_table(scorers: Dict[str, Dict[str, object]]) -> str:
 
 # ------------------------------------------------------------------ command
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aladin_fast evaluate",
+    from .cli import program
+
+    parser = argparse.ArgumentParser(prog=program("evaluate"),
                                      description="evaluate a checkpoint's teacher, student and two-stage retriever")
     add_arguments(parser)
     return parser

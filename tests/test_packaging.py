@@ -310,3 +310,40 @@ def test_wheel_built_from_the_sdist_installs_and_runs_outside_the_checkout(tmp_p
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "built: ISA" in result.stdout, result.stdout + result.stderr
     assert os.listdir(elsewhere) == []  # nothing written where it ran
+
+
+def _usage_lines(monkeypatch, argv0):
+    from aladin_fast import acceptance, cli, evaluate
+    from aladin_fast.serving import cli as serving_cli
+    from aladin_fast.training import command
+
+    monkeypatch.setattr(sys, "argv", [argv0])
+    return {
+        "": cli._build_parser().format_usage(),
+        "evaluate": evaluate.build_parser().format_usage(),
+        "serve": serving_cli.build_parser().format_usage(),
+        "acceptance": acceptance.build_parser().format_usage(),
+        "train": command.build_parser().format_usage(),
+    }
+
+
+@pytest.mark.parametrize("argv0, name", [
+    ("/usr/local/bin/aladin-fast", "aladin-fast"),
+    ("/site-packages/aladin_fast/__main__.py", "python -m aladin_fast"),
+    ("/site-packages/aladin_fast/training/__main__.py", "python -m aladin_fast.training"),
+])
+def test_usage_lines_name_the_command_as_it_was_typed(monkeypatch, argv0, name):
+    """Usage lines said `aladin_fast ...` (no such command: the console script is `aladin-fast`) and the training
+    command always called itself `python -m aladin_fast.training`, whichever way it was started."""
+    for command, usage in _usage_lines(monkeypatch, argv0).items():
+        expected = f"usage: {name} {command}".rstrip() if command not in ("", "train") else f"usage: {name}"
+        assert usage.startswith(expected + " "), (command, usage)
+
+
+def test_console_script_usage_errors_name_the_console_script():
+    script = os.path.join(os.path.dirname(sys.executable), "aladin-fast")
+    if not os.path.exists(script):
+        pytest.skip("no aladin-fast console script next to this interpreter")
+    done = subprocess.run([script, "evaluate"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "aladin-fast evaluate: error: the following arguments are required: --checkpoint" in done.stderr

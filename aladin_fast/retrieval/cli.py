@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .._io import write_text_atomic
+from ..cli import program
 from .._inputs import AGGREGATIONS
 
 
@@ -143,7 +144,7 @@ def run_search(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="aladin_fast", description="build and query retriever directories")
+    parser = argparse.ArgumentParser(prog=program(), description="build and query retriever directories")
     commands = parser.add_subparsers(dest="command", required=True)
     add_index_arguments(commands.add_parser("index", help="build a retriever directory from .npy features"))
     add_search_arguments(commands.add_parser("search", help="two-stage search with a saved retriever"))

@@ -27,8 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..cli import program
+
     parser = argparse.ArgumentParser(
-        prog="aladin_fast serve",
+        prog=program("serve"),
         description="HTTP search / rerank service over saved Retrievers, with dynamic batching.")
     add_arguments(parser)
     return parser

@@ -22,13 +22,14 @@ import logging
 import sys
 from typing import List, Optional
 
+from ..cli import program
 from .config import add_config_arguments, config_from_arguments
 
 __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m aladin_fast.training",
+    parser = argparse.ArgumentParser(prog=program(),
                                      description="train an aladin-fast teacher, distil a student, "
                                                  "or train the global-embedding baseline")
     commands = parser.add_subparsers(dest="command", required=True)
