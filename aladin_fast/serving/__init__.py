@@ -13,7 +13,8 @@ Layout (one concern per module):
 - :mod:`.engine`  -- gallery snapshots and the fused batch calls (no HTTP);
 - :mod:`.batcher` -- :class:`DynamicBatcher`, the asyncio request merger;
 - :mod:`.metrics` -- Prometheus counters / gauges / histograms, exposition by hand;
-- :mod:`.app`     -- the FastAPI app (endpoints, limits, reload);
+- :mod:`.app`     -- the FastAPI app (endpoints, body limits, reload);
+- :mod:`.connections` -- limits on a connection's request head (size, time) and the connection count;
 - :mod:`.server`  -- uvicorn in the foreground or in a :class:`ServerThread`;
 - :mod:`.cli`     -- ``main(argv)`` for ``python -m aladin_fast serve``.
 

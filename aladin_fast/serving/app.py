@@ -28,9 +28,12 @@ and ``Connection: close`` (a keep-alive client or proxy reconnects, to another r
 counted in ``aladin_shutdown_refusals_total``.
 
 Errors are ``{"error": {"type", "field", "message"}}``: 400 (body is not a JSON object), 401
-(admin token), 404 (unknown route or candidate id), 405, 413 (body larger than
-``max_body_bytes``), 422 (a field is invalid; ``field`` names it), 503 (queue full or shutting
-down), 500 (internal error; logged, the server keeps serving).
+(admin token), 404 (unknown route or candidate id), 405, 408 (body not received within
+``body_timeout_s``, or head within ``header_timeout_s``), 413 (body larger than
+``max_body_bytes``), 422 (a field is invalid; ``field`` names it), 431 (head larger than
+``max_header_bytes``), 503 (queue full, more than ``max_connections`` connections open, or
+shutting down), 500 (internal error; logged, the server keeps serving). The limits on a request's
+head (408 / 431 before the app sees it) are in :mod:`aladin_fast.serving.connections`.
 """
 from __future__ import annotations
 
@@ -60,11 +63,18 @@ __all__ = ["create_app", "ServingState", "ShuttingDownError"]
 
 logger = logging.getLogger("aladin_fast.serving")
 ENDPOINTS = ("/search", "/rerank", "/health", "/info", "/metrics", "/admin/reload")
+UNLIMITED = ("/health", "/metrics")  # still answered beyond max_connections: monitoring sees the overload
 PARSE_OFF_LOOP_BYTES = 1 << 20  # bigger bodies are decoded in a thread so the event loop keeps batching
 
 
 def _error(status: int, field: Optional[str], message: str, kind: str = "invalid_request") -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "field": field, "message": message}}, status_code=status)
+
+
+def _overloaded(message: str) -> JSONResponse:
+    """503 ``overloaded``: retry in a second."""
+    return JSONResponse({"error": {"type": "overloaded", "field": None, "message": message}}, status_code=503,
+                        headers={"Retry-After": "1"})
 
 
 class ShuttingDownError(RuntimeError):
@@ -110,6 +120,22 @@ class ServingState:
         self.deadline_passed = False
         self.started_at = time.time()
         self.library_info: dict = {}
+        self.open_connections = 0  # counted by the protocol (connections.py), on the event loop
+        metrics.open_connections.set(0)
+
+    def connection_opened(self) -> None:
+        self.open_connections += 1
+        self.metrics.open_connections.set(self.open_connections)
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
+        self.metrics.open_connections.set(self.open_connections)
+
+    def over_connection_limit(self) -> bool:
+        """More connections are open than ``max_connections`` allows (known under the
+        :mod:`.connections` protocol, which counts them)."""
+        limit = self.config.max_connections
+        return limit is not None and self.open_connections > limit
 
     def publish_gallery(self, gallery: Gallery) -> None:
         """Swap in ``gallery`` (one reference assignment: atomic for every reader) and report it."""
@@ -248,7 +274,9 @@ class ServingState:
 
 
 class _ObserveAndLimit:
-    """ASGI middleware: request count / latency / in-flight metrics, and the body size limit (413)."""
+    """ASGI middleware: request count / latency / in-flight metrics, and the limits on a request that has
+    reached the app: 503 ``overloaded`` beyond ``max_connections`` (before the body is read), the body
+    size (413) and its arrival time (408, ``body_timeout_s``), both enforced while the body is read."""
 
     def __init__(self, app, state: ServingState):
         self.app = app
@@ -269,14 +297,25 @@ class _ObserveAndLimit:
             await send(message)
 
         try:
+            if self.state.over_connection_limit() and scope["path"] not in UNLIMITED:
+                return await _overloaded(f"more than max_connections={self.state.config.max_connections} "
+                                         f"connections are open")(scope, receive, send_and_observe)
             declared = dict(scope.get("headers") or []).get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 return await _error(413, "body", f"request body of {int(declared)} bytes exceeds "
                                                  f"max_body_bytes={limit}")(scope, receive, send_and_observe)
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 chunks, size = [], 0
+                timeout = self.state.config.body_timeout_s
+                deadline = time.monotonic() + timeout
                 while True:
-                    message = await receive()
+                    try:  # a client sending its body slowly, or not at all, holds the request this long at most
+                        message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        response = _error(408, "body", f"request body not received within body_timeout_s="
+                                                       f"{timeout:g} s ({size} bytes arrived)", kind="request_timeout")
+                        response.headers["Connection"] = "close"
+                        return await response(scope, receive, send_and_observe)
                     if message["type"] == "http.disconnect":  # no response was sent: not a 500 in the metrics
                         status["code"] = 499  # nginx's "client closed request"
                         return None
@@ -360,8 +399,7 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
         except RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
         except QueueFullError as err:
-            return JSONResponse({"error": {"type": "overloaded", "field": None, "message": str(err)}},
-                                status_code=503, headers={"Retry-After": "1"})
+            return _overloaded(str(err))
         except BatcherClosedError as err:  # shutdown: the queue closed, or the graceful timeout expired
             return state.shutdown_refusal(endpoint, str(err))
         except Exception as err:  # noqa: BLE001 - a 500 for this request, the server keeps serving
@@ -444,7 +482,9 @@ def create_app(config: ServingConfig, *, gallery: Optional[Gallery] = None,
                 return state.shutdown_refusal("/admin/reload", f"reload of {paths} refused: {err}")
             except Exception as err:  # noqa: BLE001 - a bad directory must not take the service down
                 state.metrics.reloads.inc(status="error")
-                logger.warning("reload of %s failed: %s", paths, err)
+                # the message, not the exception: a handler that keeps records (pytest's, a MemoryHandler) would
+                # keep its traceback's frames, and with them the serving generation (`old`), alive
+                logger.warning("reload of %s failed: %s", paths, f"{type(err).__name__}: {err}")
                 return _error(422, "path" if "path" in body else "paths", f"cannot load {paths}: "
                                                                           f"{type(err).__name__}: {err}")
             state.publish_gallery(new)

@@ -40,7 +40,23 @@ class ServingConfig:
         max_candidates: candidates per ``/rerank`` request.
         max_candidate_tokens: tokens per candidate in ``candidate_tokens``.
         max_k / max_rerank_k: upper bounds of ``k`` and ``rerank_k`` in ``/search``.
-        max_body_bytes: request bodies larger than this get 413.
+        max_body_bytes: request bodies larger than this get 413, refused while they are read (a
+            declared ``Content-Length`` over the limit is refused before any of the body is read).
+        max_header_bytes: a request head (request line and headers) larger than this gets 431
+            (field ``headers``) and its connection is closed; nothing more of it is kept.
+        header_timeout_s: a connection must send a complete request head within this many seconds of
+            opening, or of its previous response; otherwise it is closed (with 408, field
+            ``headers``, when part of a request had arrived). Bounds what connections that send
+            nothing, or a header a byte at a time, can hold (slowloris).
+        body_timeout_s: the whole request body must arrive within this many seconds of the head;
+            otherwise 408 (field ``body``, ``Connection: close``).
+        keep_alive_timeout_s: an idle keep-alive connection is closed this long after its last
+            response (uvicorn's ``timeout_keep_alive``).
+        max_connections: while more connections than this are open, requests get 503
+            ``overloaded`` (``Retry-After: 1``) before their body is read (``GET /health`` and
+            ``GET /metrics`` are still answered); ``None``: no limit but the process's file
+            descriptors. Bounds the memory of bodies being received to about ``max_connections *
+            max_body_bytes``.
         admin_token: when set, ``/admin/*`` needs ``Authorization: Bearer <token>``.
         warmup: run one query on a (re)loaded retriever before it serves traffic.
         graceful_timeout_s: on shutdown, how long in-flight requests may take to finish; those
@@ -66,6 +82,11 @@ class ServingConfig:
     max_k: int = 1000
     max_rerank_k: int = 1000
     max_body_bytes: int = 32 * MIB
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 5.0
+    max_connections: Optional[int] = 1024
     admin_token: Optional[str] = None
     warmup: bool = True
     graceful_timeout_s: float = 30.0
@@ -78,7 +99,7 @@ class ServingConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for name in ("max_batch_size", "workers", "max_queue", "max_query_tokens", "max_candidates",
-                     "max_candidate_tokens", "max_k", "max_rerank_k", "max_body_bytes"):
+                     "max_candidate_tokens", "max_k", "max_rerank_k", "max_body_bytes", "max_header_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -88,6 +109,14 @@ class ServingConfig:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if not math.isfinite(self.drain_period_s):  # an endless drain would never shut down
             raise ValueError(f"drain_period_s must be finite, got {self.drain_period_s!r}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s"):
+            value = getattr(self, name)  # a limit of 0 closes every connection, inf is no limit: both refused
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.max_connections is not None and (not isinstance(self.max_connections, int)
+                                                 or isinstance(self.max_connections, bool)
+                                                 or self.max_connections < 1):
+            raise ValueError(f"max_connections must be an int >= 1 or None, got {self.max_connections!r}")
 
     @property
     def batching(self) -> bool:
@@ -106,6 +135,16 @@ class ServingConfig:
         out = {item.name: getattr(self, item.name) for item in fields(self)}
         out["admin_token"] = "set" if self.admin_token else None
         return out
+
+
+def _connections(text: str) -> Optional[int]:
+    """``--max-connections`` value: an int, or ``none`` for no limit."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'none', got {text!r}") from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +166,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-candidate-tokens", type=int, default=defaults.max_candidate_tokens)
     parser.add_argument("--max-k", type=int, default=defaults.max_k)
     parser.add_argument("--max-rerank-k", type=int, default=defaults.max_rerank_k)
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                        help="larger request bodies get 413 (refused while they arrive)")
+    parser.add_argument("--max-header-bytes", type=int, default=defaults.max_header_bytes,
+                        help="larger request heads (request line and headers) get 431 and the connection closes")
+    parser.add_argument("--header-timeout", dest="header_timeout_s", type=float, default=defaults.header_timeout_s,
+                        help="seconds a connection has to send a complete request head (then it is closed)")
+    parser.add_argument("--body-timeout", dest="body_timeout_s", type=float, default=defaults.body_timeout_s,
+                        help="seconds a request body has to arrive in full (then 408)")
+    parser.add_argument("--keep-alive-timeout", dest="keep_alive_timeout_s", type=float,
+                        default=defaults.keep_alive_timeout_s, help="seconds an idle keep-alive connection stays open")
+    parser.add_argument("--max-connections", type=_connections, default=defaults.max_connections,
+                        help="open connections beyond which requests get 503 overloaded ('none': no limit; "
+                             f"default {defaults.max_connections})")
     parser.add_argument("--admin-token", default=None, help="require 'Authorization: Bearer TOKEN' on /admin/*")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--graceful-timeout", dest="graceful_timeout_s", type=float,

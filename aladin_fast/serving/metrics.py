@@ -17,6 +17,9 @@ Metric families (all prefixed ``aladin_``):
 - ``aladin_batch_latency_seconds{queue}`` histogram: time of one fused call in the worker;
 - ``aladin_queue_depth{queue}`` gauge: requests waiting for a batch right now;
 - ``aladin_inflight_requests`` gauge: HTTP requests being handled right now;
+- ``aladin_open_connections`` gauge: HTTP connections open right now (``max_connections``);
+- ``aladin_connections_closed_total{reason}`` counter: connections the server closed for a limit
+  (``header_timeout``, ``header_too_large``; see :mod:`aladin_fast.serving.connections`);
 - ``aladin_reloads_total{status}`` counter (``ok``, ``error``, ``abandoned``: refused or cut short by
   shutdown), ``aladin_gallery_generation`` gauge,
   ``aladin_gallery_items{direction}`` gauge.
@@ -185,6 +188,11 @@ class MetricsRegistry:
         self.queue_depth = self._add(Gauge("aladin_queue_depth", "Requests waiting to be batched.", ("queue",),
                                            self._lock))
         self.inflight = self._add(Gauge("aladin_inflight_requests", "HTTP requests being handled.", (), self._lock))
+        self.open_connections = self._add(Gauge("aladin_open_connections", "HTTP connections open.", (),
+                                                self._lock))
+        self.connections_closed = self._add(Counter(
+            "aladin_connections_closed_total", "Connections closed by the server for a limit, by reason "
+            "(header_timeout, header_too_large).", ("reason",), self._lock))
         self.reloads = self._add(Counter("aladin_reloads_total", "Gallery reloads by outcome.", ("status",),
                                          self._lock))
         self.generation = self._add(Gauge("aladin_gallery_generation", "Generation of the serving gallery.", (),

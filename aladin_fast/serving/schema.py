@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import math
 from typing import Any, Optional
@@ -118,6 +119,12 @@ def decode_tensor(field: str, value: Any, ndim: int) -> torch.Tensor:
         if array.ndim != ndim:
             raise RequestError(field, f"must be a {ndim}-d list of numbers, got {array.ndim}-d with shape "
                                       f"{list(array.shape)}")
+        leaves = value
+        for _ in range(ndim - 1):  # rectangular ndim-d lists (numpy said so): flatten to the leaves
+            leaves = itertools.chain.from_iterable(leaves)
+        odd = set(map(type, leaves)) - {int, float}  # numpy also reads "1.5" and true as numbers
+        if odd:
+            raise RequestError(field, f"must hold numbers only, got {sorted(kind.__name__ for kind in odd)}")
         tensor = torch.from_numpy(array)
     else:
         raise RequestError(field, f"must be a {ndim}-d list of numbers or a base64 tensor object, "
@@ -201,11 +208,11 @@ def parse_rerank(body: dict, gallery: Gallery, config: ServingConfig) -> RerankQ
         if "candidate_lengths" in body:
             raise RequestError("candidate_lengths", "only goes with candidate_tokens")
         raw = body["candidate_ids"]
+        if isinstance(raw, list) and len(raw) > config.max_candidates:  # before looking at each id
+            raise RequestError("candidate_ids", f"at most {config.max_candidates} candidates, got {len(raw)}")
         if (not isinstance(raw, list) or not raw
                 or not all(isinstance(item, int) and not isinstance(item, bool) for item in raw)):
             raise RequestError("candidate_ids", "must be a non-empty list of int ids")
-        if len(raw) > config.max_candidates:
-            raise RequestError("candidate_ids", f"at most {config.max_candidates} candidates, got {len(raw)}")
         if any(not -(1 << 63) <= item < (1 << 63) for item in raw):
             raise RequestError("candidate_ids", "ids must fit in int64")
         ids = np.asarray(raw, dtype=np.int64)

@@ -45,6 +45,7 @@ import uvicorn
 
 from .app import create_app
 from .config import ServingConfig
+from .connections import protocol_class
 from .engine import Gallery
 
 __all__ = ["ServerThread", "DrainingServer", "run_server", "uvicorn_config", "CANCEL_AFTER_S"]
@@ -56,9 +57,18 @@ CANCEL_AFTER_S = 0.5
 
 
 def uvicorn_config(app, config: ServingConfig, host: str, port: int, log_level: str = "warning") -> uvicorn.Config:
-    """The uvicorn settings used everywhere (no access log: per-request logging costs throughput)."""
+    """The uvicorn settings used everywhere (no access log: per-request logging costs throughput).
+
+    The HTTP protocol is uvicorn's with the request-head limits of :mod:`.connections`
+    (``max_header_bytes``, ``header_timeout_s``, the open-connection count); idle keep-alive
+    connections close after ``keep_alive_timeout_s``. WebSocket upgrades are off: the service has no
+    WebSocket route, and an upgraded connection would leave those limits.
+    """
+    state = getattr(getattr(app, "state", None), "serving", None)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-                          timeout_graceful_shutdown=config.graceful_timeout_s + CANCEL_AFTER_S, server_header=False)
+                          timeout_graceful_shutdown=config.graceful_timeout_s + CANCEL_AFTER_S, server_header=False,
+                          http=protocol_class(config, state), ws="none", timeout_keep_alive=config.keep_alive_timeout_s,
+                          h11_max_incomplete_event_size=config.max_header_bytes)
 
 
 class DrainingServer(uvicorn.Server):
