@@ -21,10 +21,18 @@ only tensors and plain Python containers inside, no pickled classes)::
 
 Writes are atomic: the file is written to a temporary name in the same
 folder, flushed and fsynced, then ``os.replace``d over the target, so a crash
-leaves either the old checkpoint or the new one, never half of one.
+leaves either the old checkpoint or the new one, never half of one. A write
+that fails (a full disk) raises ``OSError`` naming the checkpoint and keeps
+the previous one.
+
+The teacher's ``backend`` in its hparams is how it ran, not part of its
+weights: :func:`load_models` picks the loading device's own (``"auto"``)
+unless told otherwise, and a Trainer resumes a checkpoint trained on another
+backend.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 from typing import Any, Dict, Optional, Tuple
@@ -50,10 +58,32 @@ FORMAT_NAME = "aladin_fast.training.checkpoint"
 FORMAT_VERSION = 1
 
 
+# execution settings kept with a model's hparams that do not shape its weights
+RUNTIME_HPARAMS = ("backend",)
+
+
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
-    """Write ``payload`` (without ``format`` / ``version``; they are added) atomically to ``path``."""
+    """Write ``payload`` (without ``format`` / ``version``; they are added) atomically to ``path``.
+
+    Raises:
+        OSError: the write failed (e.g. ``ENOSPC``, a full disk): the message names ``path`` and the file there,
+            if any, is still the previous checkpoint.
+    """
     payload = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **payload}
-    write_atomic(path, lambda handle: torch.save(payload, handle))
+    try:
+        write_atomic(path, lambda handle: torch.save(payload, handle))
+    except (OSError, RuntimeError) as error:
+        # torch.save turns a failed write into "[enforce fail at inline_container.cc] unexpected pos ..." (or the
+        # bare OSError of the final flush surfaces, without the file's name): say which file, why, and what is kept
+        cause = error
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        kept = "the previous checkpoint there is kept" if os.path.exists(path) else "no checkpoint was written"
+        reason = cause.strerror or str(cause)
+        code = cause.errno if cause.errno is not None else errno.EIO
+        raise OSError(code, f"cannot write checkpoint {path}: {reason}; {kept}") from error
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
@@ -87,17 +117,33 @@ def model_state(model: Optional[torch.nn.Module]) -> Optional[Dict[str, Any]]:
     return {"hparams": dict(model.hparams), "state_dict": model.state_dict()}
 
 
-def build_model(kind: str, state: Optional[Dict[str, Any]]):
-    """Rebuild a ``"teacher"``, ``"student"`` or ``"baseline"`` from :func:`model_state` output (None passes through)."""
+def architecture(hparams: Dict[str, Any]) -> Dict[str, Any]:
+    """``hparams`` without the execution settings (:data:`RUNTIME_HPARAMS`): what must match to load the weights."""
+    return {name: value for name, value in dict(hparams).items() if name not in RUNTIME_HPARAMS}
+
+
+def build_model(kind: str, state: Optional[Dict[str, Any]], backend: Optional[str] = None):
+    """Rebuild a ``"teacher"``, ``"student"`` or ``"baseline"`` from :func:`model_state` output (None passes through).
+
+    ``backend`` (a teacher's alignment backend) replaces the saved one unless None.
+    """
     if state is None:
         return None
-    model = (Teacher if kind == "teacher" else Student)(**state["hparams"])
+    hparams = dict(state["hparams"])
+    if kind == "teacher" and backend is not None:
+        hparams["backend"] = backend
+    model = (Teacher if kind == "teacher" else Student)(**hparams)
     model.load_state_dict(state["state_dict"])
     return model
 
 
-def load_models(path: str, map_location: Any = "cpu") -> Tuple[Teacher, Optional[Student], Optional[Vocabulary]]:
+def load_models(path: str, map_location: Any = "cpu", backend: Optional[str] = "auto"
+                ) -> Tuple[Teacher, Optional[Student], Optional[Vocabulary]]:
     """``(teacher, student or None, vocabulary or None)`` from a checkpoint, in eval mode.
+
+    ``backend`` is the teacher's alignment backend: ``"auto"`` (default) picks the one of the device its tokens
+    are on, so a checkpoint trained with ``backend="triton"`` on a GPU scores on a CPU (and one trained with
+    ``"cpu"`` on a GPU); None keeps the backend it was trained with.
 
     The student is None when the checkpoint has none, or when it comes from a Trainer whose student stage
     has not begun (a teacher-only or baseline run: its student weights were never trained).
@@ -106,7 +152,7 @@ def load_models(path: str, map_location: Any = "cpu") -> Tuple[Teacher, Optional
     lengths, teacher=teacher)`` for a shared backbone.
     """
     payload = load_checkpoint(path, map_location)
-    teacher = build_model("teacher", payload["teacher"])
+    teacher = build_model("teacher", payload["teacher"], backend)
     progress = payload.get("progress")
     # a Trainer checkpoint holds a student from the start; before its stage has begun it is untrained weights,
     # which would evaluate and serve as if they were the distilled model

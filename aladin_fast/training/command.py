@@ -13,13 +13,21 @@ Examples::
 The config file is TOML, JSON or YAML (PyYAML needed) with :class:`TrainConfig`
 fields at the top level or in a ``[train]`` table; flags override it. Metrics
 go to ``{output_dir}/metrics.jsonl`` and the final metrics are printed as JSON.
+
+SIGTERM (a scheduler's preemption, torchrun stopping its workers) stops the
+run like Ctrl-C: a checkpoint being written is abandoned (the previous one
+stays, no temporary file is left) and the command exits with 143, naming the
+checkpoint to ``--resume`` from.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 from ..cli import program
@@ -39,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-epochs", type=int, default=None, help="stop after this many epochs (resume later)")
     add_config_arguments(train)
     return parser
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread by SIGTERM (a BaseException: no ``except Exception`` on the way swallows it)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -67,6 +83,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, OSError) as error:
         parser.error(f"data: {error}")
     context = init_distributed(device=config.device)
+    # SIGTERM killed the process where it stood: a checkpoint being written left its temporary file (as large as
+    # a checkpoint) in output_dir; raised as an exception, the atomic write removes it and the exit is clean
+    handle_sigterm = threading.current_thread() is threading.main_thread()  # (signal handlers: main thread only)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if handle_sigterm else None
     try:
         trainer = Trainer(config, train, val)
         if args.resume:
@@ -78,7 +98,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if context.is_main:
             evaluations = [record for record in trainer.history if record.get("kind") == "eval"]
             print(json.dumps(evaluations[-1] if evaluations else {"history": len(trainer.history)}, indent=1))
+    except _Terminated:
+        if context.is_main:
+            checkpoint = os.path.join(config.output_dir, "checkpoint.pt") if config.output_dir else None
+            kept = (f"continue with --resume {checkpoint}" if checkpoint and os.path.isfile(checkpoint)
+                    else "no checkpoint was written")
+            print(f"{program('train')}: stopped by SIGTERM; {kept}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
+        if handle_sigterm:  # (None: a handler not installed from Python; the default is the best we can restore)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         destroy_distributed()
     return 0
 

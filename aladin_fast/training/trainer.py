@@ -294,6 +294,8 @@ class Trainer:
         self._clock = _StageClock(None)
         self._cache: Optional[TeacherTokenCache] = None
         self._cache_seconds = (0.0, 0.0)  # (wall, CPU) seconds the last cache build took
+        self._partial_epoch: Optional[tuple] = None  # (stage, epoch, batches trained) of an interrupted epoch
+        self._checkpoint_due = False  # an epoch's checkpoint could not be written (fit() writes it first)
 
     # ------------------------------------------------------------- plumbing
     def _autocast(self):
@@ -323,7 +325,14 @@ class Trainer:
         """Build the stage's trainable module (DDP-wrapped when distributed), optimiser and schedule."""
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if stage == "baseline" and self.baseline is None:
+            raise ValueError("stage 'baseline' needs 'baseline' in config.stages (the model is built for it)")
         config = self.config
+        # let go of the previous stage's module, optimiser and teacher-token cache first: the cache (the whole
+        # training set's tokens) stayed alive through every later stage, and a student stage begun again
+        # (fit() after fit(max_epochs=...)) held the old cache while encoding the new one (twice the memory)
+        self._stage_module = self._module = self._cache = None
+        self._optimizer = self._scheduler = None
         if stage == "teacher":
             self.teacher.requires_grad_(True)
             module = _TeacherStage(self.teacher, self.concept.get("teacher"))
@@ -343,8 +352,6 @@ class Trainer:
                                    self.concept.get("student"), self._cache)
             lr = config.student_lr or config.lr
         else:
-            if self.baseline is None:
-                raise ValueError("stage 'baseline' needs 'baseline' in config.stages (the model is built for it)")
             module = _BaselineStage(self.baseline)
             lr = config.baseline_lr or config.lr
         epochs, seconds = config.stage_epochs(stage), config.stage_seconds(stage)
@@ -477,6 +484,10 @@ class Trainer:
         if max_epochs is not None and (not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 0):
             raise ValueError(f"max_epochs must be None or a non-negative int, got {max_epochs!r}")
         budget = math.inf if max_epochs is None else max_epochs
+        if self._checkpoint_due and self.config.output_dir:
+            # the last fit() failed to write its epoch's checkpoint (a full disk): the file there is older than
+            # this trainer, and a finished run would never write it again
+            self._save_due_checkpoint()
         if self._loader is None:
             self._make_loader()
         for stage in self.config.stages:
@@ -530,11 +541,16 @@ class Trainer:
                 self._record_evaluation(stage, epoch - 1)
             # the epoch budget of this fit() is spent: checkpoint, so that resume + fit() goes on from here
             if config.output_dir and (epoch % config.checkpoint_every == 0 or last or budget <= 0):
-                self.save_checkpoint(os.path.join(config.output_dir, "checkpoint.pt"))
+                self._save_due_checkpoint()
         if stage not in self.progress["completed_stages"]:  # zero epochs configured
             self.progress["completed_stages"] = [*self.progress["completed_stages"], stage]
             self._record_stage(stage)
         return budget
+
+    def _save_due_checkpoint(self) -> None:
+        self._checkpoint_due = True  # until written
+        self.save_checkpoint(os.path.join(self.config.output_dir, "checkpoint.pt"))
+        self._checkpoint_due = False
 
     def _record_stage(self, stage: str) -> None:
         """A ``{"kind": "stage"}`` record of a finished stage: epochs, steps, training and CPU seconds, wall times.
@@ -564,37 +580,52 @@ class Trainer:
         self._dataset.set_epoch(epoch)
         self._epoch = epoch
         self._module.train()
+        # fit() again after an exception (Ctrl-C, a non-finite loss, a failed write) left this epoch part-trained:
+        # go on with its next batch. Re-running the epoch from its start trained its first batches twice (and
+        # logged them twice), so the result depended on when the run was interrupted
+        done = self._partial_epoch[2] if self._partial_epoch and self._partial_epoch[:2] == (stage, epoch) else 0
+        loader, total = self._loader, len(self._loader)
+        if done:
+            remaining = list(self._sampler)[done * config.batch_size:]  # the loader's batches are these in order
+            loader = torch.utils.data.DataLoader(self._dataset, batch_size=config.batch_size, sampler=remaining,
+                                                 collate_fn=self._loader.collate_fn, num_workers=config.num_workers)
         bar = None
         if main and config.progress and tqdm is not None:
-            bar = tqdm(total=len(self._loader), desc=f"{stage} epoch {epoch + 1}", leave=False, dynamic_ncols=True)
+            bar = tqdm(total=total, initial=done, desc=f"{stage} epoch {epoch + 1}", leave=False, dynamic_ncols=True)
         sums: Dict[str, float] = {}
         count, started = 0, time.perf_counter()
         timed = self._clock.budget is not None
         self._clock.start()
-        for index, batch in enumerate(self._loader):
-            values = self.train_step(batch)
-            stop = timed and self._expired()
-            for name, value in values.items():
-                sums[name] = sums.get(name, 0.0) + value
-            count += 1
+        try:
+            for index, batch in enumerate(loader, start=done):
+                values = self.train_step(batch)
+                self._partial_epoch = (stage, epoch, index + 1)
+                stop = timed and self._expired()
+                for name, value in values.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                count += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{values['loss']:.3f}")
+                # a record every log_every steps of the epoch (counted from its start) and at its end
+                if (index + 1) % config.log_every == 0 or index + 1 == total or stop:
+                    names = sorted(sums)
+                    means = reduce_mean([sums[n] / count for n in names])
+                    record = {"kind": "train", "stage": stage, "epoch": epoch + 1, "step": self.progress["global_step"],
+                              "lr": self._optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+                              **dict(zip(names, means))}
+                    self._record(record)
+                    if bar is None and main:
+                        logger.info("%s epoch %d step %d loss %.4f", stage, epoch + 1, record["step"], record["loss"])
+                    sums, count = {}, 0
+                if stop:
+                    break
+            self._partial_epoch = None
+        finally:  # also when interrupted: the steps taken count in the stage's seconds, and no bar is left open
+            self._clock.stop()
+            self.progress.update(stage_seconds=self._clock.spent, stage_cpu_seconds=self._clock.cpu_spent)
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.3f}")
-            if count == config.log_every or index + 1 == len(self._loader) or (stop and count):
-                names = sorted(sums)
-                means = reduce_mean([sums[n] / count for n in names])
-                record = {"kind": "train", "stage": stage, "epoch": epoch + 1, "step": self.progress["global_step"],
-                          "lr": self._optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
-                          **dict(zip(names, means))}
-                self._record(record)
-                if bar is None and main:
-                    logger.info("%s epoch %d step %d loss %.4f", stage, epoch + 1, record["step"], record["loss"])
-                sums, count = {}, 0
-            if stop:
-                break
-        self._clock.stop()
-        if bar is not None:
-            bar.close()
+                bar.close()
 
     def _record(self, record: Dict[str, Any]) -> None:
         if not self.context.is_main:
@@ -689,6 +720,7 @@ class Trainer:
     def state(self) -> Dict[str, Any]:
         """The checkpoint payload (see :mod:`aladin_fast.training.checkpoint`)."""
         words = self.tokenizer.itos[4:] if isinstance(self.tokenizer, Vocabulary) else None
+        in_progress = self._optimizer is not None and self.progress["stage"] not in self.progress["completed_stages"]
         return {
             "config": self.config.to_dict(),
             "vocabulary": words,
@@ -697,8 +729,10 @@ class Trainer:
             "baseline": ckpt.model_state(self.baseline),
             "extras": {f"concept_{stage}": module.state_dict() for stage, module in self.concept.items()},
             "progress": dict(self.progress),
-            "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
-            "scheduler": self._scheduler.state_dict() if self._scheduler is not None else None,
+            # only a stage in progress needs them (resume ignores a finished stage's): a finished teacher's AdamW
+            # moments were twice the teacher's size in every later checkpoint
+            "optimizer": self._optimizer.state_dict() if in_progress else None,
+            "scheduler": self._scheduler.state_dict() if in_progress else None,
             "rng": ckpt.rng_state(),
             "history": list(self.history),
         }
@@ -728,6 +762,8 @@ class Trainer:
                 module.load_state_dict(state)
         self.progress = dict(payload["progress"])
         self.progress["completed_stages"] = list(self.progress["completed_stages"])
+        self._partial_epoch = None  # the checkpoint's epoch starts afresh
+        self._checkpoint_due = False
         self.history = list(payload.get("history", []))
         self._drop_records_after_checkpoint()
         if payload.get("optimizer") is not None and self.progress["stage"] not in self.progress["completed_stages"]:
@@ -766,7 +802,8 @@ class Trainer:
         return self
 
     def _loadable(self, payload: Dict[str, Any], path: str, names) -> List[Any]:
-        """``(name, model)`` of ``names`` that the checkpoint holds; ValueError if its vocabulary or hparams differ."""
+        """``(name, model)`` of ``names`` that the checkpoint holds; ValueError if its vocabulary or hparams differ
+        (the alignment backend aside: it is how this machine runs the model, not part of the weights)."""
         words = payload.get("vocabulary")
         if words is not None and isinstance(self.tokenizer, Vocabulary) and self.tokenizer.itos[4:] != list(words):
             raise ValueError(f"checkpoint {path} was trained with a different vocabulary ({len(words) + 4} tokens "
@@ -776,7 +813,7 @@ class Trainer:
         for name in names:
             model = models[name]
             if model is not None and payload.get(name) is not None:
-                if dict(payload[name]["hparams"]) != dict(model.hparams):
+                if ckpt.architecture(payload[name]["hparams"]) != ckpt.architecture(model.hparams):
                     raise ValueError(f"checkpoint {path}: {name} hparams {payload[name]['hparams']} differ from this "
                                      f"config's {model.hparams}")
                 loadable.append((name, model))
