@@ -101,7 +101,9 @@ setup(
         "gpu": ["faiss-gpu>=1.7"],
         "milvus": ["pymilvus>=2.4", "milvus-lite>=2.4"],
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httptools>=0.6", "uvloop>=0.19; sys_platform != 'win32'"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "matplotlib>=3.7"],
+        # pybind11 / setuptools: tests/test_packaging.py runs setup.py (sdist / egg_info / build_py) in this venv
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "matplotlib>=3.7", "pybind11>=2.12",
+                "setuptools>=69"],
         # benchmark baselines: fast-maxsim ships wheels only (no sdist); 1 MB, needs only numpy
         "bench": [
             "pytest-benchmark>=4",
