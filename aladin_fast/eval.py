@@ -58,12 +58,16 @@ METRIC_NAMES = (
     "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr",
     "rsum",
 )
-CHUNK_ELEMENTS = 1 << 24  # comparisons per chunk (16 MB of bool temporaries)
+CHUNK_ELEMENTS = 1 << 24  # comparisons per chunk (16 MB of bool temporaries, 64 MB for their int32 counts)
 NAN_POLICIES = ("raise", "worst")
 
 
-def _as_score_tensor(scores: ScoreMatrix, captions_per_image: int, nan: str) -> torch.Tensor:
-    """Validate ``scores`` and return it as a floating CPU-or-device torch tensor."""
+def _as_score_tensor(scores: ScoreMatrix, captions_per_image: int, nan: str) -> Tuple[torch.Tensor, bool]:
+    """Validate ``scores``: ``(floating CPU-or-device torch tensor, whether it holds NaN)``.
+
+    Never a copy of a floating matrix: NaN is counted in row chunks (``torch.isnan(scores).sum()`` made a bool
+    and an int64 temporary of the whole matrix, 2.25x a float32 matrix) and, for ``nan="worst"``, replaced
+    chunk by chunk where the ranks are counted (:func:`_without_nan`), not in a full copy."""
     check_positive_int("captions_per_image", captions_per_image)
     if nan not in NAN_POLICIES:
         raise ValueError(f"nan must be one of {NAN_POLICIES}, got {nan!r}")
@@ -86,16 +90,23 @@ def _as_score_tensor(scores: ScoreMatrix, captions_per_image: int, nan: str) -> 
         )
     if not scores.is_floating_point():
         scores = scores.to(torch.float64)  # exact for integers up to 2**53
-    nan_count = int(torch.isnan(scores).sum())
-    if nan_count:
-        if nan == "raise":
-            raise ValueError(
-                f"scores contains {nan_count} NaN value(s); pass nan='worst' to rank NaN below every number"
-            )
-        # NaN -> -inf: worst score; the pessimistic tie rule then ranks a NaN ground truth
-        # below every competitor, including other NaNs.
-        scores = torch.nan_to_num(scores, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    return scores
+    nan_count = 0
+    step = _rows_per_chunk(scores.shape[1])
+    for start in range(0, num_images, step):
+        nan_count += int(torch.count_nonzero(torch.isnan(scores[start:start + step])))
+    if nan_count and nan == "raise":
+        raise ValueError(
+            f"scores contains {nan_count} NaN value(s); pass nan='worst' to rank NaN below every number"
+        )
+    return scores, bool(nan_count)
+
+
+def _without_nan(block: torch.Tensor, has_nan: bool) -> torch.Tensor:
+    """NaN -> -inf: worst score; the pessimistic tie rule then ranks a NaN ground truth below every
+    competitor, including other NaNs. Applied to each chunk (and gathered ground truth) as it is ranked."""
+    if not has_nan:
+        return block
+    return torch.nan_to_num(block, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
 
 
 def _rows_per_chunk(width: int) -> int:
@@ -127,32 +138,37 @@ def retrieval_ranks(
         >= the best caption of image i}``; ``t2i_ranks[j] = 1 + #{other images
         scoring >= image j // captions_per_image}`` (pessimistic ties).
     """
-    scores = _as_score_tensor(scores, captions_per_image, nan)
+    scores, has_nan = _as_score_tensor(scores, captions_per_image, nan)
+    return _ranks(scores, captions_per_image, has_nan)
+
+
+def _ranks(scores: torch.Tensor, captions_per_image: int, has_nan: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`retrieval_ranks` of a validated matrix (NaN, if ``has_nan``, ranked as -inf chunk by chunk)."""
     num_images, num_captions = scores.shape
     k = captions_per_image
     device = scores.device
     caption_owner = torch.arange(num_captions, device=device) // k
 
     # t2i: the ground-truth score of caption j is scores[j // k, j]
-    truth = scores[caption_owner, torch.arange(num_captions, device=device)]  # [N_captions]
+    truth = _without_nan(scores[caption_owner, torch.arange(num_captions, device=device)], has_nan)  # [N_captions]
     t2i = torch.empty(num_captions, dtype=torch.int64, device=device)
     step = _rows_per_chunk(num_images)
     for start in range(0, num_captions, step):
         stop = min(start + step, num_captions)
         # counts the ground truth itself too (x >= x), which is the "1 +" of a 1-based rank
-        t2i[start:stop] = _count_at_least(scores[:, start:stop], truth[None, start:stop], dim=0)
+        t2i[start:stop] = _count_at_least(_without_nan(scores[:, start:stop], has_nan), truth[None, start:stop], dim=0)
     # an image whose own score is -inf (from NaN) still counts itself: -inf >= -inf
 
     # i2t: best own caption, then count captions of other images scoring at least as high
     own_columns = torch.arange(num_images, device=device)[:, None] * k + torch.arange(k, device=device)
-    own = scores.gather(1, own_columns)  # [N_images, k]: image i's own captions (no copy of scores)
+    own = _without_nan(scores.gather(1, own_columns), has_nan)  # [N_images, k]: image i's own captions (no copy of scores)
     best = own.max(dim=1).values  # [N_images]
     own_at_least = _count_at_least(own, best[:, None], dim=1)  # >= 1: the best caption itself
     i2t = torch.empty(num_images, dtype=torch.int64, device=device)
     step = _rows_per_chunk(num_captions)
     for start in range(0, num_images, step):
         stop = min(start + step, num_images)
-        all_at_least = _count_at_least(scores[start:stop], best[start:stop, None], dim=1)
+        all_at_least = _count_at_least(_without_nan(scores[start:stop], has_nan), best[start:stop, None], dim=1)
         i2t[start:stop] = all_at_least - own_at_least[start:stop] + 1
     return i2t, t2i
 
@@ -243,7 +259,7 @@ def folds_metrics(
     Raises:
         ValueError: if ``fold_size`` does not divide ``N_images``.
     """
-    scores = _as_score_tensor(scores, captions_per_image, nan)
+    scores, has_nan = _as_score_tensor(scores, captions_per_image, nan)
     num_images = scores.shape[0]
     if isinstance(fold_size, bool) or not isinstance(fold_size, numbers.Integral) or fold_size < 1 \
             or num_images % fold_size:
@@ -255,7 +271,7 @@ def folds_metrics(
     per_fold = []
     for start in range(0, num_images, fold_size):
         block = scores[start:start + fold_size, start * k:(start + fold_size) * k]
-        per_fold.append(retrieval_metrics(block, k, nan=nan))
+        per_fold.append(metrics_from_ranks(*_ranks(block, k, has_nan)))  # validated once, above
     return {name: float(np.mean([fold[name] for fold in per_fold])) for name in METRIC_NAMES}
 
 

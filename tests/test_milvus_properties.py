@@ -120,9 +120,10 @@ def pool(tmp_path_factory):
 @pytest.fixture
 def small_batches(monkeypatch):
     """add() / remove() look ids up and insert in INSERT_BATCH chunks, the exact scan reads SCAN_BATCH vectors at
-    a time: make the chunks tiny so boundaries run."""
+    a time (ids() ID_SCAN_BATCH ids): make the chunks tiny so boundaries run."""
     monkeypatch.setattr(milvus_module, "INSERT_BATCH", 3)
     monkeypatch.setattr(milvus_module, "SCAN_BATCH", 3)
+    monkeypatch.setattr(milvus_module, "ID_SCAN_BATCH", 3)
 
 
 def _as_input(values: np.ndarray, kind: str):

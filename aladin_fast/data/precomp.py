@@ -29,6 +29,7 @@ is asked for. :func:`save_precomp` writes both layouts.
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from .vocab import Tokenizer, pad_ids
 __all__ = ["PrecompDataset", "PrecompItem", "PrecompBatch", "PrecompCollator", "pad_features", "save_precomp"]
 
 LAYOUTS = ("auto", "scan", "tokens")
+WRITE_BLOCK_BYTES = 8 << 20  # bytes of rows written per step by the streaming .npy writers (bounds their memory)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -418,15 +420,57 @@ def save_precomp(
                              f"features of shape {tuple(words.shape)} and lengths {word_features[1]!r}")
     folder = os.path.join(root, split)
     os.makedirs(folder, exist_ok=True)
-    valid = np.arange(width)[None, :] < lengths[:, None]
-    np.save(os.path.join(folder, "regions.npy"), image_features[valid])
+    _save_valid_rows(os.path.join(folder, "regions.npy"), image_features, lengths)
     np.save(os.path.join(folder, "region_offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     if captions is not None:
         _write_lines(os.path.join(folder, "captions.txt"), captions)
     if words is not None:
-        valid = np.arange(words.shape[1])[None, :] < word_lengths[:, None]
-        np.save(os.path.join(folder, "words.npy"), words[valid])
+        _save_valid_rows(os.path.join(folder, "words.npy"), words, word_lengths)
         np.save(os.path.join(folder, "word_offsets.npy"), np.concatenate([[0], np.cumsum(word_lengths)]).astype(np.int64))
+
+
+def write_npy_rows(handle, dtype, shape: Sequence[int], blocks) -> bool:
+    """Write a C-order ``.npy`` array of ``shape`` to the open binary file ``handle`` from ``blocks``, its
+    consecutive row blocks (an iterable, consumed only here), byte for byte what ``np.save(handle,
+    np.concatenate(blocks))`` writes -- without ever holding the whole array (a gathered or packed copy of a
+    memory-mapped gallery can be larger than RAM).
+
+    Returns False, having written nothing, for a dtype whose header needs a ``.npy`` format above 1.0 (or
+    holds Python objects): the caller then saves the array in one piece."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        return False
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": tuple(int(size) for size in shape)}
+    buffer = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(buffer, header)  # what np.save picks whenever version 1.0 can hold it
+    except (ValueError, UnicodeEncodeError):
+        return False
+    handle.write(buffer.getvalue())
+    for block in blocks:
+        block = np.ascontiguousarray(block, dtype=dtype)
+        if block.size:
+            handle.write(block.reshape(-1).view(np.uint8).data)
+    return True
+
+
+def _save_valid_rows(path: str, features: np.ndarray, lengths: np.ndarray) -> None:
+    """``np.save(path, features[valid])`` (the first ``lengths[i]`` rows of every ``features[i]``), written in
+    blocks of items: the packed copy of the whole split is never built."""
+    count, width = features.shape[:2]
+    row_bytes = max(1, width * int(np.prod(features.shape[2:], dtype=np.int64)) * features.dtype.itemsize)
+    step = max(1, WRITE_BLOCK_BYTES // row_bytes)
+
+    def blocks():
+        for start in range(0, count, step):
+            part = lengths[start:start + step]
+            yield features[start:start + step][np.arange(width)[None, :] < part[:, None]]
+
+    with open(path, "wb") as handle:
+        if write_npy_rows(handle, features.dtype, (int(lengths.sum()),) + features.shape[2:], blocks()):
+            return
+    np.save(path, features[np.arange(width)[None, :] < lengths[:, None]])
 
 
 def _lengths(values) -> Optional[np.ndarray]:
@@ -446,4 +490,4 @@ def _write_lines(path: str, lines: Sequence[str]) -> None:
     # no BOM, unless the first caption starts with U+FEFF itself: the reader drops one leading BOM
     encoding = "utf-8-sig" if lines and lines[0].startswith("\ufeff") else "utf-8"
     with open(path, "w", encoding=encoding) as handle:
-        handle.write("".join(f"{line}\n" for line in lines))
+        handle.writelines(f"{line}\n" for line in lines)  # streamed: no second copy of every caption

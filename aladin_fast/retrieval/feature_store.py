@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .._inputs import torch_compatible
+from ..data.precomp import WRITE_BLOCK_BYTES, write_npy_rows
 from .index import as_id_vector
 from .manifest import ManifestError, open_directory, save_directory
 
@@ -132,6 +133,53 @@ def _make_layout(shards: Sequence[_Shard], live: Optional[np.ndarray] = None, pa
     max_length = int(lengths[live_rows].max()) if live_rows.size else 0
     return _Layout(tuple(shards), row_start, starts, lengths, ids, live, sorted_ids, sorted_rows, max_length,
                    max(pad_width, max_length))
+
+
+def _append_layout(layout: _Layout, shard: _Shard, pad_width: int) -> _Layout:
+    """``layout`` plus one new (all-live) shard, the same snapshot :func:`_make_layout` would build.
+
+    Built from the old tables instead of from every shard: appending one item to a store of S shards
+    and N rows costs O(N) vectorised copies, not a Python pass over the S shards plus a sort of all N ids
+    (which made N appends of one item each O(N^2 log N))."""
+    count = shard.ids.shape[0]
+    order = np.argsort(shard.ids, kind="stable")
+    new_ids = shard.ids[order]
+    if count > 1 and bool((new_ids[1:] == new_ids[:-1]).any()):
+        duplicate = new_ids[1:][new_ids[1:] == new_ids[:-1]]
+        raise ValueError(f"feature store ids must be unique, duplicates: {duplicate[:8].tolist()}")
+    first_row = layout.ids.shape[0]
+    lengths = np.diff(shard.offsets).astype(np.int64)
+    at = np.searchsorted(layout.sorted_ids, new_ids)  # the caller refused ids already present
+    max_length = max(layout.max_length, int(lengths.max(initial=0)))
+    return _Layout(
+        layout.shards + (shard,),
+        np.append(layout.row_start, layout.row_start[-1] + count).astype(np.int64),
+        np.concatenate([layout.starts, shard.offsets[:-1].astype(np.int64)]),
+        np.concatenate([layout.lengths, lengths]),
+        np.concatenate([layout.ids, shard.ids.astype(np.int64)]),
+        np.concatenate([layout.live, np.ones(count, dtype=bool)]),
+        np.insert(layout.sorted_ids, at, new_ids),
+        np.insert(layout.sorted_rows, at, first_row + order.astype(np.int64)),
+        max_length, max(pad_width, max_length))
+
+
+def _remove_layout(layout: _Layout, positions: np.ndarray) -> _Layout:
+    """``layout`` without the live ids at ``positions`` (unique indices into ``sorted_ids``), the same snapshot
+    :func:`_make_layout` would build: the shard tables are shared, only the live mask and the sorted id
+    tables are copied -- O(N), no sort and no pass over the shards per removal."""
+    live = layout.live.copy()
+    removed_rows = layout.sorted_rows[positions]
+    live[removed_rows] = False
+    sorted_ids = np.delete(layout.sorted_ids, positions)
+    sorted_rows = np.delete(layout.sorted_rows, positions)
+    if not sorted_rows.size:
+        max_length = 0
+    elif int(layout.lengths[removed_rows].max()) < layout.max_length:  # the longest item stays: no pass over N
+        max_length = layout.max_length
+    else:
+        max_length = int(layout.lengths[sorted_rows].max())
+    return dataclasses.replace(layout, live=live, sorted_ids=sorted_ids, sorted_rows=sorted_rows,
+                               max_length=max_length, pad_width=max(layout.pad_width, max_length))
 
 
 def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
@@ -364,8 +412,7 @@ class FeatureStore:
             clash = id_array[self.contains(id_array)]
             if clash.size:
                 raise ValueError(f"ids already in the feature store: {clash[:8].tolist()}")
-            self._layout = _make_layout(list(layout.shards) + [shard], np.concatenate([layout.live, np.ones(id_array.size, bool)]),
-                                        pad_width=max(layout.pad_width, width))
+            self._layout = _append_layout(layout, shard, max(layout.pad_width, width))
 
     def remove(self, ids) -> int:
         """Remove ``ids`` (unknown ids are ignored); returns how many were removed.
@@ -375,13 +422,16 @@ class FeatureStore:
         id_array = as_id_vector("ids", ids)
         with self._write_lock:
             layout = self._layout
-            present = id_array[self.contains(id_array)]
-            if not present.size:
+            sorted_ids = layout.sorted_ids
+            if not sorted_ids.size or not id_array.size:
                 return 0
-            live = layout.live.copy()
-            live[self._rows(layout, np.unique(present))] = False
-            self._layout = _make_layout(list(layout.shards), live, pad_width=layout.pad_width)
-            return int(np.unique(present).size)
+            wanted = np.unique(id_array)
+            positions = np.minimum(np.searchsorted(sorted_ids, wanted), sorted_ids.size - 1)
+            positions = positions[sorted_ids[positions] == wanted]  # unknown ids are ignored
+            if not positions.size:
+                return 0
+            self._layout = _remove_layout(layout, positions)
+            return int(positions.size)
 
     # --------------------------------------------------------------- gather
     def _gather_numpy(self, layout: _Layout, rows: np.ndarray, pad_to: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
@@ -396,8 +446,12 @@ class FeatureStore:
         else:
             packed = np.empty((source.size, self.dim), dtype=storage_dtype)
             token_shard = np.repeat(row_shard, lengths)
-            for shard_index in np.unique(token_shard):  # one fancy-index copy per shard, not per item
-                select = np.nonzero(token_shard == shard_index)[0]
+            # group the tokens by shard with one sort (a mask over all tokens per shard was O(shards x tokens))
+            by_shard = np.argsort(token_shard, kind="stable")
+            present, bounds = np.unique(token_shard[by_shard], return_index=True)
+            bounds = np.append(bounds, by_shard.size)
+            for number, shard_index in enumerate(present.tolist()):  # one fancy-index copy per shard, not per item
+                select = by_shard[bounds[number]:bounds[number + 1]]
                 packed[select] = np.take(layout.shards[shard_index].tokens, source[select], axis=0)
         if pad_to is None:
             return packed, lengths
@@ -478,9 +532,19 @@ class FeatureStore:
             shard = layout.shards[shard_index]
             whole = rows.size == shard.ids.size and rows[0] == layout.row_start[shard_index] and bool(
                 (np.diff(rows) == 1).all())
-            tokens, lengths = (shard.tokens, np.diff(shard.offsets)) if whole else self._gather_numpy(layout, rows, None)
+            lengths = np.diff(shard.offsets) if whole else layout.lengths[rows]
             offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            for stem, array in (("tokens", tokens), ("offsets", offsets), ("ids", layout.ids[rows])):
+            with open(os.path.join(folder, f"tokens-{number:05d}.npy"), "wb") as handle:
+                if whole:
+                    np.save(handle, np.asarray(shard.tokens), allow_pickle=False)
+                else:  # gathered block by block: a save never holds a copy of the whole (memory-mapped) gallery
+                    step = max(1, WRITE_BLOCK_BYTES // max(1, int(lengths.max(initial=1)) * self.dim *
+                                                           STORE_DTYPES[self.dtype_name][1].itemsize))
+                    blocks = (self._gather_numpy(layout, rows[start:start + step], None)[0]
+                              for start in range(0, rows.size, step))
+                    if not write_npy_rows(handle, STORE_DTYPES[self.dtype_name][1], (int(offsets[-1]), self.dim), blocks):
+                        np.save(handle, self._gather_numpy(layout, rows, None)[0], allow_pickle=False)
+            for stem, array in (("offsets", offsets), ("ids", layout.ids[rows])):
                 with open(os.path.join(folder, f"{stem}-{number:05d}.npy"), "wb") as handle:
                     np.save(handle, np.asarray(array), allow_pickle=False)
             shards_meta.append({"items": int(rows.size), "tokens": int(offsets[-1]),

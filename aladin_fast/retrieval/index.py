@@ -24,7 +24,7 @@ setting are not disturbed.
 Thread-safety: concurrent ``search`` calls are allowed (faiss CPU indexes are
 safe for concurrent reads); ``add``/``remove``/``train`` take an exclusive lock
 (a :class:`ReadWriteLock`: reentrant reads, writer preference). ``save`` holds
-the read lock only while it serialises the index into memory; the file writes,
+the read lock only while it copies the index in memory (faiss.clone_index); the file writes,
 fsyncs and hashes run without it.
 """
 from __future__ import annotations
@@ -198,6 +198,14 @@ def _omp_threads(faiss, threads: int):
         faiss.omp_set_num_threads(previous)
 
 
+def _sorted_member(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """bool per entry of ``values``: is it in ``sorted_values`` (ascending)? A binary search per value."""
+    if not sorted_values.size:
+        return np.zeros(values.shape[0], dtype=bool)
+    position = np.minimum(np.searchsorted(sorted_values, values), sorted_values.size - 1)
+    return sorted_values[position] == values
+
+
 def _default_nlist(count: int) -> int:
     # ~4 sqrt(N) lists, but at least 39 training points per centroid (faiss's own warning threshold)
     return max(1, min(int(4 * math.sqrt(max(count, 1))), count // 39))
@@ -267,6 +275,9 @@ class StudentIndex:
         self._gpu_index = None
         self._gpu_stale = True
         self._description = None
+        # (faiss index, ntotal, its ids sorted): the duplicate check of add() and contains() search it instead of
+        # copying and sorting every id on each call; kept up to date by add/remove, rebuilt when stale
+        self._id_table = None
         self.threads: Optional[int] = None  # faiss OpenMP threads per call; None: see faiss_threads()
         if self.index_type in ("flat", "hnsw") or self.index_type not in INDEX_TYPES:
             self._cpu_index = self._build(0)
@@ -377,7 +388,22 @@ class StudentIndex:
 
     def contains(self, ids) -> np.ndarray:
         """bool ``[N]``: which of ``ids`` are in the index."""
-        return np.isin(as_id_vector("ids", ids), self.ids())
+        id_array = as_id_vector("ids", ids)
+        with self._lock.read():
+            return _sorted_member(self._sorted_ids(), id_array)
+
+    def _sorted_ids(self) -> np.ndarray:
+        """The ids of the index, sorted (caller holds a lock): the cached table when it still describes the
+        index (same faiss object, same count), else rebuilt once -- O(N log N) -- and cached."""
+        index = self._cpu_index
+        if index is None:
+            return np.zeros(0, dtype=np.int64)
+        table = self._id_table
+        if table is not None and table[0] is index and table[1] == index.ntotal:
+            return table[2]
+        ids = np.sort(self._faiss.vector_to_array(index.id_map).astype(np.int64))
+        self._id_table = (index, int(index.ntotal), ids)
+        return ids
 
     # ------------------------------------------------------------- mutation
     def _prepare(self, name: str, embeddings) -> np.ndarray:
@@ -421,12 +447,16 @@ class StudentIndex:
         with self._lock.write(), _omp_threads(self._faiss, self.faiss_threads()):
             if self._cpu_index is None or not self._cpu_index.is_trained:
                 self._train_locked(matrix)
-            existing = self._faiss.vector_to_array(self._cpu_index.id_map)
-            clash = np.intersect1d(existing, id_array)
+            existing = self._sorted_ids()  # O(log N) per id, not a copy and sort of every id per call
+            new_ids = np.sort(id_array)
+            clash = new_ids[_sorted_member(existing, new_ids)]
             if clash.size:
                 raise ValueError(f"ids already in the index: {clash[:8].tolist()}{' ...' if clash.size > 8 else ''}")
             self._cpu_index.add_with_ids(matrix, id_array)
             self._gpu_stale = True
+            if self._cpu_index.ntotal == existing.size + new_ids.size:
+                self._id_table = (self._cpu_index, int(self._cpu_index.ntotal),
+                                  np.insert(existing, np.searchsorted(existing, new_ids), new_ids))
 
     def remove(self, ids) -> int:
         """Remove ``ids`` (unknown ids are ignored); returns how many were removed."""
@@ -441,10 +471,16 @@ class StudentIndex:
             lists = self._ivf_lists()
             if lists is not None:  # positions of the removed ids, before the removal closes their gaps
                 gone = np.nonzero(np.isin(self._faiss.vector_to_array(self._cpu_index.id_map), id_array))[0]
+            existing = self._sorted_ids()
             removed = int(self._cpu_index.remove_ids(id_array))
             if lists is not None and gone.size:
                 self._renumber(lists, gone)
             self._gpu_stale = True
+            if removed:  # drop them from the sorted table: O(N) copy, no re-sort
+                wanted = np.unique(id_array)
+                positions = np.searchsorted(existing, wanted)[_sorted_member(existing, wanted)]
+                if existing.size - positions.size == self._cpu_index.ntotal:  # else rebuilt when next needed
+                    self._id_table = (self._cpu_index, int(self._cpu_index.ntotal), np.delete(existing, positions))
         return removed
 
     def _ivf_lists(self):
@@ -460,9 +496,16 @@ class StudentIndex:
         then names another id (or none, and the next removal aborts on a faiss assertion). Shift each remaining
         number down by the count of removed positions (``gone``, sorted) before it."""
         faiss = self._faiss
+        # in-memory lists (ArrayInvertedLists): their id vectors are shifted in place; other kinds get copies of
+        # ids and codes written back (update_entries), which cost ~8x faiss's own remove_ids per call
+        in_place = isinstance(faiss.downcast_InvertedLists(lists), faiss.ArrayInvertedLists)
         for number in range(lists.nlist):
             size = lists.list_size(number)
             if not size:
+                continue
+            if in_place:
+                labels = faiss.rev_swig_ptr(lists.get_ids(number), size)  # a view of the list's own ids
+                labels -= np.searchsorted(gone, labels)
                 continue
             labels = faiss.rev_swig_ptr(lists.get_ids(number), size).copy()
             shifted = labels - np.searchsorted(gone, labels)
@@ -566,20 +609,32 @@ class StudentIndex:
         return self._snapshot_payload()(folder)
 
     def _snapshot_payload(self):
-        """Copy the index as it is now (its faiss serialisation, under the read lock, so one state) and return
+        """Copy the index as it is now (a faiss clone, under the read lock, so one state) and return
         ``write(folder) -> config``, which writes that copy later without any lock: a save's slow file writes,
         fsyncs and hashes then never hold back ``add`` / ``remove`` (nor, behind a waiting writer, searches).
-        The copy costs one in-memory serialisation of the index (about its size, briefly)."""
+
+        The copy is a ``faiss.clone_index`` (the index's size, briefly), streamed to the file by ``write``:
+        ``serialize_index`` -- kept for index types faiss cannot clone -- peaked at twice the index's size
+        (its growing byte vector, then a numpy copy of it)."""
+        faiss = self._faiss
         with self._lock.read():
             config = self.config()
-            data = None if self._cpu_index is None else self._faiss.serialize_index(self._cpu_index)
+            clone = data = None
+            if self._cpu_index is not None:
+                try:
+                    clone = faiss.clone_index(self._cpu_index)
+                except RuntimeError:  # a type faiss cannot clone: its serialisation
+                    data = faiss.serialize_index(self._cpu_index)
 
         def write(folder: str) -> dict:
             with open(os.path.join(folder, CONFIG_FILE), "w") as handle:
                 json.dump(config, handle, indent=2, sort_keys=True)
-            if data is not None:  # the bytes faiss.write_index writes
+            if clone is not None or data is not None:  # the bytes faiss.write_index writes
                 with open(os.path.join(folder, INDEX_FILE), "wb") as handle:
-                    handle.write(memoryview(data))
+                    if clone is not None:
+                        faiss.write_index(clone, faiss.PyCallbackIOWriter(handle.write))
+                    else:
+                        handle.write(memoryview(data))
             return dict(config)
 
         return write

@@ -45,6 +45,10 @@ __all__ = ["MilvusStudentIndex"]
 _MILVUS_METRICS = {"ip": "IP", "cosine": "COSINE", "l2": "L2"}
 MAX_TOPK = 16384  # Milvus's limit on `limit` (top-k) per search; a larger k is served by an exact scan
 SCAN_BATCH = 4096  # vectors per query_iterator batch of that scan
+# ids per query_iterator batch of ids(): Milvus's largest. Each batch is one server query, and a query costs
+# time in the collection size (milvus-lite: ~1 s per query at 50,000 rows), so listing N ids costs
+# O(N^2 / batch); ids are 8 bytes, not a vector of Python floats, so the big batch costs no memory
+ID_SCAN_BATCH = 16384
 # every read asks for Strong consistency itself: a collection created elsewhere may default to Bounded,
 # where a read can miss writes made just before it (the duplicate check, remove and rollback rely on them)
 STRONG = {"consistency_level": "Strong"}
@@ -169,13 +173,15 @@ class MilvusStudentIndex:
         """All ids in the collection, int64 ``[ntotal]`` (unordered)."""
         found = []
         with self._lock.read(), self._client_lock:
-            for batch in self._scan(["id"]):
+            for batch in self._scan(["id"], ID_SCAN_BATCH):
                 found.extend(int(row["id"]) for row in batch)
         return np.asarray(found, dtype=np.int64)
 
-    def _scan(self, fields):
-        """Every row of the collection, ``fields`` only, in batches of SCAN_BATCH (caller holds the client lock)."""
-        iterator = self.client.query_iterator(self.collection, batch_size=SCAN_BATCH, filter="", output_fields=fields,
+    def _scan(self, fields, batch_size: Optional[int] = None):
+        """Every row of the collection, ``fields`` only, in batches of ``batch_size`` (default SCAN_BATCH) rows
+        (caller holds the client lock)."""
+        batch_size = SCAN_BATCH if batch_size is None else batch_size
+        iterator = self.client.query_iterator(self.collection, batch_size=batch_size, filter="", output_fields=fields,
                                               **STRONG)
         try:
             while True:

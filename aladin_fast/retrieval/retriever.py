@@ -398,7 +398,7 @@ class Retriever:
 
         The saved directory holds one state of the gallery (index and store with the same ids). The read lock
         is held only while that state is snapshotted -- the store's current layout (O(1): its arrays are never
-        written in place) and an in-memory serialisation of a faiss index -- not while the files are written,
+        written in place) and an in-memory copy (clone) of a faiss index -- not while the files are written,
         fsynced and hashed, so an ``add``/``remove`` waiting for the save (and the searches queued behind such
         a writer) are not held up for the whole save. The snapshot is taken under the directory's save lock:
         of two saves to one path, the later snapshot is the one committed last.
