@@ -145,7 +145,7 @@ class DynamicBatcher:
         if self._arrived is not None:
             self._arrived.set()
         refused = 0
-        for item in [*self._forming, *self._items, *(item for batch in self._running.values() for item in batch)]:
+        for item in self._held():
             if not item.future.done():
                 item.future.set_exception(BatcherClosedError(reason))
                 refused += 1
@@ -155,8 +155,11 @@ class DynamicBatcher:
 
     def _unanswered(self) -> bool:
         """Some item waits for its result: queued, in a batch being formed, or in a running call."""
-        return any(not item.future.done() for item in
-                   [*self._items, *self._forming, *(item for batch in self._running.values() for item in batch)])
+        return any(not item.future.done() for item in self._held())
+
+    def _held(self) -> List[_Item]:
+        """Every item the batcher holds: being formed into a batch, queued, or in a running call."""
+        return [*self._forming, *self._items, *(item for batch in self._running.values() for item in batch)]
 
     @property
     def depth(self) -> int:
